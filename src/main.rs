@@ -1,0 +1,119 @@
+//! The `ebb` command: parse the command line, run the VM, turn the outcome into an exit status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ebb::config::{parse_firmware_arg, parse_size, BootSource, FirmwareSource, VmConfig};
+use ebb::vmm::{exit_status, DEFAULT_PAYLOAD};
+
+/// A small, fast KVM hypervisor that overcommits guest memory the way ESXi does.
+#[derive(Parser)]
+#[command(name = "ebb", version)]
+struct Cli {
+    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM: a Linux kernel, a firmware payload, or (with neither) the built-in `hello`.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Linux kernel: a bzImage, or an ELF vmlinux with a PVH note.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initrd or initramfs for the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Appended to the kernel command line ebb builds.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Guest memory, e.g. 512M or 2G.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    mem: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u8,
+    /// A built-in payload by name (hello, touch) or the path of a payload ELF file.
+    #[arg(long, value_name = "NAME|PATH")]
+    firmware: Option<String>,
+    /// A KEY=VALUE parameter for the payload (repeatable).
+    #[arg(long = "firmware-arg", value_name = "KEY=VALUE")]
+    firmware_args: Vec<String>,
+    /// Also write the serial console to this file.
+    #[arg(long, value_name = "PATH")]
+    serial_log: Option<PathBuf>,
+    /// The KVM device node.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+}
+
+fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
+    let boot = match (args.kernel, args.firmware) {
+        (Some(_), Some(_)) => return Err(ebb::config::ConfigError::KernelAndFirmware.into()),
+        (Some(kernel), None) => {
+            if !args.firmware_args.is_empty() {
+                anyhow::bail!("--firmware-arg needs --firmware");
+            }
+            BootSource::Linux { kernel, initrd: args.initrd, cmdline: args.cmdline.unwrap_or_default() }
+        }
+        (None, firmware) => {
+            if args.initrd.is_some() {
+                return Err(ebb::config::ConfigError::NeedsKernel("--initrd").into());
+            }
+            if args.cmdline.is_some() {
+                return Err(ebb::config::ConfigError::NeedsKernel("--cmdline").into());
+            }
+            let source = FirmwareSource::parse(firmware.as_deref().unwrap_or(DEFAULT_PAYLOAD));
+            let args = args.firmware_args.iter().map(|a| parse_firmware_arg(a)).collect::<Result<_, _>>()?;
+            BootSource::Firmware { source, args }
+        }
+    };
+    let mut config = VmConfig::new(boot);
+    config.mem_bytes = parse_size(&args.mem)?;
+    config.vcpus = args.vcpus;
+    config.serial_log = args.serial_log;
+    config.kvm_path = args.kvm_device;
+    Ok(config)
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,ebb=info",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp_millis()
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let Command::Run(args) = cli.command;
+    let result = build_config(args).and_then(|c| Ok(ebb::run(&c)?));
+    match result {
+        Ok(outcome) => {
+            if let ebb::RunOutcome::Crashed(report) = &outcome {
+                eprint!("{report}");
+            }
+            ExitCode::from(exit_status(&outcome))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! One VM from config to exit: KVM, memory, devices, boot, vCPU thread, event loop.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::accel::Accelerator;
+use crate::boot::{self, firmware, linux, BootCpu, BootError};
+use crate::config::{BootSource, ConfigError, VmConfig};
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::{Bus, BusError};
+use crate::vstate::cpuid::{self, CpuidError};
+use crate::vstate::kvm::{self, KvmError};
+use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome};
+use crate::vstate::vm::{self, VmError};
+
+/// How a VM ended.
+pub type RunOutcome = VcpuOutcome;
+
+/// What ebb adds to every Linux command line: console on COM1, reboot through the i8042
+/// (which ebb turns into exit status 0), reboot one second after a panic, no PCI probing.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Added on PVM hosts: the instruction emulator that runs guest CPL0 code lacks XSAVE,
+/// POPCNT, SMAP's stac/clac and friends, and the guest sees the host's CPUID bits for them
+/// anyway (DESIGN.md section 4), so Linux must be told not to use them.
+pub const PVM_CMDLINE: &str = "noxsave clearcpuid=smap,smep,popcnt,umip,pku";
+
+/// Errors that stop a VM before or while it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM is unavailable or lacks something.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// CPUID could not be built.
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    /// Guest RAM could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The VM could not be set up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The kernel or payload could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU could not be set up or run.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Devices overlap on a bus.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The serial log could not be created.
+    #[error("cannot create serial log {path}: {source}")]
+    SerialLog {
+        /// The path given.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    /// The vCPU thread died.
+    #[error("vCPU thread panicked")]
+    VcpuPanic,
+}
+
+/// The exit status ebb gives for an outcome: the payload's status, 0 for reset or power-off,
+/// 2 for a crash.
+pub fn exit_status(outcome: &RunOutcome) -> u8 {
+    match outcome {
+        VcpuOutcome::Exited(code) => *code,
+        VcpuOutcome::Reset | VcpuOutcome::PowerOff => 0,
+        VcpuOutcome::Crashed(_) => 2,
+    }
+}
+
+/// The full Linux command line: ebb's base, device entries, host work-arounds, then the user's.
+pub fn linux_cmdline(accel: Accelerator, devices: &[String], user: &str) -> String {
+    let mut parts = vec![BASE_CMDLINE.to_owned()];
+    parts.extend(devices.iter().cloned());
+    if accel.is_software() {
+        parts.push(PVM_CMDLINE.to_owned());
+    }
+    if !user.trim().is_empty() {
+        parts.push(user.trim().to_owned());
+    }
+    parts.join(" ")
+}
+
+/// Runs the VM described by `config` to its end.
+pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
+    config.validate()?;
+    let accel = Accelerator::detect();
+    log::info!("accelerator: {accel}");
+    let kvm = kvm::open(&config.kvm_path)?;
+    let mut cpuid = cpuid::supported(&kvm)?;
+    let ram = GuestRam::new(config.mem_bytes, cpuid::phys_bits(cpuid.as_slice()))?;
+    let vm = vm::create(&kvm, &ram)?;
+    let serial_log = match &config.serial_log {
+        Some(path) => Some(File::create(path).map_err(|source| VmmError::SerialLog { path: path.clone(), source })?),
+        None => None,
+    };
+    let serial = Arc::new(Mutex::new(SerialDevice::new(vm::irqfd(&vm, COM1_IRQ)?, SerialOut::new(serial_log))));
+    let mut pio = Bus::new();
+    pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
+    pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new())))?;
+    pio.insert(DEBUG_EXIT_PORT, DEBUG_EXIT_LEN, Arc::new(Mutex::new(DebugExit)))?;
+    let mmio = Bus::new();
+    let boot = load_boot(config, &ram, accel, &[])?;
+    cpuid::normalize(cpuid.as_mut_slice(), 0, config.vcpus, accel);
+    let vcpu = Vcpu::new(&vm, 0, Arc::new(pio), Arc::new(mmio), ram.memory().clone())?;
+    vcpu.configure(&kvm, &cpuid, &boot)?;
+    let outcome = run_vcpu(vcpu);
+    if let Err(e) = serial.lock().unwrap_or_else(PoisonError::into_inner).flush() {
+        log::warn!("flushing serial output: {e}");
+    }
+    drop(vm);
+    outcome
+}
+
+fn load_boot(config: &VmConfig, ram: &GuestRam, accel: Accelerator, devices: &[String]) -> Result<BootCpu, BootError> {
+    let mem = ram.memory();
+    match &config.boot {
+        BootSource::Linux { kernel, initrd, cmdline } => {
+            let full = linux_cmdline(accel, devices, cmdline);
+            log::info!("kernel command line: {full}");
+            linux::load(mem, ram.mem_bytes(), kernel, initrd.as_deref(), &full)
+        }
+        BootSource::Firmware { source, args } => firmware::load(mem, ram.mem_bytes(), source, args),
+    }
+}
+
+/// Tells the event loop that the vCPU is done.
+struct VcpuExitWatcher {
+    evt: EventFd,
+    done: bool,
+}
+
+impl MutEventSubscriber for VcpuExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.done = true;
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("cannot watch the vCPU exit event: {e:?}");
+        }
+    }
+}
+
+/// Runs the vCPU on its own thread while this thread runs the event loop (devices with
+/// queues, the control socket and timers join it in later versions).
+fn run_vcpu(mut vcpu: Vcpu) -> Result<RunOutcome, VmmError> {
+    let loop_err = |e: event_manager::Error| VmmError::EventLoop(format!("{e:?}"));
+    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    let signal = exit_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    let watcher = Arc::new(Mutex::new(VcpuExitWatcher { evt: exit_evt, done: false }));
+    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new().map_err(loop_err)?;
+    events.add_subscriber(watcher.clone());
+    let handle = thread::Builder::new()
+        .name("ebb-vcpu0".into())
+        .spawn(move || {
+            let outcome = vcpu.run();
+            let _ = signal.write(1);
+            outcome
+        })
+        .map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    while !watcher.lock().unwrap_or_else(PoisonError::into_inner).done {
+        events.run().map_err(loop_err)?;
+    }
+    Ok(handle.join().map_err(|_| VmmError::VcpuPanic)??)
+}
+
+/// Re-exported so `main.rs` can name the default payload.
+pub use boot::firmware::DEFAULT_PAYLOAD;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pvm_gets_the_work_arounds_before_the_user_part() {
+        let c = linux_cmdline(Accelerator::Pvm, &["virtio_mmio.device=4K@0xd0000000:5".into()], "rootwait");
+        assert!(c.starts_with(BASE_CMDLINE));
+        let dev = c.find("virtio_mmio").unwrap();
+        let pvm = c.find(PVM_CMDLINE).unwrap();
+        assert!(dev < pvm && pvm < c.find("rootwait").unwrap());
+    }
+
+    #[test]
+    fn hardware_hosts_get_no_work_arounds() {
+        let c = linux_cmdline(Accelerator::VtX { ept: true }, &[], "");
+        assert_eq!(c, BASE_CMDLINE);
+    }
+
+    #[test]
+    fn exit_status_follows_the_outcome() {
+        assert_eq!(exit_status(&VcpuOutcome::Exited(7)), 7);
+        assert_eq!(exit_status(&VcpuOutcome::Reset), 0);
+        assert_eq!(exit_status(&VcpuOutcome::PowerOff), 0);
+    }
+}

@@ -1,0 +1,121 @@
+//! Guest RAM: anonymous `MAP_NORESERVE` mappings, one per range of the layout.
+//!
+//! Nothing is backed until first touch. The regions stay reachable through
+//! [`GuestRam::regions`] so the lazy-RAM engine can register them with userfaultfd.
+
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::boot::layout::{ram_ranges, ram_top};
+
+/// Most guest RAM ebb accepts: KVM memslots hold fewer than 2^31 pages (8 TiB) each.
+pub const MAX_MEM_BYTES: u64 = ((1u64 << 31) - 1) * 4096;
+
+/// Errors creating guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host refused to map that much address space.
+    #[error(
+        "cannot map {mem_bytes} bytes of guest RAM: {reason}. Ask for less --mem (the host may cap address space with ulimit -v or vm.overcommit_memory=2)"
+    )]
+    Map {
+        /// Requested size.
+        mem_bytes: u64,
+        /// The error from mmap.
+        reason: String,
+    },
+    /// More RAM than KVM or the CPU can address.
+    #[error("--mem {mem_bytes} bytes is more than this host can give a guest ({limit} bytes: {why})")]
+    TooLarge {
+        /// Requested size.
+        mem_bytes: u64,
+        /// The limit.
+        limit: u64,
+        /// Which limit.
+        why: &'static str,
+    },
+}
+
+/// One VM's RAM.
+pub struct GuestRam {
+    mem: Arc<GuestMemoryMmap>,
+    mem_bytes: u64,
+}
+
+/// A region as KVM and userfaultfd see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Host virtual address of the mapping.
+    pub hva: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl GuestRam {
+    /// Maps `mem_bytes` of RAM after checking it against `phys_bits` of guest-physical space.
+    pub fn new(mem_bytes: u64, phys_bits: u8) -> Result<Self, MemoryError> {
+        if mem_bytes > MAX_MEM_BYTES {
+            return Err(MemoryError::TooLarge { mem_bytes, limit: MAX_MEM_BYTES, why: "KVM memslot size" });
+        }
+        let addressable = 1u64.checked_shl(u32::from(phys_bits)).unwrap_or(u64::MAX);
+        if ram_top(mem_bytes) > addressable {
+            // The MMIO hole moves RAM above 3 GiB up by 1 GiB.
+            let limit = addressable.saturating_sub(1 << 30);
+            return Err(MemoryError::TooLarge { mem_bytes, limit, why: "CPU physical address bits" });
+        }
+        let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
+            .into_iter()
+            .map(|(gpa, len)| Ok((GuestAddress(gpa), usize::try_from(len).map_err(|e| map_err(mem_bytes, e))?)))
+            .collect::<Result<_, MemoryError>>()?;
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| map_err(mem_bytes, e))?;
+        Ok(Self { mem: Arc::new(mem), mem_bytes })
+    }
+
+    /// The vm-memory view.
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.mem
+    }
+
+    /// Configured size.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_bytes
+    }
+
+    /// The regions, in guest-physical order.
+    pub fn regions(&self) -> Vec<RamRegion> {
+        self.mem
+            .iter()
+            .map(|r| RamRegion { gpa: r.start_addr().0, hva: r.as_ptr() as u64, len: r.len() })
+            .collect()
+    }
+}
+
+fn map_err(mem_bytes: u64, e: impl std::fmt::Display) -> MemoryError {
+    MemoryError::Map { mem_bytes, reason: e.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_above_three_gib_is_split_around_the_hole() {
+        let ram = GuestRam::new(4 << 30, 48).unwrap();
+        let r = ram.regions();
+        assert_eq!((r[0].gpa, r[0].len), (0, 3 << 30));
+        assert_eq!((r[1].gpa, r[1].len), (4 << 30, 1 << 30));
+    }
+
+    #[test]
+    fn memory_beyond_physical_address_bits_is_refused() {
+        assert!(matches!(GuestRam::new(64 << 30, 36), Err(MemoryError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn memory_beyond_a_memslot_is_refused() {
+        assert!(matches!(GuestRam::new(MAX_MEM_BYTES + 4096, 52), Err(MemoryError::TooLarge { .. })));
+    }
+}

@@ -1,0 +1,276 @@
+//! A vCPU: its boot state and the `KVM_RUN` loop that routes exits to the buses.
+
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, CpuId};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::msr::{self, MsrError};
+use crate::boot::{gdt, BootCpu};
+use crate::devices::{Bus, ExitRequest};
+
+/// Errors configuring or running a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A vCPU ioctl failed.
+    #[error("{what} failed: {source}")]
+    Ioctl {
+        /// The ioctl.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// Setting MSRs failed.
+    #[error(transparent)]
+    Msr(#[from] MsrError),
+}
+
+/// `KVM_SYSTEM_EVENT_*` types (`linux/kvm.h`).
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+/// `KVM_INTERNAL_ERROR_EMULATION`: the instruction emulator gave up.
+const INTERNAL_ERROR_EMULATION: u32 = 1;
+/// `KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES`.
+const EMULATION_FLAG_INSN_BYTES: u64 = 1;
+/// The longest x86 instruction.
+const MAX_INSN_BYTES: usize = 15;
+/// x87 control word after FNINIT.
+const FPU_FCW_DEFAULT: u16 = 0x37f;
+/// MXCSR after reset: all SSE exceptions masked.
+const MXCSR_DEFAULT: u32 = 0x1f80;
+// LAPIC local vector table (Intel SDM vol. 3, 10.5.1).
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// How a guest ended.
+#[derive(Debug)]
+pub enum VcpuOutcome {
+    /// The payload wrote its exit status to the debug-exit port.
+    Exited(u8),
+    /// The guest reset (i8042 pulse, `KVM_SYSTEM_EVENT_RESET`).
+    Reset,
+    /// The guest powered off (`KVM_SYSTEM_EVENT_SHUTDOWN`).
+    PowerOff,
+    /// The guest crashed: triple fault, emulation failure, failed entry.
+    Crashed(Box<CrashReport>),
+}
+
+/// What ebb knows about a guest crash.
+#[derive(Debug)]
+pub struct CrashReport {
+    /// What happened.
+    pub reason: String,
+    /// Extra lines (the emulator's data, advice).
+    pub notes: Vec<String>,
+    /// Registers at the crash.
+    pub regs: Option<kvm_regs>,
+    /// Segment and control registers at the crash.
+    pub sregs: Option<kvm_sregs>,
+    /// The bytes at the faulting instruction, when they could be read.
+    pub insn: Vec<u8>,
+}
+
+impl fmt::Display for CrashReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "guest crashed: {}", self.reason)?;
+        for n in &self.notes {
+            writeln!(f, "  {n}")?;
+        }
+        if !self.insn.is_empty() {
+            let hex: Vec<String> = self.insn.iter().map(|b| format!("{b:02x}")).collect();
+            writeln!(f, "  instruction bytes at rip: {}", hex.join(" "))?;
+        }
+        if let Some(r) = &self.regs {
+            writeln!(f, "  rip={:016x} rsp={:016x} rflags={:016x}", r.rip, r.rsp, r.rflags)?;
+            writeln!(f, "  rax={:016x} rbx={:016x} rcx={:016x} rdx={:016x}", r.rax, r.rbx, r.rcx, r.rdx)?;
+            writeln!(f, "  rsi={:016x} rdi={:016x} rbp={:016x} r8 ={:016x}", r.rsi, r.rdi, r.rbp, r.r8)?;
+            writeln!(f, "  r9 ={:016x} r10={:016x} r11={:016x} r12={:016x}", r.r9, r.r10, r.r11, r.r12)?;
+            writeln!(f, "  r13={:016x} r14={:016x} r15={:016x}", r.r13, r.r14, r.r15)?;
+        }
+        if let Some(s) = &self.sregs {
+            writeln!(f, "  cs={:04x} (dpl {}) ss={:04x} cr0={:08x} cr2={:016x} cr3={:016x} cr4={:08x} efer={:x}",
+                s.cs.selector, s.cs.dpl, s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer)?;
+        }
+        Ok(())
+    }
+}
+
+/// One vCPU and what its exits need.
+pub struct Vcpu {
+    fd: VcpuFd,
+    bus_pio: Arc<Bus>,
+    bus_mmio: Arc<Bus>,
+    mem: Arc<GuestMemoryMmap>,
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Ioctl { what, source }
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `vm`.
+    pub fn new(
+        vm: &VmFd,
+        id: u8,
+        bus_pio: Arc<Bus>,
+        bus_mmio: Arc<Bus>,
+        mem: Arc<GuestMemoryMmap>,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(u64::from(id)).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        Ok(Self { fd, bus_pio, bus_mmio, mem })
+    }
+
+    /// Sets CPUID, MSRs, FPU, LAPIC and the boot registers.
+    pub fn configure(&self, kvm: &Kvm, cpuid: &CpuId, boot: &BootCpu) -> Result<(), VcpuError> {
+        self.fd.set_cpuid2(cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        msr::set_boot_msrs(kvm, &self.fd)?;
+        let fpu = kvm_fpu { fcw: FPU_FCW_DEFAULT, mxcsr: MXCSR_DEFAULT, ..Default::default() };
+        self.fd.set_fpu(&fpu).map_err(ioctl("KVM_SET_FPU"))?;
+        self.set_lint()?;
+        let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        gdt::apply_sregs(&mut sregs, boot.mode);
+        self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&boot.regs).map_err(ioctl("KVM_SET_REGS"))?;
+        Ok(())
+    }
+
+    /// LINT0 as ExtINT (the PIC's output) and LINT1 as NMI, as PC firmware leaves them, so a
+    /// guest without an MP table still gets PIC interrupts through the LAPIC.
+    fn set_lint(&self) -> Result<(), VcpuError> {
+        let mut lapic = self.fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+        for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let bytes: Vec<u8> = lapic.regs[reg..reg + 4].iter().map(|&b| b.to_ne_bytes()[0]).collect();
+            let v = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let v = (v & !0x700) | (mode << 8);
+            for (dst, b) in lapic.regs[reg..reg + 4].iter_mut().zip(v.to_le_bytes()) {
+                *dst = i8::from_ne_bytes([b]);
+            }
+        }
+        self.fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))
+    }
+
+    /// Runs until the guest exits, resets, powers off or crashes.
+    pub fn run(&mut self) -> Result<VcpuOutcome, VcpuError> {
+        loop {
+            let request = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => self.bus_pio.write(u64::from(port), data),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.bus_pio.read(u64::from(port), data);
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => self.bus_mmio.write(addr, data),
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    self.bus_mmio.read(addr, data);
+                    None
+                }
+                Ok(VcpuExit::Intr) => None,
+                Ok(VcpuExit::SystemEvent(kind, _)) => return Ok(self.system_event(kind)),
+                Ok(VcpuExit::Shutdown) => {
+                    return Ok(self.crash("triple fault (KVM_EXIT_SHUTDOWN)", vec![
+                        "an exception could not be delivered (no valid IDT, or a fault while delivering one)".into(),
+                    ]));
+                }
+                Ok(VcpuExit::InternalError) => return Ok(self.internal_error()),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    return Ok(self.crash("VM entry failed (KVM_EXIT_FAIL_ENTRY)", vec![
+                        format!("hardware entry failure reason {reason:#x} on host CPU {cpu}"),
+                    ]));
+                }
+                Ok(VcpuExit::Hlt) => {
+                    return Ok(self.crash("vCPU halted with nothing to wake it (KVM_EXIT_HLT)", vec![]));
+                }
+                Ok(other) => {
+                    let what = format!("unexpected exit {other:?}");
+                    return Ok(self.crash(&what, vec![]));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => return Err(VcpuError::Ioctl { what: "KVM_RUN", source: e }),
+            };
+            match request {
+                Some(ExitRequest::Status(code)) => return Ok(VcpuOutcome::Exited(code)),
+                Some(ExitRequest::Reset) => return Ok(VcpuOutcome::Reset),
+                None => {}
+            }
+        }
+    }
+
+    fn system_event(&mut self, kind: u32) -> VcpuOutcome {
+        match kind {
+            SYSTEM_EVENT_SHUTDOWN => VcpuOutcome::PowerOff,
+            SYSTEM_EVENT_RESET => VcpuOutcome::Reset,
+            other => self.crash(&format!("system event {other} (KVM_EXIT_SYSTEM_EVENT)"), vec![]),
+        }
+    }
+
+    fn internal_error(&mut self) -> VcpuOutcome {
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
+        // member of the kvm_run union; it is plain data.
+        let (suberror, ndata, data) = unsafe {
+            let run = self.fd.get_kvm_run();
+            let i = run.__bindgen_anon_1.internal;
+            (i.suberror, i.ndata, i.data)
+        };
+        let n = usize::try_from(ndata).unwrap_or(0).min(data.len());
+        let mut notes = vec![format!(
+            "KVM_EXIT_INTERNAL_ERROR suberror {suberror}, data [{}]",
+            data[..n].iter().map(|d| format!("{d:#x}")).collect::<Vec<_>>().join(", ")
+        )];
+        let mut insn = Vec::new();
+        if suberror == INTERNAL_ERROR_EMULATION {
+            notes.push("this host's KVM could not emulate the instruction below (on PVM hosts, CPL0 code runs through KVM's instruction emulator, which lacks e.g. xrstor, popcnt, clac, int3, fnclex)".into());
+            // Newer kernels put the bytes in the exit: data[0] is flags, then insn_size and
+            // the bytes, packed as `struct kvm_run.emulation_failure`.
+            if n >= 2 && data[0] & EMULATION_FLAG_INSN_BYTES != 0 {
+                let raw: Vec<u8> = data[1..].iter().flat_map(|d| d.to_le_bytes()).collect();
+                let size = usize::from(raw[0]).min(MAX_INSN_BYTES);
+                insn = raw[1..=size].to_vec();
+            }
+        }
+        let mut report = self.report("KVM could not run the guest instruction (KVM_EXIT_INTERNAL_ERROR)", notes);
+        if !insn.is_empty() {
+            report.insn = insn;
+        }
+        VcpuOutcome::Crashed(Box::new(report))
+    }
+
+    fn crash(&mut self, reason: &str, notes: Vec<String>) -> VcpuOutcome {
+        VcpuOutcome::Crashed(Box::new(self.report(reason, notes)))
+    }
+
+    fn report(&mut self, reason: &str, notes: Vec<String>) -> CrashReport {
+        let regs = self.fd.get_regs().ok();
+        let sregs = self.fd.get_sregs().ok();
+        let insn = match (&regs, &sregs) {
+            (Some(r), Some(s)) => self.read_insn(s.cs.base.wrapping_add(r.rip)),
+            _ => Vec::new(),
+        };
+        CrashReport { reason: reason.to_owned(), notes, regs, sregs, insn }
+    }
+
+    /// Reads up to 15 bytes at guest-virtual `gva` through the vCPU's page tables.
+    fn read_insn(&self, gva: u64) -> Vec<u8> {
+        let Ok(t) = self.fd.translate_gva(gva) else { return Vec::new() };
+        if t.valid == 0 {
+            return Vec::new();
+        }
+        let mut buf = [0u8; MAX_INSN_BYTES];
+        // Stop at the page end: the next page may map elsewhere.
+        let in_page = usize::try_from(4096 - (gva & 0xfff)).unwrap_or(0).min(MAX_INSN_BYTES);
+        match self.mem.read_slice(&mut buf[..in_page], GuestAddress(t.physical_address)) {
+            Ok(()) => buf[..in_page].to_vec(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Formats bytes as hex for logs.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
