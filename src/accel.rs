@@ -120,7 +120,8 @@ mod tests {
 
     #[test]
     fn amd_without_npt_is_detected() {
-        let root = fake_root(&["kvm_amd"], "fpu svm", &[("sys/module/kvm_amd/parameters/npt", "0")]);
+        let root =
+            fake_root(&["kvm_amd"], "fpu svm", &[("sys/module/kvm_amd/parameters/npt", "0")]);
         assert_eq!(Accelerator::detect_in(root.path()), Accelerator::AmdV { npt: false });
     }
 

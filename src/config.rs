@@ -143,7 +143,11 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
 /// Parses one `KEY=VALUE` firmware argument.
 pub fn parse_firmware_arg(s: &str) -> Result<(String, String), ConfigError> {
     match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) && !v.contains(char::is_whitespace) => {
+        Some((k, v))
+            if !k.is_empty()
+                && !k.contains(char::is_whitespace)
+                && !v.contains(char::is_whitespace) =>
+        {
             Ok((k.to_owned(), v.to_owned()))
         }
         _ => Err(ConfigError::InvalidFirmwareArg(s.to_owned())),

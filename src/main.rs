@@ -62,7 +62,11 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
             if !args.firmware_args.is_empty() {
                 anyhow::bail!("--firmware-arg needs --firmware");
             }
-            BootSource::Linux { kernel, initrd: args.initrd, cmdline: args.cmdline.unwrap_or_default() }
+            BootSource::Linux {
+                kernel,
+                initrd: args.initrd,
+                cmdline: args.cmdline.unwrap_or_default(),
+            }
         }
         (None, firmware) => {
             if args.initrd.is_some() {
@@ -72,7 +76,11 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
                 return Err(ebb::config::ConfigError::NeedsKernel("--cmdline").into());
             }
             let source = FirmwareSource::parse(firmware.as_deref().unwrap_or(DEFAULT_PAYLOAD));
-            let args = args.firmware_args.iter().map(|a| parse_firmware_arg(a)).collect::<Result<_, _>>()?;
+            let args = args
+                .firmware_args
+                .iter()
+                .map(|a| parse_firmware_arg(a))
+                .collect::<Result<_, _>>()?;
             BootSource::Firmware { source, args }
         }
     };

@@ -110,10 +110,16 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     let ram = GuestRam::new(config.mem_bytes, cpuid::phys_bits(cpuid.as_slice()))?;
     let vm = vm::create(&kvm, &ram)?;
     let serial_log = match &config.serial_log {
-        Some(path) => Some(File::create(path).map_err(|source| VmmError::SerialLog { path: path.clone(), source })?),
+        Some(path) => Some(
+            File::create(path)
+                .map_err(|source| VmmError::SerialLog { path: path.clone(), source })?,
+        ),
         None => None,
     };
-    let serial = Arc::new(Mutex::new(SerialDevice::new(vm::irqfd(&vm, COM1_IRQ)?, SerialOut::new(serial_log))));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        vm::irqfd(&vm, COM1_IRQ)?,
+        SerialOut::new(serial_log),
+    )));
     let mut pio = Bus::new();
     pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
     pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new())))?;
@@ -131,7 +137,12 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     outcome
 }
 
-fn load_boot(config: &VmConfig, ram: &GuestRam, accel: Accelerator, devices: &[String]) -> Result<BootCpu, BootError> {
+fn load_boot(
+    config: &VmConfig,
+    ram: &GuestRam,
+    accel: Accelerator,
+    devices: &[String],
+) -> Result<BootCpu, BootError> {
     let mem = ram.memory();
     match &config.boot {
         BootSource::Linux { kernel, initrd, cmdline } => {
@@ -166,10 +177,12 @@ impl MutEventSubscriber for VcpuExitWatcher {
 /// queues, the control socket and timers join it in later versions).
 fn run_vcpu(mut vcpu: Vcpu) -> Result<RunOutcome, VmmError> {
     let loop_err = |e: event_manager::Error| VmmError::EventLoop(format!("{e:?}"));
-    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    let exit_evt =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::EventLoop(e.to_string()))?;
     let signal = exit_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?;
     let watcher = Arc::new(Mutex::new(VcpuExitWatcher { evt: exit_evt, done: false }));
-    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new().map_err(loop_err)?;
+    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(loop_err)?;
     events.add_subscriber(watcher.clone());
     let handle = thread::Builder::new()
         .name("ebb-vcpu0".into())
@@ -194,7 +207,11 @@ mod tests {
 
     #[test]
     fn pvm_gets_the_work_arounds_before_the_user_part() {
-        let c = linux_cmdline(Accelerator::Pvm, &["virtio_mmio.device=4K@0xd0000000:5".into()], "rootwait");
+        let c = linux_cmdline(
+            Accelerator::Pvm,
+            &["virtio_mmio.device=4K@0xd0000000:5".into()],
+            "rootwait",
+        );
         assert!(c.starts_with(BASE_CMDLINE));
         let dev = c.find("virtio_mmio").unwrap();
         let pvm = c.find(PVM_CMDLINE).unwrap();

@@ -60,7 +60,8 @@ mod tests {
 
     #[test]
     fn ram_entries_add_up_to_less_than_configured() {
-        let ram: u64 = memory_map(256 << 20).iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 =
+            memory_map(256 << 20).iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
         assert_eq!(ram, (256 << 20) - (HIMEM_GPA - EBDA_GPA));
     }
 }

@@ -115,7 +115,11 @@ fn write_args(mem: &GuestMemoryMmap, args: &[(String, String)]) -> Result<usize,
 }
 
 /// The boot info for a payload whose image ends at `image_end`.
-pub fn boot_info(mem_bytes: u64, image_end: u64, args_len: u64) -> Result<FirmwareBootInfo, BootError> {
+pub fn boot_info(
+    mem_bytes: u64,
+    image_end: u64,
+    args_len: u64,
+) -> Result<FirmwareBootInfo, BootError> {
     let mut info = FirmwareBootInfo {
         magic: BOOT_INFO_MAGIC,
         args_gpa: CMDLINE_GPA,

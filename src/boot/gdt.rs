@@ -128,18 +128,16 @@ pub fn write_tables(mem: &vm_memory::GuestMemoryMmap) -> Result<(), BootError> {
 /// Sets segment, descriptor-table and control registers for `mode`.
 pub fn apply_sregs(sregs: &mut kvm_sregs, mode: CpuMode) {
     let (code, data) = match mode {
-        CpuMode::Long64Kernel => (
-            segment(CODE64_DPL0, 0, 0xfffff, SEL_CODE64),
-            segment(DATA_DPL0, 0, 0xfffff, SEL_DATA),
-        ),
+        CpuMode::Long64Kernel => {
+            (segment(CODE64_DPL0, 0, 0xfffff, SEL_CODE64), segment(DATA_DPL0, 0, 0xfffff, SEL_DATA))
+        }
         CpuMode::Long64User => (
             segment(CODE64_DPL3, 0, 0xfffff, SEL_USER_CODE64),
             segment(DATA_DPL3, 0, 0xfffff, SEL_USER_DATA),
         ),
-        CpuMode::Protected32 => (
-            segment(CODE32_DPL0, 0, 0xfffff, SEL_CODE32),
-            segment(DATA_DPL0, 0, 0xfffff, SEL_DATA),
-        ),
+        CpuMode::Protected32 => {
+            (segment(CODE32_DPL0, 0, 0xfffff, SEL_CODE32), segment(DATA_DPL0, 0, 0xfffff, SEL_DATA))
+        }
     };
     sregs.cs = code;
     sregs.ds = data;

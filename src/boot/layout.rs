@@ -55,6 +55,15 @@ pub const KVM_TSS_GPA: u64 = 0xfffb_d000;
 /// Page size.
 pub const PAGE_BYTES: u64 = 4096;
 
+// The fixed areas must not overlap; checked at compile time.
+const _: () = {
+    assert!(GDT_GPA + 0x60 <= TSS_GPA);
+    assert!(TSS_GPA + 104 + 8192 < ZERO_PAGE_GPA);
+    assert!(BOOT_STACK_GPA < PML4_GPA && PD_END_GPA <= CMDLINE_GPA);
+    assert!(CMDLINE_GPA + CMDLINE_MAX_BYTES as u64 <= FIRMWARE_STACK_TOP_GPA);
+    assert!(FIRMWARE_STACK_TOP_GPA <= EBDA_GPA && EBDA_GPA < HIMEM_GPA);
+};
+
 /// Guest RAM ranges for `mem_bytes` of memory: below the MMIO hole, then above 4 GiB.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     let low = mem_bytes.min(MMIO_HOLE_GPA);
@@ -85,14 +94,5 @@ mod tests {
         let ranges = ram_ranges(4 << 30);
         assert_eq!(ranges, vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
         assert_eq!(ram_top(4 << 30), 5 << 30);
-    }
-
-    #[test]
-    fn fixed_areas_do_not_overlap() {
-        assert!(GDT_GPA + 0x60 <= TSS_GPA);
-        assert!(TSS_GPA + 104 + 8192 + 1 <= ZERO_PAGE_GPA);
-        assert!(BOOT_STACK_GPA < PML4_GPA && PD_END_GPA <= CMDLINE_GPA);
-        assert!(CMDLINE_GPA + CMDLINE_MAX_BYTES as u64 <= FIRMWARE_STACK_TOP_GPA);
-        assert!(FIRMWARE_STACK_TOP_GPA <= EBDA_GPA && EBDA_GPA < HIMEM_GPA);
     }
 }

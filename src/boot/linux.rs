@@ -99,8 +99,11 @@ pub fn load(
     initrd: Option<&Path>,
     cmdline: &str,
 ) -> Result<BootCpu, BootError> {
-    let mut file = File::open(kernel)
-        .map_err(|source| BootError::Read { what: "kernel", path: kernel.to_owned(), source })?;
+    let mut file = File::open(kernel).map_err(|source| BootError::Read {
+        what: "kernel",
+        path: kernel.to_owned(),
+        source,
+    })?;
     gdt::write_tables(mem)?;
     match kernel_kind(&mut file, kernel)? {
         KernelKind::BzImage => load_bzimage(mem, mem_bytes, &mut file, kernel, initrd, cmdline),
@@ -127,8 +130,10 @@ fn load_bzimage(
     let initrd_max = u64::from(hdr.initrd_addr_max);
     let kernel_end = loaded.kernel_load.0 + loaded.kernel_end;
     if let Some((addr, size)) = load_initrd(mem, mem_bytes, initrd, kernel_end, initrd_max)? {
-        hdr.ramdisk_image = u32::try_from(addr).map_err(|_| BootError::InitrdTooLarge { size, room: 0 })?;
-        hdr.ramdisk_size = u32::try_from(size).map_err(|_| BootError::InitrdTooLarge { size, room: 0 })?;
+        hdr.ramdisk_image =
+            u32::try_from(addr).map_err(|_| BootError::InitrdTooLarge { size, room: 0 })?;
+        hdr.ramdisk_size =
+            u32::try_from(size).map_err(|_| BootError::InitrdTooLarge { size, room: 0 })?;
     }
     hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     hdr.cmd_line_ptr = u32::try_from(CMDLINE_GPA).unwrap_or(0);
@@ -170,7 +175,9 @@ fn load_pvh(
     info.0.version = 1;
     info.0.cmdline_paddr = CMDLINE_GPA;
     let kernel_end = loaded.kernel_end;
-    if let Some((addr, size)) = load_initrd(mem, mem_bytes, initrd, kernel_end, u64::from(u32::MAX))? {
+    if let Some((addr, size)) =
+        load_initrd(mem, mem_bytes, initrd, kernel_end, u64::from(u32::MAX))?
+    {
         let module = hvm_modlist_entry { paddr: addr, size, ..Default::default() };
         write_obj(mem, ModlistEntry(module), PVH_MODLIST_GPA, "PVH module list")?;
         info.0.nr_modules = 1;
@@ -178,7 +185,8 @@ fn load_pvh(
     }
     let map = memory_map(mem_bytes);
     for (i, e) in map.iter().enumerate() {
-        let entry = hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 };
+        let entry =
+            hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 };
         let gpa = PVH_MEMMAP_GPA + 24 * i as u64;
         write_obj(mem, MemmapEntry(entry), gpa, "PVH memory map")?;
     }
@@ -193,7 +201,11 @@ fn load_pvh(
 }
 
 /// Writes the NUL-terminated command line; returns its length without the NUL.
-fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max_with_nul: usize) -> Result<usize, BootError> {
+fn write_cmdline(
+    mem: &GuestMemoryMmap,
+    cmdline: &str,
+    max_with_nul: usize,
+) -> Result<usize, BootError> {
     let len = cmdline.len() + 1;
     if len > max_with_nul {
         return Err(BootError::CmdlineTooLong { len, max: max_with_nul });
@@ -213,8 +225,11 @@ fn load_initrd(
     max_addr: u64,
 ) -> Result<Option<(u64, u64)>, BootError> {
     let Some(path) = initrd else { return Ok(None) };
-    let data = std::fs::read(path)
-        .map_err(|source| BootError::Read { what: "initrd", path: path.to_owned(), source })?;
+    let data = std::fs::read(path).map_err(|source| BootError::Read {
+        what: "initrd",
+        path: path.to_owned(),
+        source,
+    })?;
     let size = data.len() as u64;
     let low_end = ram_ranges(mem_bytes)[0].1.min(max_addr.saturating_add(1));
     let room = low_end.saturating_sub(kernel_end);

@@ -71,7 +71,9 @@ pub enum BootError {
         room: u64,
     },
     /// An unknown built-in firmware name.
-    #[error("unknown firmware {name:?}: built-in payloads are {known}; or give a path to an ELF file")]
+    #[error(
+        "unknown firmware {name:?}: built-in payloads are {known}; or give a path to an ELF file"
+    )]
     UnknownFirmware {
         /// The name given.
         name: String,
@@ -133,8 +135,7 @@ pub(crate) fn write_obj<T: vm_memory::ByteValued>(
     what: &'static str,
 ) -> Result<(), BootError> {
     use vm_memory::{Bytes, GuestAddress};
-    mem.write_obj(val, GuestAddress(gpa))
-        .map_err(|source| BootError::GuestMemory { what, source })
+    mem.write_obj(val, GuestAddress(gpa)).map_err(|source| BootError::GuestMemory { what, source })
 }
 
 /// Writes `bytes` at `gpa`, mapping the error to [`BootError::GuestMemory`].

@@ -91,7 +91,9 @@ impl Bus {
     /// Writes to the device at `addr`; writes to nothing are dropped.
     pub fn write(&self, addr: u64, data: &[u8]) -> Option<ExitRequest> {
         match self.find(addr, data.len()) {
-            Some((offset, dev)) => dev.lock().unwrap_or_else(PoisonError::into_inner).write(offset, data),
+            Some((offset, dev)) => {
+                dev.lock().unwrap_or_else(PoisonError::into_inner).write(offset, data)
+            }
             None => {
                 self.note_unhandled(addr, "write");
                 None

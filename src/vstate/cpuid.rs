@@ -153,7 +153,13 @@ mod tests {
 
     fn leaf0(name: &[u8; 12]) -> kvm_cpuid_entry2 {
         let word = |i: usize| u32::from_le_bytes(name[i..i + 4].try_into().unwrap());
-        kvm_cpuid_entry2 { function: 0, ebx: word(0), edx: word(4), ecx: word(8), ..Default::default() }
+        kvm_cpuid_entry2 {
+            function: 0,
+            ebx: word(0),
+            edx: word(4),
+            ecx: word(8),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -61,10 +61,11 @@ pub enum KvmError {
 /// Opens the KVM device at `path` and checks its API version and every required capability.
 pub fn open(path: &Path) -> Result<Kvm, KvmError> {
     use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| KvmError::Open {
-        path: path.to_owned(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"),
-    })?;
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| KvmError::Open {
+            path: path.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"),
+        })?;
     let kvm = Kvm::new_with_path(c_path).map_err(|e| {
         let io = io::Error::from_raw_os_error(e.errno());
         match io.kind() {

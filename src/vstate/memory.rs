@@ -26,7 +26,9 @@ pub enum MemoryError {
         reason: String,
     },
     /// More RAM than KVM or the CPU can address.
-    #[error("--mem {mem_bytes} bytes is more than this host can give a guest ({limit} bytes: {why})")]
+    #[error(
+        "--mem {mem_bytes} bytes is more than this host can give a guest ({limit} bytes: {why})"
+    )]
     TooLarge {
         /// Requested size.
         mem_bytes: u64,
@@ -58,17 +60,27 @@ impl GuestRam {
     /// Maps `mem_bytes` of RAM after checking it against `phys_bits` of guest-physical space.
     pub fn new(mem_bytes: u64, phys_bits: u8) -> Result<Self, MemoryError> {
         if mem_bytes > MAX_MEM_BYTES {
-            return Err(MemoryError::TooLarge { mem_bytes, limit: MAX_MEM_BYTES, why: "KVM memslot size" });
+            return Err(MemoryError::TooLarge {
+                mem_bytes,
+                limit: MAX_MEM_BYTES,
+                why: "KVM memslot size",
+            });
         }
         let addressable = 1u64.checked_shl(u32::from(phys_bits)).unwrap_or(u64::MAX);
         if ram_top(mem_bytes) > addressable {
             // The MMIO hole moves RAM above 3 GiB up by 1 GiB.
             let limit = addressable.saturating_sub(1 << 30);
-            return Err(MemoryError::TooLarge { mem_bytes, limit, why: "CPU physical address bits" });
+            return Err(MemoryError::TooLarge {
+                mem_bytes,
+                limit,
+                why: "CPU physical address bits",
+            });
         }
         let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
             .into_iter()
-            .map(|(gpa, len)| Ok((GuestAddress(gpa), usize::try_from(len).map_err(|e| map_err(mem_bytes, e))?)))
+            .map(|(gpa, len)| {
+                Ok((GuestAddress(gpa), usize::try_from(len).map_err(|e| map_err(mem_bytes, e))?))
+            })
             .collect::<Result<_, MemoryError>>()?;
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| map_err(mem_bytes, e))?;
         Ok(Self { mem: Arc::new(mem), mem_bytes })
@@ -116,6 +128,9 @@ mod tests {
 
     #[test]
     fn memory_beyond_a_memslot_is_refused() {
-        assert!(matches!(GuestRam::new(MAX_MEM_BYTES + 4096, 52), Err(MemoryError::TooLarge { .. })));
+        assert!(matches!(
+            GuestRam::new(MAX_MEM_BYTES + 4096, 52),
+            Err(MemoryError::TooLarge { .. })
+        ));
     }
 }

@@ -79,7 +79,11 @@ pub fn set_boot_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), MsrError> {
         log::debug!("KVM does not list MSRs {}; leaving them alone", skipped.join(", "));
     }
     let msrs = Msrs::from_entries(&entries).map_err(|e| MsrError::Build(format!("{e:?}")))?;
-    let set = vcpu.set_msrs(&msrs).map_err(|_| MsrError::Set { set: 0, wanted: entries.len(), failed: entries.first().map_or(0, |e| e.index) })?;
+    let set = vcpu.set_msrs(&msrs).map_err(|_| MsrError::Set {
+        set: 0,
+        wanted: entries.len(),
+        failed: entries.first().map_or(0, |e| e.index),
+    })?;
     if set != entries.len() {
         return Err(MsrError::Set { set, wanted: entries.len(), failed: entries[set].index });
     }

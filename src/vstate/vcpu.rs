@@ -86,9 +86,21 @@ impl fmt::Display for CrashReport {
         }
         if let Some(r) = &self.regs {
             writeln!(f, "  rip={:016x} rsp={:016x} rflags={:016x}", r.rip, r.rsp, r.rflags)?;
-            writeln!(f, "  rax={:016x} rbx={:016x} rcx={:016x} rdx={:016x}", r.rax, r.rbx, r.rcx, r.rdx)?;
-            writeln!(f, "  rsi={:016x} rdi={:016x} rbp={:016x} r8 ={:016x}", r.rsi, r.rdi, r.rbp, r.r8)?;
-            writeln!(f, "  r9 ={:016x} r10={:016x} r11={:016x} r12={:016x}", r.r9, r.r10, r.r11, r.r12)?;
+            writeln!(
+                f,
+                "  rax={:016x} rbx={:016x} rcx={:016x} rdx={:016x}",
+                r.rax, r.rbx, r.rcx, r.rdx
+            )?;
+            writeln!(
+                f,
+                "  rsi={:016x} rdi={:016x} rbp={:016x} r8 ={:016x}",
+                r.rsi, r.rdi, r.rbp, r.r8
+            )?;
+            writeln!(
+                f,
+                "  r9 ={:016x} r10={:016x} r11={:016x} r12={:016x}",
+                r.r9, r.r10, r.r11, r.r12
+            )?;
             writeln!(f, "  r13={:016x} r14={:016x} r15={:016x}", r.r13, r.r14, r.r15)?;
         }
         if let Some(s) = &self.sregs {
@@ -143,7 +155,8 @@ impl Vcpu {
     fn set_lint(&self) -> Result<(), VcpuError> {
         let mut lapic = self.fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
         for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-            let bytes: Vec<u8> = lapic.regs[reg..reg + 4].iter().map(|&b| b.to_ne_bytes()[0]).collect();
+            let bytes: Vec<u8> =
+                lapic.regs[reg..reg + 4].iter().map(|&b| b.to_ne_bytes()[0]).collect();
             let v = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
             let v = (v & !0x700) | (mode << 8);
             for (dst, b) in lapic.regs[reg..reg + 4].iter_mut().zip(v.to_le_bytes()) {
@@ -176,12 +189,17 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::InternalError) => return Ok(self.internal_error()),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    return Ok(self.crash("VM entry failed (KVM_EXIT_FAIL_ENTRY)", vec![
-                        format!("hardware entry failure reason {reason:#x} on host CPU {cpu}"),
-                    ]));
+                    return Ok(self.crash(
+                        "VM entry failed (KVM_EXIT_FAIL_ENTRY)",
+                        vec![format!(
+                            "hardware entry failure reason {reason:#x} on host CPU {cpu}"
+                        )],
+                    ));
                 }
                 Ok(VcpuExit::Hlt) => {
-                    return Ok(self.crash("vCPU halted with nothing to wake it (KVM_EXIT_HLT)", vec![]));
+                    return Ok(
+                        self.crash("vCPU halted with nothing to wake it (KVM_EXIT_HLT)", vec![])
+                    );
                 }
                 Ok(other) => {
                     let what = format!("unexpected exit {other:?}");
@@ -230,7 +248,8 @@ impl Vcpu {
                 insn = raw[1..=size].to_vec();
             }
         }
-        let mut report = self.report("KVM could not run the guest instruction (KVM_EXIT_INTERNAL_ERROR)", notes);
+        let mut report =
+            self.report("KVM could not run the guest instruction (KVM_EXIT_INTERNAL_ERROR)", notes);
         if !insn.is_empty() {
             report.insn = insn;
         }

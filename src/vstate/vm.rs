@@ -53,8 +53,11 @@ pub fn create(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
         };
         // SAFETY: the region maps memory owned by `ram`, which outlives the VM: the caller
         // keeps both in the same struct and drops the VM fd first.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(|source| VmError::MemorySlot { gpa: r.gpa, len: r.len, source })?;
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| VmError::MemorySlot {
+            gpa: r.gpa,
+            len: r.len,
+            source,
+        })?;
     }
     Ok(vm)
 }
@@ -62,8 +65,10 @@ pub fn create(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
 /// An eventfd that raises `gsi` when written.
 pub fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmError> {
     let ioctl = |what| move |source| VmError::Ioctl { what, source };
-    let evt = EventFd::new(libc::EFD_NONBLOCK)
-        .map_err(|e| VmError::Ioctl { what: "eventfd", source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)) })?;
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Ioctl {
+        what: "eventfd",
+        source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
+    })?;
     vm.register_irqfd(&evt, gsi).map_err(ioctl("KVM_IRQFD"))?;
     Ok(evt)
 }

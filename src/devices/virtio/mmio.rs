@@ -134,7 +134,9 @@ impl MmioTransport {
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
-        let word = |v: u64, high: bool| u32::try_from(if high { v >> 32 } else { v & 0xffff_ffff }).unwrap_or(0);
+        let word = |v: u64, high: bool| {
+            u32::try_from(if high { v >> 32 } else { v & 0xffff_ffff }).unwrap_or(0)
+        };
         match offset {
             REG_MAGIC => MAGIC,
             REG_VERSION => VERSION,
@@ -196,8 +198,13 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             REG_DRIVER_FEATURES => self.write_driver_features(v),
             REG_QUEUE_SEL => self.queue_sel = v,
-            REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH | REG_QUEUE_DEVICE_LOW
+            REG_QUEUE_NUM
+            | REG_QUEUE_READY
+            | REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
             | REG_QUEUE_DEVICE_HIGH => self.write_queue_register(offset, v),
             REG_QUEUE_NOTIFY => self.notify(v),
             REG_INTERRUPT_ACK => self.interrupt.ack(v),
@@ -236,7 +243,8 @@ impl MmioTransport {
         }
         let added = v & !self.status;
         let mut new = v;
-        if added & status::FEATURES_OK != 0 && self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+        if added & status::FEATURES_OK != 0 && self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0
+        {
             // A legacy driver: refuse FEATURES_OK so the driver sees it was not accepted.
             new &= !status::FEATURES_OK;
         }
@@ -359,19 +367,29 @@ mod tests {
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             for (i, b) in data.iter_mut().enumerate() {
-                *b = usize::try_from(offset).ok().and_then(|o| self.config.get(o + i)).copied().unwrap_or(0);
+                *b = usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| self.config.get(o + i))
+                    .copied()
+                    .unwrap_or(0);
             }
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
-            if let Some(dst) = usize::try_from(offset).ok().and_then(|o| self.config.get_mut(o..o + data.len())) {
+            if let Some(dst) =
+                usize::try_from(offset).ok().and_then(|o| self.config.get_mut(o..o + data.len()))
+            {
                 dst.copy_from_slice(data);
             }
         }
         fn activate(&mut self, a: Activation) -> Result<(), super::super::VirtioError> {
             if self.refuse {
-                return Err(super::super::VirtioError::Activate { device_type: 5, reason: "test".into() });
+                return Err(super::super::VirtioError::Activate {
+                    device_type: 5,
+                    reason: "test".into(),
+                });
             }
-            self.activations.push((a.acked_features, a.queues.iter().filter(|q| q.ready()).count()));
+            self.activations
+                .push((a.acked_features, a.queues.iter().filter(|q| q.ready()).count()));
             Ok(())
         }
         fn queue_notify(&mut self, index: u16) {
@@ -419,7 +437,8 @@ mod tests {
         wr(t, REG_QUEUE_READY, 1);
     }
 
-    const ALL_OK: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+    const ALL_OK: u32 =
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
     #[test]
     fn identification_registers_match_the_spec() {
@@ -546,6 +565,9 @@ mod tests {
 
     #[test]
     fn cmdline_entry_has_linux_syntax() {
-        assert_eq!(MmioTransport::cmdline_entry(0x1000, 0xd000_0000, 5), "virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(
+            MmioTransport::cmdline_entry(0x1000, 0xd000_0000, 5),
+            "virtio_mmio.device=4K@0xd0000000:5"
+        );
     }
 }
