@@ -6,6 +6,7 @@
  *   passes=P      write+verify passes (default 1, at most 2047)
  *   pattern=NAME  seq | zero | random | dup (default seq)
  *   seed=S        mixed into every pattern (default 0)
+ *   skip=K        leave the first K pages of free RAM alone (reach RAM above 4 GiB cheaply)
  *   corrupt=K     self-test of the checker: flip one bit in each of the first K pages after
  *                 the last write, so the run must report bad=K and exit 3
  *
@@ -66,7 +67,7 @@ static int fail(const char *msg)
 
 int ebb_main(const struct ebb_boot_info *bi)
 {
-	u64 pages = 16384, passes = 1, seed = 0, corrupt = 0;
+	u64 pages = 16384, passes = 1, seed = 0, corrupt = 0, skip = 0, high = 0;
 	u64 bad = 0, sum = FNV_OFFSET, t_write = 0, t_verify = 0;
 	enum pattern pat = SEQ;
 	char name[16];
@@ -74,8 +75,9 @@ int ebb_main(const struct ebb_boot_info *bi)
 	if (bi->magic != EBB_BOOT_MAGIC)
 		return fail("bad boot info magic");
 	if (arg_u64(bi, "pages", &pages) < 0 || arg_u64(bi, "passes", &passes) < 0 ||
-	    arg_u64(bi, "seed", &seed) < 0 || arg_u64(bi, "corrupt", &corrupt) < 0)
-		return fail("pages, passes, seed and corrupt take a number");
+	    arg_u64(bi, "seed", &seed) < 0 || arg_u64(bi, "corrupt", &corrupt) < 0 ||
+	    arg_u64(bi, "skip", &skip) < 0)
+		return fail("pages, passes, seed, corrupt and skip take a number");
 	if (arg_str(bi, "pattern", name, sizeof(name))) {
 		int found = 0;
 		for (int i = 0; i < 4; i++)
@@ -86,10 +88,14 @@ int ebb_main(const struct ebb_boot_info *bi)
 	}
 	if (passes == 0 || passes > 2047)
 		return fail("passes must be 1..2047");
-	if (pages == 0 || pages > (1UL << 31) || page_addr(bi, pages - 1) == 0)
-		return fail("not enough free guest RAM for pages=");
+	if (pages == 0 || pages > (1UL << 31) || skip > (1UL << 31) ||
+	    page_addr(bi, skip + pages - 1) == 0)
+		return fail("not enough free guest RAM for skip= + pages=");
 	if (corrupt > pages)
 		corrupt = pages;
+
+	for (u64 p = 0; p < pages; p++)
+		high += (u64)page_addr(bi, skip + p) >= (1UL << 32);
 
 	put_str("touch: start pattern=");
 	put_str(names[pat]);
@@ -102,16 +108,16 @@ int ebb_main(const struct ebb_boot_info *bi)
 	for (u64 n = 0; n < passes; n++) {
 		u64 t0 = rdtsc();
 		for (u64 p = 0; p < pages; p++) {
-			u64 *pg = page_addr(bi, p);
+			u64 *pg = page_addr(bi, skip + p);
 			for (u64 w = 0; w < WORDS; w++)
 				pg[w] = word_value(pat, seed, n, p, w);
 		}
 		if (n == passes - 1)
 			for (u64 p = 0; p < corrupt; p++)
-				page_addr(bi, p)[0] ^= 1;
+				page_addr(bi, skip + p)[0] ^= 1;
 		u64 t1 = rdtsc();
 		for (u64 p = 0; p < pages; p++) {
-			const volatile u64 *pg = page_addr(bi, p);
+			const volatile u64 *pg = page_addr(bi, skip + p);
 			int page_bad = 0;
 			for (u64 w = 0; w < WORDS; w++) {
 				u64 v = pg[w];
@@ -134,6 +140,8 @@ int ebb_main(const struct ebb_boot_info *bi)
 	put_hex(sum);
 	put_str(" bad=");
 	put_u64(bad);
+	put_str(" high=");
+	put_u64(high);
 	put_str(" write_cycles=");
 	put_u64(t_write);
 	put_str(" verify_cycles=");

@@ -121,6 +121,15 @@ impl VmConfig {
     }
 }
 
+/// Formats a byte count with the largest binary unit that divides it (`3 GiB`, `1000 TiB`).
+pub fn human_bytes(n: u64) -> String {
+    let units = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")];
+    match units.iter().find(|(shift, _)| n != 0 && n % (1u64 << shift) == 0) {
+        Some((shift, unit)) => format!("{} {unit}", n >> shift),
+        None => format!("{n} bytes"),
+    }
+}
+
 /// Parses `512M`, `2G`, `4096`, `64K`, `1T` (binary units, case-insensitive, optional `iB`/`B`).
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     let err = || ConfigError::InvalidSize(s.to_owned());
@@ -166,6 +175,14 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
+    }
+
+    #[test]
+    fn human_bytes_picks_the_largest_exact_unit() {
+        assert_eq!(human_bytes(3 << 30), "3 GiB");
+        assert_eq!(human_bytes(1536 << 20), "1536 MiB");
+        assert_eq!(human_bytes(1000 << 40), "1000 TiB");
+        assert_eq!(human_bytes(4097), "4097 bytes");
     }
 
     #[test]

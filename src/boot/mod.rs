@@ -96,6 +96,18 @@ pub enum BootError {
         /// Guest RAM size.
         mem_bytes: u64,
     },
+    /// The boot page tables cannot map this much memory.
+    #[error(
+        "the boot page tables map at most {} of guest-physical space, this VM needs {}; use less --mem",
+        crate::config::human_bytes(*.max),
+        crate::config::human_bytes(*.top)
+    )]
+    PageTablesTooSmall {
+        /// Top of guest RAM.
+        top: u64,
+        /// What the tables can map.
+        max: u64,
+    },
     /// Writing boot structures to guest memory failed.
     #[error("cannot write {what} to guest memory: {source}")]
     GuestMemory {

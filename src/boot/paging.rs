@@ -22,7 +22,7 @@ pub fn identity_map(top: u64, user: bool) -> Result<Vec<u8>, BootError> {
     let flags = PTE_PRESENT | PTE_WRITABLE | if user { PTE_USER } else { 0 };
     let num_pd = top.div_ceil(GIB).max(1);
     if num_pd * 4096 > PD_END_GPA - PD_GPA {
-        return Err(BootError::DoesNotFit { what: "identity page tables", mem_bytes: top });
+        return Err(BootError::PageTablesTooSmall { top, max: MAX_MAPPED_BYTES });
     }
     let mut words: Vec<u64> = Vec::new();
     words.push(PDPT_GPA | flags);

@@ -8,16 +8,19 @@ use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::layout::{ram_ranges, ram_top};
+use crate::config::human_bytes;
 
-/// Most guest RAM ebb accepts: KVM memslots hold fewer than 2^31 pages (8 TiB) each.
-pub const MAX_MEM_BYTES: u64 = ((1u64 << 31) - 1) * 4096;
+/// Most guest RAM ebb accepts: 4 TiB, safely below KVM's memslot limit of 2^31 - 1 pages
+/// (just under 8 TiB) per slot.
+pub const MAX_MEM_BYTES: u64 = 4 << 40;
 
 /// Errors creating guest RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The host refused to map that much address space.
     #[error(
-        "cannot map {mem_bytes} bytes of guest RAM: {reason}. Ask for less --mem (the host may cap address space with ulimit -v or vm.overcommit_memory=2)"
+        "cannot map {} of guest RAM: {reason}. Ask for less --mem (the host may cap address space with ulimit -v or vm.overcommit_memory=2)",
+        human_bytes(*.mem_bytes)
     )]
     Map {
         /// Requested size.
@@ -27,7 +30,9 @@ pub enum MemoryError {
     },
     /// More RAM than KVM or the CPU can address.
     #[error(
-        "--mem {mem_bytes} bytes is more than this host can give a guest ({limit} bytes: {why})"
+        "--mem {} is more than this host can give a guest (at most {}: {why})",
+        human_bytes(*.mem_bytes),
+        human_bytes(*.limit)
     )]
     TooLarge {
         /// Requested size.
@@ -63,7 +68,7 @@ impl GuestRam {
             return Err(MemoryError::TooLarge {
                 mem_bytes,
                 limit: MAX_MEM_BYTES,
-                why: "KVM memslot size",
+                why: "ebb's limit, below KVM's memslot size",
             });
         }
         let addressable = 1u64.checked_shl(u32::from(phys_bits)).unwrap_or(u64::MAX);

@@ -1,0 +1,211 @@
+//! Helpers shared by the integration tests: finding KVM and the guest kernel, running the
+//! `ebb` binary, and an independent model of the `touch` payload's checksum.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The `ebb` binary cargo built for these tests.
+pub fn ebb() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ebb"))
+}
+
+/// True if /dev/kvm can be opened; otherwise prints loudly why the test is skipped.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!(
+                "\n*** SKIPPED {test}: /dev/kvm cannot be opened ({e}); this test needs KVM ***\n"
+            );
+            false
+        }
+    }
+}
+
+/// Runs `ebb` with `args` and returns its output.
+pub fn run_ebb(args: &[&str]) -> Output {
+    ebb().args(args).output().expect("ebb runs")
+}
+
+/// stdout and stderr as text.
+pub fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// --- touch: an independent model of firmware/touch.c ---------------------------------------
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+const WORDS: u64 = 512;
+
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The value touch writes to word `w` of page `p` in pass `n` (see firmware/touch.c).
+pub fn touch_word(pattern: &str, seed: u64, n: u64, p: u64, w: u64) -> u64 {
+    match pattern {
+        "seq" => ((p << 32) | (n << 16) | w) ^ seed,
+        "zero" => 0,
+        "random" => mix64(((p << 20) | (n << 9) | w) ^ seed),
+        "dup" => mix64(((n << 9) | w) ^ seed ^ 0xd0d0),
+        other => panic!("unknown pattern {other}"),
+    }
+}
+
+/// The checksum touch reports when every page reads back what was written.
+pub fn touch_checksum(pattern: &str, pages: u64, passes: u64, seed: u64) -> u64 {
+    let mut sum = FNV_OFFSET;
+    for n in 0..passes {
+        for p in 0..pages {
+            for w in 0..WORDS {
+                sum = (sum ^ touch_word(pattern, seed, n, p, w)).wrapping_mul(FNV_PRIME);
+            }
+        }
+    }
+    sum
+}
+
+/// Parses `key=value` from touch's `done` line.
+pub fn touch_field(stdout: &str, key: &str) -> Option<String> {
+    let line = stdout.lines().find(|l| l.starts_with("touch: done"))?;
+    line.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_owned))
+}
+
+// --- a hand-made payload ---------------------------------------------------------------
+
+/// A minimal ELF64 executable that loads `code` at 2 MiB and starts there.
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x20_0000;
+    const HDR: u64 = 64 + 56;
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&(LOAD + HDR).to_le_bytes()); // entry
+    f.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    f.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&7u32.to_le_bytes()); // RWX
+    let size = HDR + code.len() as u64;
+    for v in [0, LOAD, LOAD, size, size, 0x1000] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    f.extend_from_slice(code);
+    f
+}
+
+/// Writes `bytes` to a fresh file under the target directory and returns its path.
+pub fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("{}-{name}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+// --- the guest kernel ------------------------------------------------------------------
+
+/// Paths of the tiny Linux guest built by scripts/build-guest.sh.
+pub struct Guest {
+    /// The bzImage.
+    pub bzimage: PathBuf,
+    /// The ELF vmlinux with the PVH note.
+    pub vmlinux: PathBuf,
+    /// The initramfs.
+    pub initramfs: PathBuf,
+}
+
+/// The guest if it was built; otherwise skips loudly, or fails when CI asks for it.
+pub fn guest_or_skip(test: &str) -> Option<Guest> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/build-guest.sh")).arg("--print-only").output();
+    let found = out.ok().filter(|o| o.status.success()).map(|o| {
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let get = |k: &str| {
+            text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(PathBuf::from).unwrap()
+        };
+        Guest { bzimage: get("bzimage"), vmlinux: get("vmlinux"), initramfs: get("initramfs") }
+    });
+    if found.is_none() {
+        let msg = format!("{test}: the guest kernel is not built (run scripts/build-guest.sh)");
+        if std::env::var_os("EBB_REQUIRE_GUEST").is_some() {
+            panic!("{msg}, and EBB_REQUIRE_GUEST is set");
+        }
+        eprintln!("\n*** SKIPPED {msg} ***\n");
+    }
+    found
+}
+
+/// True when KVM runs user space natively (VT-x or AMD-V), false on PVM.
+pub fn hardware_virtualization() -> bool {
+    !matches!(ebb::accel::Accelerator::detect(), ebb::accel::Accelerator::Pvm)
+}
+
+/// A running `ebb` whose stdout lines arrive on a channel.
+pub struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every line seen so far.
+    pub seen: Vec<String>,
+}
+
+impl Running {
+    /// Starts `ebb` with `args`.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child =
+            ebb().args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for a line containing any of `needles`; returns it, or None on timeout or exit.
+    pub fn wait_for(&mut self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if needles.iter().any(|n| line.contains(n)) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// The last `n` lines seen, for failure messages.
+    pub fn tail(&self, n: usize) -> String {
+        self.seen[self.seen.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,169 @@
+//! Bad input gets `error: ...` with the cause and exit status 1, never a panic.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+
+/// Runs ebb, expects exit 1 with `error:` and `needle` on stderr and no panic.
+fn expect_error(args: &[&str], needle: &str) {
+    let out = run_ebb(args);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(stderr.contains("error:"), "{args:?}: {stderr}");
+    assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+}
+
+#[test]
+fn missing_kernel_file() {
+    expect_error(
+        &["run", "--kernel", "/nonexistent/bzImage"],
+        "cannot read kernel /nonexistent/bzImage",
+    );
+}
+
+#[test]
+fn a_file_that_is_no_kernel() {
+    if !kvm_or_skip("a_file_that_is_no_kernel") {
+        return;
+    }
+    let path = temp_file("not-a-kernel", &[0x42; 4096]);
+    expect_error(&["run", "--kernel", path.to_str().unwrap()], "is not a Linux kernel");
+}
+
+#[test]
+fn an_elf_without_pvh_note_is_no_kernel_to_boot() {
+    if !kvm_or_skip("an_elf_without_pvh_note_is_no_kernel_to_boot") {
+        return;
+    }
+    let path = temp_file("no-pvh.elf", &tiny_elf(&[0xf4]));
+    expect_error(&["run", "--kernel", path.to_str().unwrap()], "no PVH entry note");
+}
+
+#[test]
+fn zero_memory() {
+    expect_error(&["run", "--mem", "0"], "--mem must be larger than 0");
+}
+
+#[test]
+fn memory_that_is_no_size() {
+    expect_error(&["run", "--mem", "lots"], "invalid size \"lots\"");
+}
+
+#[test]
+fn more_memory_than_the_host_can_map() {
+    if !kvm_or_skip("more_memory_than_the_host_can_map") {
+        return;
+    }
+    expect_error(&["run", "--mem", "1000T"], "more than this host can give a guest");
+}
+
+#[test]
+fn unknown_firmware_name() {
+    if !kvm_or_skip("unknown_firmware_name") {
+        return;
+    }
+    expect_error(
+        &["run", "--firmware", "nosuch"],
+        "unknown firmware \"nosuch\": built-in payloads are hello, touch",
+    );
+}
+
+#[test]
+fn firmware_file_that_is_not_elf() {
+    if !kvm_or_skip("firmware_file_that_is_not_elf") {
+        return;
+    }
+    let path = temp_file(
+        "garbage.bin",
+        b"not an elf at all, just some bytes padding it out to 64+ bytes.....",
+    );
+    expect_error(&["run", "--firmware", path.to_str().unwrap()], "cannot load ELF");
+}
+
+#[test]
+fn firmware_arguments_too_long() {
+    if !kvm_or_skip("firmware_arguments_too_long") {
+        return;
+    }
+    let long = format!("k={}", "x".repeat(5000));
+    expect_error(
+        &["run", "--firmware", "hello", "--firmware-arg", &long],
+        "firmware arguments are 5002 bytes",
+    );
+}
+
+#[test]
+fn firmware_argument_without_equals() {
+    expect_error(&["run", "--firmware", "touch", "--firmware-arg", "pages"], "expected KEY=VALUE");
+}
+
+#[test]
+fn kernel_and_firmware_together() {
+    expect_error(&["run", "--kernel", "x", "--firmware", "hello"], "exclude each other");
+}
+
+#[test]
+fn initrd_without_kernel() {
+    expect_error(&["run", "--initrd", "/tmp/x"], "--initrd needs --kernel");
+}
+
+#[test]
+fn more_vcpus_than_supported() {
+    expect_error(&["run", "--vcpus", "2"], "--vcpus 2 is not supported");
+}
+
+#[test]
+fn serial_log_in_a_missing_directory() {
+    if !kvm_or_skip("serial_log_in_a_missing_directory") {
+        return;
+    }
+    expect_error(&["run", "--serial-log", "/nonexistent/dir/log"], "cannot create serial log");
+}
+
+#[test]
+fn no_kvm_device() {
+    expect_error(
+        &["run", "--kvm-device", "/nonexistent/kvm"],
+        "/nonexistent/kvm does not exist: this host has no KVM",
+    );
+}
+
+#[test]
+fn kvm_device_without_permission() {
+    // Simulated by running ebb as an unprivileged user against the real /dev/kvm (0600 or
+    // 0660 root:kvm on most hosts), or against a root-only copy of the node's permissions.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        let path = temp_file("kvm-noperm", b"");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o000))
+            .unwrap();
+        expect_error(&["run", "--kvm-device", path.to_str().unwrap()], "permission denied opening");
+        return;
+    }
+    let setpriv = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_ebb"),
+            "run",
+        ])
+        .output();
+    let Ok(out) = setpriv else {
+        eprintln!(
+            "\n*** SKIPPED kvm_device_without_permission: setpriv (util-linux) is missing ***\n"
+        );
+        return;
+    };
+    let (_, stderr) = text(&out);
+    if stderr.contains("Permission denied") && !stderr.contains("error:") {
+        eprintln!("\n*** SKIPPED kvm_device_without_permission: user 65534 cannot execute the test binary ***\n");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("permission denied opening /dev/kvm"), "{stderr}");
+    assert!(stderr.contains("'kvm' group"), "says what to do: {stderr}");
+}
