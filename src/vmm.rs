@@ -25,9 +25,10 @@ use crate::vstate::vm::{self, VmError};
 pub type RunOutcome = VcpuOutcome;
 
 /// What ebb adds to every Linux command line: console on COM1, reboot through the i8042
-/// (which ebb turns into exit status 0), reboot one second after a panic, no PCI probing.
+/// (which ebb turns into exit status 0), no PCI probing, and reboot at once on a panic:
+/// `panic=1` waits in `mdelay`, which never returns on PVM hosts, so the VM would hang.
 pub const BASE_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// Added on PVM hosts: the instruction emulator that runs guest CPL0 code lacks XSAVE,
 /// POPCNT, SMAP's stac/clac and friends, and the guest sees the host's CPUID bits for them

@@ -197,6 +197,21 @@ impl Running {
         None
     }
 
+    /// Waits for the process to exit; returns its status code, or None on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
     /// The last `n` lines seen, for failure messages.
     pub fn tail(&self, n: usize) -> String {
         self.seen[self.seen.len().saturating_sub(n)..].join("\n")
