@@ -1,0 +1,210 @@
+//! Engine statistics: fault counters, a latency histogram, and handler CPU time.
+//!
+//! Written by the fault-handler thread, read by the stats writer: all atomics, no locks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Sub-buckets per power of two in the latency histogram (about 3% resolution).
+const SUB_BUCKETS: u64 = 32;
+/// Powers of two covered: 1 ns to about 1 s.
+const OCTAVES: u64 = 30;
+const BUCKETS: usize = 32 * 30;
+const _: () = assert!(BUCKETS as u64 == SUB_BUCKETS * OCTAVES);
+
+/// Rounds a non-negative float to u64, saturating (NaN and negatives give 0).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub fn round_u64(x: f64) -> u64 {
+    // `as` from float saturates at the integer bounds and maps NaN to 0: the clamping we want.
+    x.round().max(0.0) as u64
+}
+
+/// A log-linear histogram of nanosecond values.
+pub struct Histogram {
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+fn bucket_of(ns: u64) -> usize {
+    if ns < SUB_BUCKETS {
+        return usize::try_from(ns).unwrap_or(0);
+    }
+    let octave = 63 - u64::from(ns.leading_zeros()); // >= 5
+    let sub = (ns >> (octave - 5)) & (SUB_BUCKETS - 1);
+    let idx = (octave - 4) * SUB_BUCKETS + sub;
+    usize::try_from(idx).unwrap_or(BUCKETS - 1).min(BUCKETS - 1)
+}
+
+/// The smallest value that lands in bucket `idx` (what a quantile reports).
+fn bucket_floor(idx: usize) -> u64 {
+    let idx = idx as u64;
+    if idx < SUB_BUCKETS {
+        return idx;
+    }
+    let octave = idx / SUB_BUCKETS + 4;
+    let sub = idx % SUB_BUCKETS;
+    (1 << octave) | (sub << (octave - 5))
+}
+
+impl Histogram {
+    /// Records one value.
+    pub fn record(&self, ns: u64) {
+        self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Values recorded.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The value below which a fraction `q` (0..=1) of records fall; 0 when empty.
+    pub fn quantile(&self, q: f64) -> u64 {
+        let total: u64 = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum();
+        if total == 0 {
+            return 0;
+        }
+        // Rank of the wanted record, 1-based; float only for the fraction.
+        let rank = round_u64((q.clamp(0.0, 1.0) * total as f64).ceil()).max(1);
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= rank {
+                return bucket_floor(i);
+            }
+        }
+        bucket_floor(BUCKETS - 1)
+    }
+}
+
+/// Counters of the fault handler.
+#[derive(Default)]
+pub struct FaultStats {
+    /// Read faults on untouched pages resolved with the zero page.
+    pub zero: AtomicU64,
+    /// Write faults resolved with a private zeroed page.
+    pub copy: AtomicU64,
+    /// Extra untouched pages filled by fault-around.
+    pub around_pages: AtomicU64,
+    /// Write faults on write-protected pages (Active sampling).
+    pub wp: AtomicU64,
+    /// Faults that found the page already mapped (a race or fault-around).
+    pub already_mapped: AtomicU64,
+    /// Resolutions retried after EAGAIN.
+    pub retries: AtomicU64,
+    /// Remove events read.
+    pub removes: AtomicU64,
+    /// Pages removed by those events.
+    pub removed_pages: AtomicU64,
+    /// Handler service time per fault, from reading the event to the resolving ioctl's return.
+    pub latency: Histogram,
+    /// CPU time the handler thread has used, in nanoseconds.
+    pub cpu_ns: AtomicU64,
+}
+
+impl FaultStats {
+    /// Faults resolved (zero + copy + wp).
+    pub fn faults(&self) -> u64 {
+        self.zero.load(Ordering::Relaxed)
+            + self.copy.load(Ordering::Relaxed)
+            + self.wp.load(Ordering::Relaxed)
+    }
+}
+
+/// CPU time of the calling thread in nanoseconds.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if ret != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_tight() {
+        let mut last = 0;
+        for ns in [1, 31, 32, 33, 100, 1_000, 45_000, 1_000_000, 900_000_000] {
+            let b = bucket_of(ns);
+            assert!(b >= last, "{ns}");
+            last = b;
+            let floor = bucket_floor(b);
+            assert!(floor <= ns && ns - floor <= ns / 16 + 1, "{ns} -> {floor}");
+        }
+    }
+
+    #[test]
+    fn quantiles_of_a_known_distribution() {
+        let h = Histogram::default();
+        for i in 1..=100u64 {
+            h.record(i * 1000);
+        }
+        let p50 = h.quantile(0.5);
+        let p99 = h.quantile(0.99);
+        assert!((48_000..=50_000).contains(&p50), "{p50}");
+        assert!((96_000..=99_000).contains(&p99), "{p99}");
+        assert_eq!(h.count(), 100);
+    }
+
+    #[test]
+    fn empty_histogram_reports_zero() {
+        assert_eq!(Histogram::default().quantile(0.5), 0);
+    }
+}
+
+/// One line of `--stats-json`: the VM's memory as the engine sees it.
+///
+/// Field names leave room for later reclaimers: `shared_bytes`, `compressed_bytes`,
+/// `swapped_bytes`, `ballooned_bytes` join these.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct MemStats {
+    /// Milliseconds since the VM started.
+    pub t_ms: u64,
+    /// Bytes the host backs with private pages for the guest (Resident pages).
+    pub consumed_bytes: u64,
+    /// Estimated bytes the guest actively writes (Active memory).
+    pub active_bytes: u64,
+    /// Bytes the guest has touched and that are mapped: resident plus zero-page mapped.
+    pub touched_bytes: u64,
+    /// Bytes mapped to the shared zero page after read faults.
+    pub zero_mapped_bytes: u64,
+    /// Resident set of the guest-RAM mappings from `/proc/self/smaps` (cross-check).
+    pub rss_bytes: u64,
+    /// Faults resolved: zero + copy + wp.
+    pub faults: u64,
+    /// Read faults served with the zero page.
+    pub faults_zero: u64,
+    /// Write faults served with a private zeroed page.
+    pub faults_copy: u64,
+    /// Writes to pages write-protected by the Active sampler.
+    pub faults_wp: u64,
+    /// Extra pages filled by fault-around.
+    pub fault_around_pages: u64,
+    /// `madvise` remove events.
+    pub remove_events: u64,
+    /// Pages those removed.
+    pub removed_pages: u64,
+    /// Median handler service time per fault (event read to ioctl return), microseconds.
+    pub fault_p50_us: f64,
+    /// 99th percentile of the same.
+    pub fault_p99_us: f64,
+    /// CPU time of the fault-handler thread, milliseconds.
+    pub handler_cpu_ms: f64,
+    /// Active-memory sampling intervals completed.
+    pub active_samples: u64,
+    /// Metadata the engine keeps for this VM, bytes.
+    pub metadata_bytes: u64,
+}
