@@ -24,6 +24,7 @@ struct ebb_boot_info {
 	u64 mem_bytes;   /* configured guest RAM */
 	u64 nr_ranges;   /* valid entries in free_ranges */
 	u64 free_ranges[2][2]; /* [start, length], page aligned, free for the payload */
+	u64 tsc_khz;     /* TSC frequency, for timed phases (0 if unknown) */
 };
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }

@@ -9,6 +9,10 @@
  *   skip=K        leave the first K pages of free RAM alone (reach RAM above 4 GiB cheaply)
  *   corrupt=K     self-test of the checker: flip one bit in each of the first K pages after
  *                 the last write, so the run must report bad=K and exit 3
+ *   loop_ms=T     after the passes, keep rewriting the pages (same values as the last pass)
+ *                 for T ms: a busy working set for Active memory
+ *   idle_ms=T     then spin for T ms touching no guest page but the stack: an idle phase
+ *   The pages are verified once more after these phases (bad= counts that too).
  *
  * The word at index w (0..511) of page p in pass n is, for seed s:
  *   seq:    ((p << 32) | (n << 16) | w) ^ s
@@ -68,6 +72,7 @@ static int fail(const char *msg)
 int ebb_main(const struct ebb_boot_info *bi)
 {
 	u64 pages = 16384, passes = 1, seed = 0, corrupt = 0, skip = 0, high = 0;
+	u64 loop_ms = 0, idle_ms = 0;
 	u64 bad = 0, sum = FNV_OFFSET, t_write = 0, t_verify = 0;
 	enum pattern pat = SEQ;
 	char name[16];
@@ -76,8 +81,11 @@ int ebb_main(const struct ebb_boot_info *bi)
 		return fail("bad boot info magic");
 	if (arg_u64(bi, "pages", &pages) < 0 || arg_u64(bi, "passes", &passes) < 0 ||
 	    arg_u64(bi, "seed", &seed) < 0 || arg_u64(bi, "corrupt", &corrupt) < 0 ||
-	    arg_u64(bi, "skip", &skip) < 0)
-		return fail("pages, passes, seed, corrupt and skip take a number");
+	    arg_u64(bi, "skip", &skip) < 0 || arg_u64(bi, "loop_ms", &loop_ms) < 0 ||
+	    arg_u64(bi, "idle_ms", &idle_ms) < 0)
+		return fail("pages, passes, seed, corrupt, skip, loop_ms and idle_ms take a number");
+	if ((loop_ms || idle_ms) && bi->tsc_khz == 0)
+		return fail("loop_ms and idle_ms need the TSC frequency, which ebb did not provide");
 	if (arg_str(bi, "pattern", name, sizeof(name))) {
 		int found = 0;
 		for (int i = 0; i < 4; i++)
@@ -128,6 +136,40 @@ int ebb_main(const struct ebb_boot_info *bi)
 		}
 		t_write += t1 - t0;
 		t_verify += rdtsc() - t1;
+	}
+
+	if (loop_ms) {
+		u64 end = rdtsc() + loop_ms * bi->tsc_khz, rounds = 0;
+		put_str("touch: loop\n");
+		while (rdtsc() < end) {
+			for (u64 p = 0; p < pages; p++) {
+				u64 *pg = page_addr(bi, skip + p);
+				for (u64 w = 0; w < WORDS; w++)
+					pg[w] = word_value(pat, seed, passes - 1, p, w);
+			}
+			rounds++;
+		}
+		put_str("touch: loop rounds=");
+		put_u64(rounds);
+		put_char('\n');
+	}
+	if (idle_ms) {
+		u64 end = rdtsc() + idle_ms * bi->tsc_khz;
+		put_str("touch: idle\n");
+		while (rdtsc() < end)
+			__asm__ volatile("pause");
+	}
+	if (loop_ms || idle_ms) {
+		u64 late_bad = 0;
+		for (u64 p = corrupt; p < pages; p++) {
+			const volatile u64 *pg = page_addr(bi, skip + p);
+			for (u64 w = 0; w < WORDS; w++)
+				if (pg[w] != word_value(pat, seed, passes - 1, p, w)) {
+					late_bad++;
+					break;
+				}
+		}
+		bad += late_bad;
 	}
 
 	put_str("touch: done pattern=");

@@ -4,6 +4,10 @@
 //! unit-tested without privileges.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::mm::active::ActiveConfig;
+use crate::mm::uffd::handler::MAX_FAULT_AROUND;
 
 /// Default guest memory: 256 MiB.
 pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
@@ -32,6 +36,25 @@ pub enum ConfigError {
     /// Both `--kernel` and `--firmware` given.
     #[error("--kernel and --firmware exclude each other: boot either a Linux kernel or a payload")]
     KernelAndFirmware,
+    /// Fault-around beyond what one ioctl should fill.
+    #[error("--fault-around {0} is out of range: use 0 to {MAX_FAULT_AROUND} pages")]
+    FaultAround(u64),
+    /// A zero or absurd interval.
+    #[error("{what} {value:?} is out of range ({range})")]
+    Interval {
+        /// The option.
+        what: &'static str,
+        /// The value given.
+        value: Duration,
+        /// What is accepted.
+        range: &'static str,
+    },
+    /// An Active sample size out of range.
+    #[error("--active-sample-pages {0} is out of range: use 1 to 100000")]
+    SamplePages(u32),
+    /// Options of the lazy-RAM engine given with `--no-uffd`.
+    #[error("{0} needs userfaultfd: drop --no-uffd")]
+    NeedsUffd(&'static str),
     /// Linux-only options given without `--kernel`.
     #[error("{0} needs --kernel")]
     NeedsKernel(&'static str),
@@ -92,6 +115,63 @@ pub struct VmConfig {
     pub serial_log: Option<PathBuf>,
     /// The KVM device node (`/dev/kvm`); tests point it elsewhere to simulate its absence.
     pub kvm_path: PathBuf,
+    /// How guest memory is backed and observed.
+    pub memory: MemoryConfig,
+}
+
+/// The lazy-RAM engine's options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Serve guest RAM through userfaultfd (false: plain anonymous memory, `--no-uffd`).
+    pub uffd: bool,
+    /// The userfaultfd device, used when the syscall is refused.
+    pub uffd_dev: PathBuf,
+    /// Untouched neighbours to fill with each fault.
+    pub fault_around: u64,
+    /// Active-memory sampling.
+    pub active: ActiveConfig,
+    /// Where to write JSON-lines statistics.
+    pub stats_json: Option<PathBuf>,
+    /// Time between statistics lines.
+    pub stats_interval: Duration,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            uffd: true,
+            uffd_dev: PathBuf::from("/dev/userfaultfd"),
+            fault_around: 0,
+            active: ActiveConfig::default(),
+            stats_json: None,
+            stats_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.fault_around > MAX_FAULT_AROUND {
+            return Err(ConfigError::FaultAround(self.fault_around));
+        }
+        let ms = |d: Duration| d.as_millis();
+        if !(10..=3_600_000).contains(&ms(self.stats_interval)) {
+            let (what, value) = ("--stats-interval", self.stats_interval);
+            return Err(ConfigError::Interval { what, value, range: "10 ms to 1 hour" });
+        }
+        if !(10..=3_600_000).contains(&ms(self.active.interval)) {
+            let (what, value) = ("--active-interval-ms", self.active.interval);
+            return Err(ConfigError::Interval { what, value, range: "10 ms to 1 hour" });
+        }
+        if !(1..=100_000).contains(&self.active.sample_pages) {
+            return Err(ConfigError::SamplePages(self.active.sample_pages));
+        }
+        if !self.uffd && self.fault_around > 0 {
+            return Err(ConfigError::NeedsUffd("--fault-around"));
+        }
+        Ok(())
+    }
 }
 
 impl VmConfig {
@@ -103,6 +183,7 @@ impl VmConfig {
             boot,
             serial_log: None,
             kvm_path: PathBuf::from("/dev/kvm"),
+            memory: MemoryConfig::default(),
         }
     }
 
@@ -117,7 +198,7 @@ impl VmConfig {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::VcpuCount(self.vcpus));
         }
-        Ok(())
+        self.memory.validate()
     }
 }
 
@@ -206,6 +287,23 @@ mod tests {
         c.mem_bytes = 1 << 20;
         c.vcpus = 2;
         assert_eq!(c.validate(), Err(ConfigError::VcpuCount(2)));
+    }
+
+    #[test]
+    fn memory_options_are_range_checked() {
+        let mut m = MemoryConfig::default();
+        assert_eq!(m.validate(), Ok(()));
+        m.fault_around = 256;
+        assert_eq!(m.validate(), Err(ConfigError::FaultAround(256)));
+        m.fault_around = 255;
+        assert_eq!(m.validate(), Ok(()));
+        m.uffd = false;
+        assert_eq!(m.validate(), Err(ConfigError::NeedsUffd("--fault-around")));
+        m = MemoryConfig { stats_interval: Duration::ZERO, ..Default::default() };
+        assert!(matches!(m.validate(), Err(ConfigError::Interval { .. })));
+        m = MemoryConfig::default();
+        m.active.sample_pages = 0;
+        assert_eq!(m.validate(), Err(ConfigError::SamplePages(0)));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod accel;
 pub mod boot;
 pub mod config;
 pub mod devices;
+pub mod metrics;
 pub mod mm;
 pub mod vmm;
 pub mod vstate;

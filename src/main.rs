@@ -4,7 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use ebb::config::{parse_firmware_arg, parse_size, BootSource, FirmwareSource, VmConfig};
+use std::time::Duration;
+
+use ebb::config::{
+    parse_firmware_arg, parse_size, BootSource, FirmwareSource, MemoryConfig, VmConfig,
+};
+use ebb::mm::active::ActiveConfig;
 use ebb::vmm::{exit_status, DEFAULT_PAYLOAD};
 
 /// A small, fast KVM hypervisor that overcommits guest memory the way ESXi does.
@@ -53,6 +58,27 @@ struct RunArgs {
     /// The KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Back guest RAM with plain anonymous memory instead of serving it through userfaultfd.
+    #[arg(long)]
+    no_uffd: bool,
+    /// The userfaultfd device, used when the userfaultfd syscall is refused.
+    #[arg(long, value_name = "PATH", default_value = "/dev/userfaultfd")]
+    uffd_device: PathBuf,
+    /// Untouched neighbour pages to fill with each fault (0 to 255).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    fault_around: u64,
+    /// Write memory statistics as JSON lines to this file (every --stats-interval, and at exit).
+    #[arg(long, value_name = "PATH")]
+    stats_json: Option<PathBuf>,
+    /// Seconds between statistics lines (fractions allowed).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    stats_interval: f64,
+    /// Milliseconds between Active-memory samples.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    active_interval_ms: u64,
+    /// Pages in each Active-memory sample.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    active_sample_pages: u32,
 }
 
 fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
@@ -89,6 +115,20 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
     config.vcpus = args.vcpus;
     config.serial_log = args.serial_log;
     config.kvm_path = args.kvm_device;
+    let stats_interval = Duration::try_from_secs_f64(args.stats_interval).map_err(|_| {
+        anyhow::anyhow!("--stats-interval {} is not a number of seconds", args.stats_interval)
+    })?;
+    config.memory = MemoryConfig {
+        uffd: !args.no_uffd,
+        uffd_dev: args.uffd_device,
+        fault_around: args.fault_around,
+        active: ActiveConfig {
+            interval: Duration::from_millis(args.active_interval_ms),
+            sample_pages: args.active_sample_pages,
+        },
+        stats_json: args.stats_json,
+        stats_interval,
+    };
     Ok(config)
 }
 

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
+use std::time::Instant;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
@@ -15,6 +16,9 @@ use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::{Bus, BusError};
+use crate::metrics::{StatsSource, StatsWriter};
+use crate::mm::engine::{Engine, EngineConfig};
+use crate::mm::uffd::handler::HandlerConfig;
 use crate::vstate::cpuid::{self, CpuidError};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{GuestRam, MemoryError};
@@ -70,6 +74,17 @@ pub enum VmmError {
         /// The error.
         source: std::io::Error,
     },
+    /// userfaultfd could not be set up.
+    #[error(transparent)]
+    Uffd(#[from] crate::mm::uffd::UffdError),
+    /// The statistics file could not be created.
+    #[error("cannot create statistics file {path}: {source}")]
+    StatsJson {
+        /// The path given.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -103,6 +118,7 @@ pub fn linux_cmdline(accel: Accelerator, devices: &[String], user: &str) -> Stri
 
 /// Runs the VM described by `config` to its end.
 pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
+    let started = Instant::now();
     config.validate()?;
     let accel = Accelerator::detect();
     log::info!("accelerator: {accel}");
@@ -126,16 +142,58 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new())))?;
     pio.insert(DEBUG_EXIT_PORT, DEBUG_EXIT_LEN, Arc::new(Mutex::new(DebugExit)))?;
     let mmio = Bus::new();
-    let boot = load_boot(config, &ram, accel, &[])?;
-    cpuid::normalize(cpuid.as_mut_slice(), 0, config.vcpus, accel);
     let vcpu = Vcpu::new(&vm, 0, Arc::new(pio), Arc::new(mmio), ram.memory().clone())?;
+    let boot = load_boot(config, &ram, accel, &[], vcpu.tsc_khz())?;
+    cpuid::normalize(cpuid.as_mut_slice(), 0, config.vcpus, accel);
     vcpu.configure(&kvm, &cpuid, &boot)?;
-    let outcome = run_vcpu(vcpu);
+    // Registered after boot loading, so what ebb wrote into the guest starts out Resident.
+    let engine = start_engine(config, &ram)?;
+    let source = match &engine {
+        Some(e) => StatsSource::Engine(e.clone()),
+        None => StatsSource::Plain(ram.regions()),
+    };
+    let stats = match &config.memory.stats_json {
+        Some(path) => Some(
+            StatsWriter::new(path, config.memory.stats_interval, source, started)
+                .map_err(|source| VmmError::StatsJson { path: path.clone(), source })?,
+        ),
+        None => None,
+    };
+    let outcome = run_vcpu(vcpu, stats);
     if let Err(e) = serial.lock().unwrap_or_else(PoisonError::into_inner).flush() {
         log::warn!("flushing serial output: {e}");
     }
+    if let Some(engine) = engine {
+        let m = engine.snapshot(0);
+        log::info!(
+            "guest memory: consumed {} MiB, {} faults (p50 {:.1} us, p99 {:.1} us), handler CPU {:.0} ms",
+            m.consumed_bytes >> 20,
+            m.faults,
+            m.fault_p50_us,
+            m.fault_p99_us,
+            m.handler_cpu_ms
+        );
+    }
     drop(vm);
     outcome
+}
+
+/// Starts the lazy-RAM engine unless `--no-uffd`.
+fn start_engine(config: &VmConfig, ram: &GuestRam) -> Result<Option<Arc<Engine>>, VmmError> {
+    if !config.memory.uffd {
+        log::info!("guest RAM is plain anonymous memory (--no-uffd)");
+        return Ok(None);
+    }
+    let engine_config = EngineConfig {
+        uffd_dev: config.memory.uffd_dev.clone(),
+        handler: HandlerConfig {
+            fault_around: config.memory.fault_around,
+            active: Some(config.memory.active),
+        },
+    };
+    let engine = Engine::start(ram, &engine_config)?;
+    log::debug!("userfaultfd engine: write protection {}", engine.write_protect());
+    Ok(Some(Arc::new(engine)))
 }
 
 fn load_boot(
@@ -143,6 +201,7 @@ fn load_boot(
     ram: &GuestRam,
     accel: Accelerator,
     devices: &[String],
+    tsc_khz: u32,
 ) -> Result<BootCpu, BootError> {
     let mem = ram.memory();
     match &config.boot {
@@ -151,7 +210,9 @@ fn load_boot(
             log::info!("kernel command line: {full}");
             linux::load(mem, ram.mem_bytes(), kernel, initrd.as_deref(), &full)
         }
-        BootSource::Firmware { source, args } => firmware::load(mem, ram.mem_bytes(), source, args),
+        BootSource::Firmware { source, args } => {
+            firmware::load(mem, ram.mem_bytes(), source, args, tsc_khz)
+        }
     }
 }
 
@@ -176,7 +237,7 @@ impl MutEventSubscriber for VcpuExitWatcher {
 
 /// Runs the vCPU on its own thread while this thread runs the event loop (devices with
 /// queues, the control socket and timers join it in later versions).
-fn run_vcpu(mut vcpu: Vcpu) -> Result<RunOutcome, VmmError> {
+fn run_vcpu(mut vcpu: Vcpu, stats: Option<StatsWriter>) -> Result<RunOutcome, VmmError> {
     let loop_err = |e: event_manager::Error| VmmError::EventLoop(format!("{e:?}"));
     let exit_evt =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::EventLoop(e.to_string()))?;
@@ -185,6 +246,10 @@ fn run_vcpu(mut vcpu: Vcpu) -> Result<RunOutcome, VmmError> {
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(loop_err)?;
     events.add_subscriber(watcher.clone());
+    let stats = stats.map(|s| Arc::new(Mutex::new(s)));
+    if let Some(s) = &stats {
+        events.add_subscriber(s.clone());
+    }
     let handle = thread::Builder::new()
         .name("ebb-vcpu0".into())
         .spawn(move || {
@@ -196,7 +261,14 @@ fn run_vcpu(mut vcpu: Vcpu) -> Result<RunOutcome, VmmError> {
     while !watcher.lock().unwrap_or_else(PoisonError::into_inner).done {
         events.run().map_err(loop_err)?;
     }
-    Ok(handle.join().map_err(|_| VmmError::VcpuPanic)??)
+    let outcome = handle.join().map_err(|_| VmmError::VcpuPanic)??;
+    if let Some(s) = &stats {
+        // The last line describes the VM as it ended.
+        if let Err(e) = s.lock().unwrap_or_else(PoisonError::into_inner).write_line() {
+            log::warn!("writing statistics: {e}");
+        }
+    }
+    Ok(outcome)
 }
 
 /// Re-exported so `main.rs` can name the default payload.

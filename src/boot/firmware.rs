@@ -45,8 +45,10 @@ pub struct FirmwareBootInfo {
     /// RAM the payload may use freely: `[start, length]` pairs, page-aligned, not overlapping
     /// its image, page tables, stack or this structure.
     pub free_ranges: [[u64; 2]; MAX_RANGES],
+    /// TSC frequency in kHz, for payloads that time their phases (0 if unknown).
+    pub tsc_khz: u64,
 }
-const _: () = assert!(std::mem::size_of::<FirmwareBootInfo>() == 72);
+const _: () = assert!(std::mem::size_of::<FirmwareBootInfo>() == 80);
 // SAFETY: repr(C) struct of u64s without padding: every byte pattern is valid.
 unsafe impl ByteValued for FirmwareBootInfo {}
 
@@ -70,6 +72,7 @@ pub fn load(
     mem_bytes: u64,
     source: &FirmwareSource,
     args: &[(String, String)],
+    tsc_khz: u32,
 ) -> Result<BootCpu, BootError> {
     let (image, path): (Cow<'_, [u8]>, _) = match source {
         FirmwareSource::Builtin(name) => {
@@ -92,7 +95,8 @@ pub fn load(
     gdt::write_tables(mem)?;
     paging::write_identity_map(mem, ram_top(mem_bytes), true)?;
     let args_len = write_args(mem, args)?;
-    let info = boot_info(mem_bytes, loaded.kernel_end, args_len as u64)?;
+    let mut info = boot_info(mem_bytes, loaded.kernel_end, args_len as u64)?;
+    info.tsc_khz = u64::from(tsc_khz);
     write_obj(mem, info, ZERO_PAGE_GPA, "firmware boot info")?;
     let mut cpu = BootCpu { mode: CpuMode::Long64User, regs: Default::default() };
     cpu.regs.rip = loaded.kernel_load.0;

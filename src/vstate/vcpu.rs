@@ -136,6 +136,11 @@ impl Vcpu {
         Ok(Self { fd, bus_pio, bus_mmio, mem })
     }
 
+    /// The guest TSC frequency in kHz (0 if KVM cannot tell).
+    pub fn tsc_khz(&self) -> u32 {
+        self.fd.get_tsc_khz().unwrap_or(0)
+    }
+
     /// Sets CPUID, MSRs, FPU, LAPIC and the boot registers.
     pub fn configure(&self, kvm: &Kvm, cpuid: &CpuId, boot: &BootCpu) -> Result<(), VcpuError> {
         self.fd.set_cpuid2(cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
