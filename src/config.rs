@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::devices::virtio::balloon::BalloonConfig;
 use crate::mm::active::ActiveConfig;
 use crate::mm::uffd::handler::MAX_FAULT_AROUND;
 
@@ -55,6 +56,11 @@ pub enum ConfigError {
     /// Options of the lazy-RAM engine given with `--no-uffd`.
     #[error("{0} needs userfaultfd: drop --no-uffd")]
     NeedsUffd(&'static str),
+    /// A `--balloon` option that does not parse.
+    #[error(
+        "invalid --balloon {0:?}: expected target=SIZE,stats=SECS,deflate_on_oom=on|off,free_page_reporting=on|off"
+    )]
+    Balloon(String),
     /// Linux-only options given without `--kernel`.
     #[error("{0} needs --kernel")]
     NeedsKernel(&'static str),
@@ -117,6 +123,10 @@ pub struct VmConfig {
     pub kvm_path: PathBuf,
     /// How guest memory is backed and observed.
     pub memory: MemoryConfig,
+    /// The virtio-balloon device, if any.
+    pub balloon: Option<BalloonConfig>,
+    /// The control socket, if any.
+    pub api_sock: Option<PathBuf>,
 }
 
 /// The lazy-RAM engine's options.
@@ -184,6 +194,8 @@ impl VmConfig {
             serial_log: None,
             kvm_path: PathBuf::from("/dev/kvm"),
             memory: MemoryConfig::default(),
+            balloon: None,
+            api_sock: None,
         }
     }
 
@@ -228,6 +240,29 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         _ => return Err(err()),
     };
     n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// Parses `--balloon [target=SIZE,stats=SECS,deflate_on_oom=on,free_page_reporting=on]`
+/// (all optional; an empty string gives a balloon with every option off and no target).
+pub fn parse_balloon(s: &str) -> Result<BalloonConfig, ConfigError> {
+    let err = || ConfigError::Balloon(s.to_owned());
+    let on_off = |v: &str| match v {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(err()),
+    };
+    let mut c = BalloonConfig::default();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(err)?;
+        match k {
+            "target" => c.target_mib = parse_size(v).map_err(|_| err())? >> 20,
+            "stats" => c.stats_interval_s = v.parse().map_err(|_| err())?,
+            "deflate_on_oom" => c.deflate_on_oom = on_off(v)?,
+            "free_page_reporting" => c.free_page_reporting = on_off(v)?,
+            _ => return Err(err()),
+        }
+    }
+    Ok(c)
 }
 
 /// Parses one `KEY=VALUE` firmware argument.
@@ -304,6 +339,23 @@ mod tests {
         m = MemoryConfig::default();
         m.active.sample_pages = 0;
         assert_eq!(m.validate(), Err(ConfigError::SamplePages(0)));
+    }
+
+    #[test]
+    fn balloon_options_parse() {
+        let c =
+            parse_balloon("target=64M,stats=2,deflate_on_oom=on,free_page_reporting=on").unwrap();
+        let want = BalloonConfig {
+            target_mib: 64,
+            stats_interval_s: 2,
+            deflate_on_oom: true,
+            free_page_reporting: true,
+        };
+        assert_eq!(c, want);
+        assert_eq!(parse_balloon("").unwrap(), BalloonConfig::default());
+        for bad in ["target", "target=lots", "stats=-1", "colour=blue", "deflate_on_oom=maybe"] {
+            assert!(parse_balloon(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

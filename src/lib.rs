@@ -7,6 +7,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod accel;
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod devices;

@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 
 use ebb::config::{
-    parse_firmware_arg, parse_size, BootSource, FirmwareSource, MemoryConfig, VmConfig,
+    parse_balloon, parse_firmware_arg, parse_size, BootSource, FirmwareSource, MemoryConfig,
+    VmConfig,
 };
 use ebb::mm::active::ActiveConfig;
 use ebb::vmm::{exit_status, DEFAULT_PAYLOAD};
@@ -26,7 +27,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM: a Linux kernel, a firmware payload, or (with neither) the built-in `hello`.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Talk to a running VM through its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The VM's control socket (its --api-sock).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    #[command(subcommand)]
+    request: CtlRequest,
+}
+
+#[derive(Subcommand)]
+enum CtlRequest {
+    /// Set the balloon size: the memory the guest gives back (e.g. 128M).
+    Balloon {
+        /// Size, e.g. 128M or 1G.
+        size: String,
+    },
+    /// The balloon's target, actual size and the guest's memory statistics.
+    BalloonStats,
+    /// The VM's memory statistics (the --stats-json object).
+    Stats,
 }
 
 #[derive(Args)]
@@ -79,6 +104,12 @@ struct RunArgs {
     /// Pages in each Active-memory sample.
     #[arg(long, value_name = "N", default_value_t = 100)]
     active_sample_pages: u32,
+    /// Add a virtio-balloon: [target=SIZE,stats=SECS,deflate_on_oom=on,free_page_reporting=on].
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<String>,
+    /// Listen for control requests (JSON lines) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
@@ -129,6 +160,8 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
         stats_json: args.stats_json,
         stats_interval,
     };
+    config.balloon = args.balloon.as_deref().map(parse_balloon).transpose()?;
+    config.api_sock = args.api_sock;
     Ok(config)
 }
 
@@ -147,7 +180,10 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => *args,
+        Command::Ctl(args) => return ctl(args),
+    };
     let result = build_config(args).and_then(|c| Ok(ebb::run(&c)?));
     match result {
         Ok(outcome) => {
@@ -161,6 +197,35 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `ebb ctl`: one request, the reply pretty-printed; exit 1 if the VM answered with an error.
+fn ctl(args: CtlArgs) -> ExitCode {
+    let request = match &args.request {
+        CtlRequest::Balloon { size } => match parse_size(size) {
+            Ok(bytes) => serde_json::json!({ "balloon": { "target_mib": bytes >> 20 } }),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        CtlRequest::BalloonStats => serde_json::json!({ "balloon_stats": {} }),
+        CtlRequest::Stats => serde_json::json!({ "stats": {} }),
+    };
+    match ebb::api::client::request(&args.api_sock, &request) {
+        Ok(reply) => {
+            println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+            if let Some(e) = reply.get("error") {
+                eprintln!("error: {}", e.as_str().unwrap_or_default());
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::from(1)
         }
     }

@@ -46,7 +46,7 @@ impl StatsSource {
 pub struct StatsWriter {
     out: BufWriter<File>,
     timer: TimerFd,
-    source: StatsSource,
+    source: Arc<StatsSource>,
     start: Instant,
 }
 
@@ -55,7 +55,7 @@ impl StatsWriter {
     pub fn new(
         path: &Path,
         interval: Duration,
-        source: StatsSource,
+        source: Arc<StatsSource>,
         start: Instant,
     ) -> std::io::Result<Self> {
         let out = BufWriter::new(File::create(path)?);

@@ -3,18 +3,27 @@
 use std::fs::File;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::accel::Accelerator;
+use crate::api::server::ApiServer;
+use crate::api::ApiContext;
+use crate::boot::layout::{VIRTIO_MMIO_BASE_GPA, VIRTIO_MMIO_WINDOW_BYTES};
 use crate::boot::{self, firmware, linux, BootCpu, BootError};
 use crate::config::{BootSource, ConfigError, VmConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::balloon::event_handler::BalloonEventHandler;
+use crate::devices::virtio::balloon::Balloon;
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::{Bus, BusError};
 use crate::metrics::{StatsSource, StatsWriter};
 use crate::mm::engine::{Engine, EngineConfig};
@@ -24,6 +33,9 @@ use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome};
 use crate::vstate::vm::{self, VmError};
+
+/// Interrupt line of the first virtio-mmio device (COM1 has 4; Linux's PIC takes 0-15).
+pub const FIRST_VIRTIO_IRQ: u32 = 5;
 
 /// How a VM ended.
 pub type RunOutcome = VcpuOutcome;
@@ -85,6 +97,17 @@ pub enum VmmError {
         /// The error.
         source: std::io::Error,
     },
+    /// The balloon could not be created.
+    #[error(transparent)]
+    Balloon(#[from] crate::devices::virtio::balloon::BalloonError),
+    /// The control socket could not be created.
+    #[error("cannot listen on control socket {path}: {source}")]
+    ApiSock {
+        /// The path given.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -116,6 +139,90 @@ pub fn linux_cmdline(accel: Accelerator, devices: &[String], user: &str) -> Stri
     parts.join(" ")
 }
 
+/// The devices of one VM and what the event loop and the kernel command line need of them.
+struct Devices {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<SerialDevice>>,
+    balloon: Option<Arc<Mutex<Balloon>>>,
+    balloon_handler: Option<BalloonEventHandler>,
+    cmdline: Vec<String>,
+}
+
+/// Creates the UART, i8042, debug-exit port and, if configured, the balloon.
+fn setup_devices(config: &VmConfig, vm: &VmFd, ram: &GuestRam) -> Result<Devices, VmmError> {
+    let serial_log = match &config.serial_log {
+        Some(path) => Some(
+            File::create(path)
+                .map_err(|source| VmmError::SerialLog { path: path.clone(), source })?,
+        ),
+        None => None,
+    };
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        vm::irqfd(vm, COM1_IRQ)?,
+        SerialOut::new(serial_log),
+    )));
+    let mut pio = Bus::new();
+    pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
+    pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new())))?;
+    pio.insert(DEBUG_EXIT_PORT, DEBUG_EXIT_LEN, Arc::new(Mutex::new(DebugExit)))?;
+    let mut mmio = Bus::new();
+    let mut cmdline = Vec::new();
+    let (mut balloon, mut balloon_handler) = (None, None);
+    if let Some(bc) = config.balloon {
+        let dev = Balloon::new(bc, ram.memory().clone(), ram.mem_bytes(), None)?;
+        let dev = Arc::new(Mutex::new(dev));
+        let base = VIRTIO_MMIO_BASE_GPA;
+        let queue_evts = add_virtio_mmio(vm, ram, &mut mmio, dev.clone(), base, FIRST_VIRTIO_IRQ)?;
+        cmdline.push(MmioTransport::cmdline_entry(
+            VIRTIO_MMIO_WINDOW_BYTES,
+            base,
+            FIRST_VIRTIO_IRQ,
+        ));
+        let interval = (bc.stats_interval_s > 0).then(|| Duration::from_secs(bc.stats_interval_s));
+        balloon_handler = Some(
+            BalloonEventHandler::new(dev.clone(), queue_evts, interval)
+                .map_err(|e| VmmError::EventLoop(e.to_string()))?,
+        );
+        balloon = Some(dev);
+    }
+    Ok(Devices {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        serial,
+        balloon,
+        balloon_handler,
+        cmdline,
+    })
+}
+
+/// Puts `device` on the MMIO bus at `base` with interrupt `irq`; returns one ioeventfd per
+/// queue, signalled by KVM when the driver writes that queue's index to QueueNotify.
+fn add_virtio_mmio(
+    vm: &VmFd,
+    ram: &GuestRam,
+    mmio: &mut Bus,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    base: u64,
+    irq: u32,
+) -> Result<Vec<EventFd>, VmmError> {
+    let interrupt = Arc::new(VirtioInterrupt::new(vm::irqfd(vm, irq)?));
+    let queues = device.lock().unwrap_or_else(PoisonError::into_inner).queue_max_sizes().len();
+    let transport = MmioTransport::new(device, ram.memory().clone(), interrupt);
+    mmio.insert(base, VIRTIO_MMIO_WINDOW_BYTES, Arc::new(Mutex::new(transport)))?;
+    let mut evts = Vec::with_capacity(queues);
+    for index in 0..queues {
+        let evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::EventLoop(e.to_string()))?;
+        let datamatch = u32::try_from(index).unwrap_or(u32::MAX);
+        let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+        vm.register_ioevent(&evt, &addr, datamatch)
+            .map_err(|source| VmError::Ioctl { what: "KVM_IOEVENTFD", source })?;
+        evts.push(evt);
+    }
+    Ok(evts)
+}
+
 /// Runs the VM described by `config` to its end.
 pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     let started = Instant::now();
@@ -126,41 +233,42 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     let mut cpuid = cpuid::supported(&kvm)?;
     let ram = GuestRam::new(config.mem_bytes, cpuid::phys_bits(cpuid.as_slice()))?;
     let vm = vm::create(&kvm, &ram)?;
-    let serial_log = match &config.serial_log {
-        Some(path) => Some(
-            File::create(path)
-                .map_err(|source| VmmError::SerialLog { path: path.clone(), source })?,
-        ),
-        None => None,
-    };
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        vm::irqfd(&vm, COM1_IRQ)?,
-        SerialOut::new(serial_log),
-    )));
-    let mut pio = Bus::new();
-    pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
-    pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new())))?;
-    pio.insert(DEBUG_EXIT_PORT, DEBUG_EXIT_LEN, Arc::new(Mutex::new(DebugExit)))?;
-    let mmio = Bus::new();
-    let vcpu = Vcpu::new(&vm, 0, Arc::new(pio), Arc::new(mmio), ram.memory().clone())?;
-    let boot = load_boot(config, &ram, accel, &[], vcpu.tsc_khz())?;
+    let mut devices = setup_devices(config, &vm, &ram)?;
+    let mem = ram.memory().clone();
+    let vcpu = Vcpu::new(&vm, 0, devices.pio.clone(), devices.mmio.clone(), mem)?;
+    let boot = load_boot(config, &ram, accel, &devices.cmdline, vcpu.tsc_khz())?;
     cpuid::normalize(cpuid.as_mut_slice(), 0, config.vcpus, accel);
     vcpu.configure(&kvm, &cpuid, &boot)?;
     // Registered after boot loading, so what ebb wrote into the guest starts out Resident.
     let engine = start_engine(config, &ram)?;
-    let source = match &engine {
+    if let (Some(e), Some(b)) = (&engine, &devices.balloon) {
+        let mut b = b.lock().unwrap_or_else(PoisonError::into_inner);
+        b.attach_pages(e.map().clone(), e.table().clone());
+    }
+    let source = Arc::new(match &engine {
         Some(e) => StatsSource::Engine(e.clone()),
         None => StatsSource::Plain(ram.regions()),
-    };
+    });
+    let mut subscribers: Vec<Subscriber> = Vec::new();
+    if let Some(h) = devices.balloon_handler.take() {
+        subscribers.push(Arc::new(Mutex::new(h)));
+    }
+    if let Some(path) = &config.api_sock {
+        let ctx =
+            ApiContext { balloon: devices.balloon.clone(), stats: source.clone(), start: started };
+        let server = ApiServer::bind(path, ctx)
+            .map_err(|source| VmmError::ApiSock { path: path.clone(), source })?;
+        subscribers.push(Arc::new(Mutex::new(server)));
+    }
     let stats = match &config.memory.stats_json {
-        Some(path) => Some(
+        Some(path) => Some(Arc::new(Mutex::new(
             StatsWriter::new(path, config.memory.stats_interval, source, started)
                 .map_err(|source| VmmError::StatsJson { path: path.clone(), source })?,
-        ),
+        ))),
         None => None,
     };
-    let outcome = run_vcpu(vcpu, stats);
-    if let Err(e) = serial.lock().unwrap_or_else(PoisonError::into_inner).flush() {
+    let outcome = run_vcpu(vcpu, subscribers, stats);
+    if let Err(e) = devices.serial.lock().unwrap_or_else(PoisonError::into_inner).flush() {
         log::warn!("flushing serial output: {e}");
     }
     if let Some(engine) = engine {
@@ -235,18 +343,26 @@ impl MutEventSubscriber for VcpuExitWatcher {
     }
 }
 
-/// Runs the vCPU on its own thread while this thread runs the event loop (devices with
-/// queues, the control socket and timers join it in later versions).
-fn run_vcpu(mut vcpu: Vcpu, stats: Option<StatsWriter>) -> Result<RunOutcome, VmmError> {
+/// An event-loop subscriber.
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Runs the vCPU on its own thread while this thread runs the event loop: device queues, the
+/// control socket, the statistics timer.
+fn run_vcpu(
+    mut vcpu: Vcpu,
+    subscribers: Vec<Subscriber>,
+    stats: Option<Arc<Mutex<StatsWriter>>>,
+) -> Result<RunOutcome, VmmError> {
     let loop_err = |e: event_manager::Error| VmmError::EventLoop(format!("{e:?}"));
     let exit_evt =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::EventLoop(e.to_string()))?;
     let signal = exit_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?;
     let watcher = Arc::new(Mutex::new(VcpuExitWatcher { evt: exit_evt, done: false }));
-    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(loop_err)?;
+    let mut events: EventManager<Subscriber> = EventManager::new().map_err(loop_err)?;
     events.add_subscriber(watcher.clone());
-    let stats = stats.map(|s| Arc::new(Mutex::new(s)));
+    for s in subscribers {
+        events.add_subscriber(s);
+    }
     if let Some(s) = &stats {
         events.add_subscriber(s.clone());
     }

@@ -109,6 +109,7 @@ impl Engine {
             active_bytes: active,
             touched_bytes: (resident + table.count(PageState::ZeroMapped) * PAGE),
             zero_mapped_bytes: table.count(PageState::ZeroMapped) * PAGE,
+            ballooned_bytes: table.count(PageState::Ballooned) * PAGE,
             rss_bytes: rss_of(self.shared.map.spans().iter().map(|s| s.region)),
             faults: stats.faults(),
             faults_zero: stats.zero.load(Ordering::Relaxed),
@@ -119,7 +120,7 @@ impl Engine {
             removed_pages: stats.removed_pages.load(Ordering::Relaxed),
             fault_p50_us: stats.latency.quantile(0.50) as f64 / 1000.0,
             fault_p99_us: stats.latency.quantile(0.99) as f64 / 1000.0,
-            handler_cpu_ms: stats.cpu_ns.load(Ordering::Relaxed) as f64 / 1e6,
+            handler_cpu_ms: stats.cpu_ns() as f64 / 1e6,
             active_samples: self.shared.active.intervals.load(Ordering::Relaxed),
             metadata_bytes: self.metadata_bytes(),
         }

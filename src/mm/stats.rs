@@ -86,7 +86,6 @@ impl Histogram {
 }
 
 /// Counters of the fault handler.
-#[derive(Default)]
 pub struct FaultStats {
     /// Read faults on untouched pages resolved with the zero page.
     pub zero: AtomicU64,
@@ -106,11 +105,46 @@ pub struct FaultStats {
     pub removed_pages: AtomicU64,
     /// Handler service time per fault, from reading the event to the resolving ioctl's return.
     pub latency: Histogram,
-    /// CPU time the handler thread has used, in nanoseconds.
-    pub cpu_ns: AtomicU64,
+    /// The handler thread's CPU-time clock id (`pthread_getcpuclockid`), read from other
+    /// threads so the hot path pays nothing for it; i64::MIN until the handler starts.
+    cpu_clock: std::sync::atomic::AtomicI64,
+}
+
+impl Default for FaultStats {
+    fn default() -> Self {
+        Self {
+            zero: AtomicU64::new(0),
+            copy: AtomicU64::new(0),
+            around_pages: AtomicU64::new(0),
+            wp: AtomicU64::new(0),
+            already_mapped: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            removes: AtomicU64::new(0),
+            removed_pages: AtomicU64::new(0),
+            latency: Histogram::default(),
+            cpu_clock: std::sync::atomic::AtomicI64::new(i64::MIN),
+        }
+    }
 }
 
 impl FaultStats {
+    /// Records the calling thread as the handler whose CPU time [`cpu_ns`](Self::cpu_ns) reports.
+    pub fn set_cpu_clock_of_current_thread(&self) {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: pthread_self is always valid for the calling thread; the out pointer is ours.
+        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } == 0 {
+            self.cpu_clock.store(i64::from(clock), Ordering::Relaxed);
+        }
+    }
+
+    /// CPU time the handler thread has used so far, in nanoseconds (0 before it starts and,
+    /// as the clock dies with the thread, after it exits: read it while the VM runs).
+    pub fn cpu_ns(&self) -> u64 {
+        let clock = self.cpu_clock.load(Ordering::Relaxed);
+        let Ok(clock) = libc::clockid_t::try_from(clock) else { return 0 };
+        clock_ns(clock)
+    }
+
     /// Faults resolved (zero + copy + wp).
     pub fn faults(&self) -> u64 {
         self.zero.load(Ordering::Relaxed)
@@ -119,11 +153,11 @@ impl FaultStats {
     }
 }
 
-/// CPU time of the calling thread in nanoseconds.
-pub fn thread_cpu_ns() -> u64 {
+/// The time of `clock` in nanoseconds (0 if it cannot be read).
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec we own.
-    let ret = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    // SAFETY: clock_gettime writes one timespec we own; a stale clock id gives EINVAL.
+    let ret = unsafe { libc::clock_gettime(clock, &mut ts) };
     if ret != 0 {
         return 0;
     }
@@ -181,6 +215,8 @@ pub struct MemStats {
     pub touched_bytes: u64,
     /// Bytes mapped to the shared zero page after read faults.
     pub zero_mapped_bytes: u64,
+    /// Bytes the guest gave back through the balloon (inflated, not yet deflated).
+    pub ballooned_bytes: u64,
     /// Resident set of the guest-RAM mappings from `/proc/self/smaps` (cross-check).
     pub rss_bytes: u64,
     /// Faults resolved: zero + copy + wp.

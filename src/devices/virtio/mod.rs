@@ -4,6 +4,7 @@
 //! negotiates features and queues with the driver, and hands the device its queues when the
 //! driver sets `DRIVER_OK`. The balloon (`virtio/balloon/`) is the first device to come.
 
+pub mod balloon;
 pub mod mmio;
 
 use std::io;

@@ -16,7 +16,7 @@ use super::{Event, Resolved, Uffd, UffdError};
 use crate::mm::active::{ActiveConfig, ActiveEstimator, ActiveStats, SampleRng};
 use crate::mm::layout::{RamMap, PAGE};
 use crate::mm::state::{PageState, PageTable, FLAG_SAMPLED};
-use crate::mm::stats::{thread_cpu_ns, FaultStats};
+use crate::mm::stats::FaultStats;
 
 /// Most neighbours fault-around may fill in one call.
 pub const MAX_FAULT_AROUND: u64 = 255;
@@ -106,6 +106,7 @@ impl FaultHandler {
 
     /// Serves faults until `stop` is signalled or an unrecoverable error occurs.
     pub fn run(mut self, stop: &EventFd) -> Result<(), UffdError> {
+        self.shared.stats.set_cpu_clock_of_current_thread();
         let timer_fd = self.sampler.as_ref().map_or(-1, |s| s.timer.as_raw_fd());
         let mut fds = [
             libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -127,17 +128,19 @@ impl FaultHandler {
                 self.sample_tick()?;
             }
             self.drain()?;
-            self.shared.stats.cpu_ns.store(thread_cpu_ns(), Ordering::Relaxed);
         }
-        self.shared.stats.cpu_ns.store(thread_cpu_ns(), Ordering::Relaxed);
         Ok(())
     }
 
-    /// Reads and handles every pending event, then retries faults that hit EAGAIN.
+    /// Reads and handles pending events, then retries faults that hit EAGAIN.
+    ///
+    /// A read that returns fewer messages than fit means the queue was empty: back to poll
+    /// rather than spend a syscall on a read that would say EAGAIN.
     fn drain(&mut self) -> Result<(), UffdError> {
         loop {
             self.events.clear();
-            if self.uffd.read_events(&mut self.events)? == 0 {
+            let n = self.uffd.read_events(&mut self.events)?;
+            if n == 0 {
                 break;
             }
             let read_at = Instant::now();
@@ -146,6 +149,9 @@ impl FaultHandler {
                 self.handle(*ev, read_at)?;
             }
             self.events = events;
+            if n < super::READ_BATCH {
+                break;
+            }
         }
         // Removals that caused EAGAIN have now been read: retry once per drain.
         let retry = std::mem::take(&mut self.retry);

@@ -81,6 +81,9 @@ pub enum Resolved {
     Retry,
 }
 
+/// Most messages one read takes.
+pub const READ_BATCH: usize = 64;
+
 /// One event read from the descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -224,7 +227,7 @@ impl Uffd {
 
     /// Reads pending events into `out` without blocking; returns how many.
     pub fn read_events(&self, out: &mut Vec<Event>) -> Result<usize, UffdError> {
-        let mut buf = [UffdMsg::default(); 64];
+        let mut buf = [UffdMsg::default(); READ_BATCH];
         // SAFETY: UffdMsg is repr(C) plain data; viewing the array as bytes for read() is
         // sound and any bytes the kernel writes form valid UffdMsg values.
         let bytes = unsafe {

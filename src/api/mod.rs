@@ -1,0 +1,123 @@
+//! The control socket: one JSON request per line in, one JSON reply per line out.
+//!
+//! | request | reply |
+//! |---|---|
+//! | `{"balloon": {"target_mib": N}}` | `{"ok": true}` |
+//! | `{"balloon_stats": {}}` | `{"target_mib": T, "actual_mib": A, "stats": {"free_memory": ...}, "stats_age_ms": M}` |
+//! | `{"stats": {}}` | the `--stats-json` object |
+//!
+//! Errors come back as `{"error": "..."}`. The device never sees JSON: this module turns
+//! requests into calls on it.
+
+pub mod client;
+pub mod server;
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::devices::virtio::balloon::{Balloon, STAT_NAMES};
+use crate::metrics::StatsSource;
+
+/// What requests act on.
+pub struct ApiContext {
+    /// The balloon, if the VM has one.
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
+    /// Memory statistics.
+    pub stats: Arc<StatsSource>,
+    /// When the VM started.
+    pub start: Instant,
+}
+
+/// Longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+fn error(msg: impl std::fmt::Display) -> Value {
+    json!({ "error": msg.to_string() })
+}
+
+impl ApiContext {
+    /// Handles one request line; always returns one reply object.
+    pub fn handle(&self, line: &str) -> Value {
+        let request: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => return error(format!("invalid JSON: {e}")),
+        };
+        let Some((verb, args)) =
+            request.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next())
+        else {
+            return error("a request is an object with one key: balloon, balloon_stats or stats");
+        };
+        match verb.as_str() {
+            "balloon" => self.balloon_target(args),
+            "balloon_stats" => self.balloon_stats(),
+            "stats" => {
+                let t_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                serde_json::to_value(self.stats.snapshot(t_ms)).unwrap_or_else(error)
+            }
+            other => {
+                error(format!("unknown request {other:?}: use balloon, balloon_stats or stats"))
+            }
+        }
+    }
+
+    fn balloon(&self) -> Result<std::sync::MutexGuard<'_, Balloon>, Value> {
+        let b = self
+            .balloon
+            .as_ref()
+            .ok_or_else(|| error("this VM has no balloon: start it with --balloon"))?;
+        Ok(b.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn balloon_target(&self, args: &Value) -> Value {
+        let Some(target) = args.get("target_mib").and_then(Value::as_u64) else {
+            return error("balloon needs {\"target_mib\": N} with N a whole number of MiB");
+        };
+        let mut balloon = match self.balloon() {
+            Ok(b) => b,
+            Err(e) => return e,
+        };
+        match balloon.set_target_mib(target) {
+            Ok(()) => json!({ "ok": true }),
+            Err(e) => error(e),
+        }
+    }
+
+    fn balloon_stats(&self) -> Value {
+        let balloon = match self.balloon() {
+            Ok(b) => b,
+            Err(e) => return e,
+        };
+        let gs = balloon.guest_stats();
+        let mut stats = serde_json::Map::new();
+        for &(tag, value) in &gs.values {
+            let name = STAT_NAMES
+                .iter()
+                .find(|(t, _)| *t == tag)
+                .map_or_else(|| format!("tag_{tag}"), |(_, n)| (*n).to_owned());
+            stats.insert(name, json!(value));
+        }
+        let age = gs.updated.map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+        let m = balloon.metrics();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        json!({
+            "target_mib": balloon.target_mib(),
+            "actual_mib": balloon.actual_mib(),
+            "driver_ready": balloon.is_running(),
+            "stats": stats,
+            "stats_age_ms": age,
+            "inflated_pages": load(&m.inflated_pages),
+            "deflated_pages": load(&m.deflated_pages),
+            "reported_pages": load(&m.reported_pages),
+            "early_notifies": load(&m.early_notifies),
+            "guest_errors": {
+                "bad_pfns": m.bad_pfns.get(),
+                "bad_descriptors": m.bad_descriptors.get(),
+                "bad_stats": m.bad_stats.get(),
+                "bad_notifies": m.bad_notifies.get(),
+                "bad_config_writes": m.bad_config_writes.get(),
+            },
+        })
+    }
+}

@@ -1,0 +1,53 @@
+//! Counters of the balloon device: what it did, and what the guest did wrong.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// One guest-misbehaviour counter that logs its first occurrence only.
+#[derive(Debug, Default)]
+pub struct GuestErrorCounter {
+    count: AtomicU64,
+    logged: AtomicBool,
+}
+
+impl GuestErrorCounter {
+    /// Counts one occurrence; logs `what` the first time.
+    pub fn hit(&self, what: impl FnOnce() -> String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if !self.logged.swap(true, Ordering::Relaxed) {
+            log::warn!("virtio-balloon: {} (logged once; see the device metrics)", what());
+        }
+    }
+
+    /// Occurrences so far.
+    pub fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// The balloon's metrics.
+#[derive(Debug, Default)]
+pub struct BalloonMetrics {
+    /// Pages released on inflate.
+    pub inflated_pages: AtomicU64,
+    /// Pages given back on deflate.
+    pub deflated_pages: AtomicU64,
+    /// Pages released by free page reporting.
+    pub reported_pages: AtomicU64,
+    /// Statistics buffers received.
+    pub stats_updates: AtomicU64,
+    /// PFNs or reported ranges outside guest RAM.
+    pub bad_pfns: GuestErrorCounter,
+    /// Descriptors of the wrong direction, length or address; chains too long or looping.
+    pub bad_descriptors: GuestErrorCounter,
+    /// Statistics buffers of a size that is not a whole number of entries.
+    pub bad_stats: GuestErrorCounter,
+    /// Notifications for a queue the device does not have.
+    pub bad_notifies: GuestErrorCounter,
+    /// Notifications before DRIVER_OK (Linux primes the statistics queue that way); the
+    /// buffers are processed at activation.
+    pub early_notifies: AtomicU64,
+    /// Configuration-space writes other than `actual`.
+    pub bad_config_writes: GuestErrorCounter,
+    /// `madvise` failures releasing guest pages.
+    pub madvise_errors: AtomicU64,
+}
