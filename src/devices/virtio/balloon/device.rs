@@ -14,8 +14,8 @@ use vm_memory::{
 
 use super::metrics::BalloonMetrics;
 use super::{
-    config, BalloonError, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ, MAX_CHAIN_DESCRIPTORS,
-    PFN_SHIFT, QUEUE_SIZE, STAT_ENTRY_BYTES, VIRTIO_ID_BALLOON,
+    config, BalloonError, F_DEFLATE_ON_OOM, F_PAGE_POISON, F_REPORTING, F_STATS_VQ,
+    MAX_CHAIN_DESCRIPTORS, PFN_SHIFT, QUEUE_SIZE, STAT_ENTRY_BYTES, VIRTIO_ID_BALLOON,
 };
 use crate::devices::virtio::{irq, Activation, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::mm::layout::{RamMap, PAGE};
@@ -75,6 +75,7 @@ pub struct Balloon {
     acked_features: u64,
     num_pages: u32,
     actual: u32,
+    poison_val: u32,
     running: Option<Running>,
     stats: GuestStats,
     stats_head: Option<u16>,
@@ -101,6 +102,7 @@ impl Balloon {
             acked_features: 0,
             num_pages: 0,
             actual: 0,
+            poison_val: 0,
             running: None,
             stats: GuestStats::default(),
             stats_head: None,
@@ -365,6 +367,12 @@ impl Balloon {
     }
 
     fn report(&mut self, descs: &[Desc]) -> u32 {
+        // Released pages read back as zeros: only right if freed pages hold zeros. With a
+        // non-zero poison value the guest expects the poison, so the pages are kept.
+        if self.acked_features & (1 << F_PAGE_POISON) != 0 && self.poison_val != 0 {
+            self.metrics.reports_kept.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return 0;
+        }
         let mut pages = 0;
         for d in descs {
             // Reports are device-writable buffers (virtqueue_add_inbuf in page_reporting).
@@ -479,7 +487,7 @@ impl VirtioDevice for Balloon {
             f |= 1 << F_DEFLATE_ON_OOM;
         }
         if self.config.free_page_reporting {
-            f |= 1 << F_REPORTING;
+            f |= (1 << F_REPORTING) | (1 << F_PAGE_POISON);
         }
         f
     }
@@ -489,6 +497,7 @@ impl VirtioDevice for Balloon {
         const _: () = assert!(config::SIZE == 16);
         space[0..4].copy_from_slice(&self.num_pages.to_le_bytes());
         space[4..8].copy_from_slice(&self.actual.to_le_bytes());
+        space[12..16].copy_from_slice(&self.poison_val.to_le_bytes());
         data.fill(0);
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         if let Some(src) = space.get(start..).and_then(|s| s.get(..data.len())) {
@@ -499,6 +508,7 @@ impl VirtioDevice for Balloon {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         match (offset, <[u8; 4]>::try_from(data)) {
             (config::ACTUAL, Ok(v)) => self.actual = u32::from_le_bytes(v),
+            (config::POISON_VAL, Ok(v)) => self.poison_val = u32::from_le_bytes(v),
             _ => self
                 .metrics
                 .bad_config_writes
@@ -800,6 +810,19 @@ mod tests {
         assert_eq!(r.balloon.metrics().bad_descriptors.get(), 2);
         assert_eq!(r.balloon.metrics().bad_pfns.get(), 1);
         assert_eq!(r.balloon.metrics().reported_pages.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn reports_are_kept_when_free_pages_hold_a_poison_value() {
+        let mut r = rig();
+        r.activate(BASE_FEATURES | REPORTING | (1 << F_PAGE_POISON));
+        r.balloon.write_config(config::POISON_VAL, &0xaaaa_aaaau32.to_le_bytes());
+        r.fill_page(0x200);
+        r.queues[2].build_desc_chain(&[desc(0x200 << 12, 4096, WRITE, 0)]).unwrap();
+        r.balloon.process_queue(2);
+        assert_eq!(r.byte(0x200), 0xab, "not released: it must keep the guest's poison");
+        assert_eq!(r.balloon.metrics().reports_kept.load(Ordering::Relaxed), 1);
+        assert_eq!(r.used_idx(2), 1, "the report is still acknowledged");
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct BalloonMetrics {
     pub deflated_pages: AtomicU64,
     /// Pages released by free page reporting.
     pub reported_pages: AtomicU64,
+    /// Reports not acted on because freed pages hold a non-zero poison value.
+    pub reports_kept: AtomicU64,
     /// Statistics buffers received.
     pub stats_updates: AtomicU64,
     /// PFNs or reported ranges outside guest RAM.

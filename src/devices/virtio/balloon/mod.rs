@@ -23,6 +23,10 @@ pub const F_STATS_VQ: u32 = 1;
 pub const F_DEFLATE_ON_OOM: u32 = 2;
 /// Feature: free page hinting (for migration; not offered).
 pub const F_FREE_PAGE_HINT: u32 = 3;
+/// Feature: the driver tells the device what freed pages contain (`poison_val`). Linux
+/// disables free page reporting without it when it poisons or zeroes freed pages
+/// (`init_on_free=1`, `virtballoon_validate`), so ebb offers it with reporting.
+pub const F_PAGE_POISON: u32 = 4;
 /// Feature: free page reporting queue.
 pub const F_REPORTING: u32 = 5;
 
