@@ -143,15 +143,7 @@ fn kvm_device_without_permission() {
         expect_error(&["run", "--kvm-device", path.to_str().unwrap()], "permission denied opening");
         return;
     }
-    let setpriv = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_ebb"),
-            "run",
-        ])
-        .output();
+    let setpriv = run_ebb_unprivileged(&["run"]);
     let Ok(out) = setpriv else {
         eprintln!(
             "\n*** SKIPPED kvm_device_without_permission: setpriv (util-linux) is missing ***\n"

@@ -180,33 +180,13 @@ fn userfaultfd_unavailable_is_a_clear_error() {
         return;
     }
     std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_ebb"),
-            "run",
-        ])
-        .args(["--kvm-device", node.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = run_ebb_unprivileged(&["run", "--kvm-device", node.to_str().unwrap()]).unwrap();
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("error: userfaultfd is unavailable"), "{stderr}");
     assert!(stderr.contains("--no-uffd"), "says what to do: {stderr}");
     // And --no-uffd does run there.
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_ebb"),
-            "run",
-            "--no-uffd",
-        ])
-        .args(["--kvm-device", node.to_str().unwrap()])
-        .output()
+    let out = run_ebb_unprivileged(&["run", "--no-uffd", "--kvm-device", node.to_str().unwrap()])
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
 }

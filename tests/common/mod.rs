@@ -31,6 +31,14 @@ pub fn run_ebb(args: &[&str]) -> Output {
     ebb().args(args).output().expect("ebb runs")
 }
 
+/// Runs `ebb` with `args` as user and group 65534 (nobody), through util-linux's setpriv.
+pub fn run_ebb_unprivileged(args: &[&str]) -> std::io::Result<Output> {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_ebb")])
+        .args(args)
+        .output()
+}
+
 /// stdout and stderr as text.
 pub fn text(out: &Output) -> (String, String) {
     (

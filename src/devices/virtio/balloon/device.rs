@@ -279,19 +279,31 @@ impl Balloon {
         Some(ptr as u64)
     }
 
-    fn inflate(&mut self, descs: &[Desc]) -> u32 {
-        let mut released = 0;
+    /// The host address and engine page number (if the engine runs) of every valid PFN in
+    /// the chain; invalid ones are counted and skipped.
+    fn valid_pages(&self, descs: &[Desc], what: &str) -> Vec<(u64, Option<u64>)> {
+        let mut pages = Vec::new();
         for pfn in self.read_pfns(descs) {
             let Some(hva) = self.page_hva(pfn) else {
-                self.metrics.bad_pfns.hit(|| format!("inflate PFN {pfn:#x} outside guest RAM"));
+                self.metrics.bad_pfns.hit(|| format!("{what} PFN {pfn:#x} outside guest RAM"));
                 continue;
             };
+            pages.push((hva, self.pages.as_ref().and_then(|(map, _)| map.pfn_of(hva))));
+        }
+        pages
+    }
+
+    fn table(&self) -> Option<&PageTable> {
+        self.pages.as_ref().map(|(_, t)| &**t)
+    }
+
+    fn inflate(&mut self, descs: &[Desc]) -> u32 {
+        let mut released = 0;
+        for (hva, pfn) in self.valid_pages(descs, "inflate") {
             // Marked first: the fault handler sees the remove event and keeps the page
             // Ballooned rather than Untouched.
-            if let Some((map, table)) = &self.pages {
-                if let Some(p) = map.pfn_of(hva) {
-                    table.set(p, PageState::Ballooned);
-                }
+            if let (Some(table), Some(p)) = (self.table(), pfn) {
+                table.set(p, PageState::Ballooned);
             }
             if release(hva, PAGE) {
                 released += 1;
@@ -304,21 +316,16 @@ impl Balloon {
     }
 
     fn deflate(&mut self, descs: &[Desc]) -> u32 {
-        let mut n = 0;
-        for pfn in self.read_pfns(descs) {
-            let Some(hva) = self.page_hva(pfn) else {
-                self.metrics.bad_pfns.hit(|| format!("deflate PFN {pfn:#x} outside guest RAM"));
-                continue;
-            };
-            if let Some((map, table)) = &self.pages {
-                if let Some(p) = map.pfn_of(hva) {
-                    // Still unbacked: the next touch faults and gets a zero page.
-                    let _ = table.transition(p, PageState::Ballooned, PageState::Untouched);
-                }
+        let pages = self.valid_pages(descs, "deflate");
+        for &(_, pfn) in &pages {
+            if let (Some(table), Some(p)) = (self.table(), pfn) {
+                // Still unbacked: the next touch faults and gets a zero page.
+                let _ = table.transition(p, PageState::Ballooned, PageState::Untouched);
             }
-            n += 1;
         }
-        self.metrics.deflated_pages.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .deflated_pages
+            .fetch_add(pages.len() as u64, std::sync::atomic::Ordering::Relaxed);
         0
     }
 
