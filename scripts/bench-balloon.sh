@@ -33,8 +33,21 @@ def until(what, f, timeout=400):
         time.sleep(0.2)
     raise SystemExit(f"timeout: {what}")
 
+import threading
+def serial_marker(proc, marker="Waiting for root device"):
+    """An event set once the guest prints `marker` (its drivers, the balloon's included,
+    have probed by then): the same ready signal for both VMMs."""
+    seen = threading.Event()
+    def pump():
+        for line in proc.stdout:
+            if marker.encode() in line:
+                seen.set()
+    threading.Thread(target=pump, daemon=True).start()
+    return seen
+
 def measure(name, proc, ready, set_target, actual):
-    until(f"{name} driver", ready)
+    seen = serial_marker(proc)
+    until(f"{name} guest idle", lambda: seen.is_set() and ready())
     time.sleep(3)  # let boot-time activity settle
     rss0, t0 = rss_mib(proc.pid), time.monotonic()
     set_target()
@@ -52,7 +65,7 @@ def ebb_req(req):
     s = socket.socket(socket.AF_UNIX); s.connect(sock); s.sendall((json.dumps(req) + "\n").encode())
     r = s.makefile().readline(); s.close(); return json.loads(r)
 p = subprocess.Popen(["./target/release/ebb", "run", "--kernel", kernel, "--mem", f"{mem}M", "--cmdline", cmd,
-                      "--balloon", "", "--api-sock", sock], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                      "--balloon", "", "--api-sock", sock], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 def ebb_ready():
     try: return ebb_req({"balloon_stats": {}})["driver_ready"]
     except OSError: return False
