@@ -22,5 +22,5 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 
-step "cargo test"
-cargo test --locked --all-targets
+step "cargo test (benchmarks are run by scripts/bench-*.sh, never as tests)"
+cargo test --locked --lib --bins --tests
