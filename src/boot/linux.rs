@@ -20,7 +20,7 @@ use super::layout::{
     ram_ranges, BOOT_STACK_GPA, CMDLINE_GPA, CMDLINE_MAX_BYTES, HIMEM_GPA, PVH_MEMMAP_GPA,
     ZERO_PAGE_GPA,
 };
-use super::{gdt, paging, write_bytes, write_obj, BootCpu, BootError, CpuMode};
+use super::{gdt, mptable, paging, write_bytes, write_obj, BootCpu, BootError, CpuMode};
 
 /// `HdrS` at offset 0x202 marks a bzImage (boot protocol 2.00+).
 const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
@@ -105,6 +105,7 @@ pub fn load(
         source,
     })?;
     gdt::write_tables(mem)?;
+    mptable::write(mem, 1)?;
     match kernel_kind(&mut file, kernel)? {
         KernelKind::BzImage => load_bzimage(mem, mem_bytes, &mut file, kernel, initrd, cmdline),
         KernelKind::Elf => load_pvh(mem, mem_bytes, &mut file, kernel, initrd, cmdline),

@@ -10,6 +10,7 @@ pub mod firmware;
 pub mod gdt;
 pub mod layout;
 pub mod linux;
+pub mod mptable;
 pub mod paging;
 
 use kvm_bindings::kvm_regs;
