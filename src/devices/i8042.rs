@@ -1,12 +1,11 @@
-//! The i8042 keyboard controller, reduced to what a guest uses to reset the machine.
+//! The i8042 keyboard controller: enough for Linux's probe, and the reset line.
 //!
-//! Linux with `reboot=k` pulses the reset line by writing 0xfe to the command port; ebb
-//! turns that into the end of the VM (exit status 0).
+//! Linux with `reboot=k` pulses the reset line by writing 0xfe to the command port; ebb turns
+//! that into the end of the VM (exit status 0). Linux's i8042 driver also reads the control
+//! register (CTR) at probe and polls up to 0.5 s for the answer, so the controller answers the
+//! commands the probe sends. There is no keyboard behind it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-use vm_superio::{I8042Device, Trigger};
+use std::collections::VecDeque;
 
 use super::bus::{BusDevice, ExitRequest};
 
@@ -15,29 +14,68 @@ pub const I8042_BASE: u64 = 0x60;
 /// Ports 0x60-0x64.
 pub const I8042_LEN: u64 = 5;
 
-/// Trigger that records the reset request.
-#[derive(Debug, Default, Clone)]
-pub struct ResetFlag(Arc<AtomicBool>);
-
-impl Trigger for ResetFlag {
-    type E = std::convert::Infallible;
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.0.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-}
+const DATA: u64 = 0;
+const COMMAND: u64 = 4;
+// Status register bits.
+const STATUS_OBF: u8 = 0x01;
+const STATUS_SYS: u8 = 0x04;
+// Controller commands (the ones Linux's i8042.c sends).
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_AUX_DISABLE: u8 = 0xa7;
+const CMD_AUX_ENABLE: u8 = 0xa8;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_KBD_TEST: u8 = 0xab;
+const CMD_KBD_DISABLE: u8 = 0xad;
+const CMD_KBD_ENABLE: u8 = 0xae;
+const CMD_READ_OUTP: u8 = 0xd0;
+const CMD_WRITE_OUTP: u8 = 0xd1;
+const CMD_RESET_CPU: u8 = 0xfe;
+/// Self-test passed.
+const SELF_TEST_OK: u8 = 0x55;
+/// A keyboard command acknowledged.
+const KBD_ACK: u8 = 0xfa;
+/// CTR after firmware: keyboard interrupt on, system flag, scancode translation.
+const CTR_DEFAULT: u8 = 0x45;
+/// Output port after firmware: A20 on, not in reset.
+const OUTP_DEFAULT: u8 = 0x03;
 
 /// The controller on the port bus.
+#[derive(Debug)]
 pub struct I8042 {
-    inner: I8042Device<ResetFlag>,
-    reset: ResetFlag,
+    ctr: u8,
+    outp: u8,
+    out: VecDeque<u8>,
+    pending: Option<u8>,
 }
 
 impl I8042 {
-    /// A controller with no key pressed and reset not requested.
+    /// A controller after firmware initialisation.
     pub fn new() -> Self {
-        let reset = ResetFlag::default();
-        Self { inner: I8042Device::new(reset.clone()), reset }
+        Self { ctr: CTR_DEFAULT, outp: OUTP_DEFAULT, out: VecDeque::new(), pending: None }
+    }
+
+    fn command(&mut self, cmd: u8) -> Option<ExitRequest> {
+        match cmd {
+            CMD_READ_CTR => self.out.push_back(self.ctr),
+            CMD_READ_OUTP => self.out.push_back(self.outp),
+            CMD_WRITE_CTR | CMD_WRITE_OUTP => self.pending = Some(cmd),
+            CMD_SELF_TEST => self.out.push_back(SELF_TEST_OK),
+            CMD_KBD_TEST => self.out.push_back(0),
+            CMD_KBD_DISABLE | CMD_KBD_ENABLE | CMD_AUX_DISABLE | CMD_AUX_ENABLE => {}
+            CMD_RESET_CPU => return Some(ExitRequest::Reset),
+            _ => log::debug!("i8042: ignoring command {cmd:#x}"),
+        }
+        None
+    }
+
+    fn data(&mut self, v: u8) {
+        match self.pending.take() {
+            Some(CMD_WRITE_CTR) => self.ctr = v,
+            Some(_) => self.outp = v,
+            // A byte for the keyboard, which is absent: acknowledge it like a real one would.
+            None => self.out.push_back(KBD_ACK),
+        }
     }
 }
 
@@ -49,17 +87,24 @@ impl Default for I8042 {
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let (Ok(off), [b]) = (u8::try_from(offset), data) {
-            *b = self.inner.read(off);
-        }
+        let [b] = data else { return };
+        *b = match offset {
+            DATA => self.out.pop_front().unwrap_or(0),
+            COMMAND => STATUS_SYS | if self.out.is_empty() { 0 } else { STATUS_OBF },
+            _ => 0xff,
+        };
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<ExitRequest> {
-        if let (Ok(off), [b]) = (u8::try_from(offset), data) {
-            // Errors are ignored keys (a full buffer): nothing for the guest to learn.
-            let _ = self.inner.write(off, *b);
+        let [b] = data else { return None };
+        match offset {
+            COMMAND => self.command(*b),
+            DATA => {
+                self.data(*b);
+                None
+            }
+            _ => None,
         }
-        self.reset.0.swap(false, Ordering::SeqCst).then_some(ExitRequest::Reset)
     }
 }
 
@@ -67,10 +112,45 @@ impl BusDevice for I8042 {
 mod tests {
     use super::*;
 
+    fn read(k: &mut I8042, offset: u64) -> u8 {
+        let mut b = [0u8];
+        k.read(offset, &mut b);
+        b[0]
+    }
+
     #[test]
     fn reset_command_requests_reset() {
         let mut kbd = I8042::new();
-        assert_eq!(kbd.write(4, &[0xfe]), Some(ExitRequest::Reset));
-        assert_eq!(kbd.write(4, &[0x20]), None);
+        assert_eq!(kbd.write(COMMAND, &[CMD_RESET_CPU]), Some(ExitRequest::Reset));
+        assert_eq!(kbd.write(COMMAND, &[CMD_KBD_ENABLE]), None);
+    }
+
+    #[test]
+    fn ctr_reads_back_what_was_written() {
+        let mut kbd = I8042::new();
+        assert_eq!(read(&mut kbd, COMMAND) & STATUS_OBF, 0);
+        kbd.write(COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut kbd, COMMAND) & STATUS_OBF, STATUS_OBF, "the answer is waiting");
+        assert_eq!(read(&mut kbd, DATA), CTR_DEFAULT);
+        kbd.write(COMMAND, &[CMD_WRITE_CTR]);
+        kbd.write(DATA, &[0x30]);
+        kbd.write(COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut kbd, DATA), 0x30);
+        assert_eq!(read(&mut kbd, COMMAND) & STATUS_OBF, 0);
+    }
+
+    #[test]
+    fn self_test_passes_and_keyboard_bytes_are_acknowledged() {
+        let mut kbd = I8042::new();
+        kbd.write(COMMAND, &[CMD_SELF_TEST]);
+        assert_eq!(read(&mut kbd, DATA), SELF_TEST_OK);
+        kbd.write(DATA, &[0xff]);
+        assert_eq!(read(&mut kbd, DATA), KBD_ACK);
+    }
+
+    #[test]
+    fn wide_accesses_are_ignored() {
+        let mut kbd = I8042::new();
+        assert_eq!(kbd.write(COMMAND, &[CMD_RESET_CPU, 0]), None);
     }
 }
