@@ -1,6 +1,6 @@
 //! A vCPU: its boot state and the `KVM_RUN` loop that routes exits to the buses.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, CpuId};
@@ -289,12 +289,4 @@ impl Vcpu {
             Err(_) => Vec::new(),
         }
     }
-}
-
-/// Formats bytes as hex for logs.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
