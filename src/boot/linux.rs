@@ -129,7 +129,8 @@ fn load_bzimage(
     };
     let cmdline_len = write_cmdline(mem, cmdline, cmdline_max)?;
     let initrd_max = u64::from(hdr.initrd_addr_max);
-    let kernel_end = loaded.kernel_load.0 + loaded.kernel_end;
+    // linux-loader reports the end as an address already, not as an offset from the load.
+    let kernel_end = loaded.kernel_end;
     if let Some((addr, size)) = load_initrd(mem, mem_bytes, initrd, kernel_end, initrd_max)? {
         hdr.ramdisk_image =
             u32::try_from(addr).map_err(|_| BootError::InitrdTooLarge { size, room: 0 })?;
