@@ -23,6 +23,8 @@ use crate::mm::state::{PageState, PageTable};
 
 /// Most bytes of PFNs one descriptor may carry (Linux sends at most 256 PFNs = 1 KiB).
 const MAX_PFN_BYTES: u32 = 64 * 1024;
+/// Most bytes of one statistics descriptor (Linux sends 10 entries of 10 bytes).
+const MAX_STATS_DESC_BYTES: u32 = 4096;
 
 /// The balloon as the user configures it (`--balloon ...`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -245,27 +247,41 @@ impl Balloon {
         }
     }
 
+    /// The bytes of a device-readable descriptor of at most `max` bytes; a write-only or
+    /// oversized descriptor, or one outside guest RAM, is counted and gives None.
+    fn read_desc(&self, d: &Desc, max: u32, what: &str) -> Option<Vec<u8>> {
+        if d.write_only || d.len > max {
+            let why = if d.write_only { "write-only" } else { "too long" };
+            self.metrics
+                .bad_descriptors
+                .hit(|| format!("{what} descriptor at {:#x} len {}: {why}", d.addr, d.len));
+            return None;
+        }
+        let mut buf = vec![0u8; usize::try_from(d.len).ok()?];
+        if self.mem.read_slice(&mut buf, GuestAddress(d.addr)).is_err() {
+            self.metrics
+                .bad_descriptors
+                .hit(|| format!("{what} buffer {:#x}+{} outside guest RAM", d.addr, d.len));
+            return None;
+        }
+        Some(buf)
+    }
+
     /// PFNs from the device-readable descriptors of a chain.
     fn read_pfns(&self, descs: &[Desc]) -> Vec<u32> {
         let mut pfns = Vec::new();
         for d in descs {
-            if d.write_only || d.len % 4 != 0 || d.len > MAX_PFN_BYTES {
-                self.metrics.bad_descriptors.hit(|| {
-                    format!(
-                        "PFN descriptor at {:#x} len {} write-only {}",
-                        d.addr, d.len, d.write_only
-                    )
-                });
-                continue;
-            }
-            let mut buf = vec![0u8; d.len as usize];
-            if self.mem.read_slice(&mut buf, GuestAddress(d.addr)).is_err() {
+            if d.len % 4 != 0 {
                 self.metrics
                     .bad_descriptors
-                    .hit(|| format!("PFN buffer {:#x}+{} outside guest RAM", d.addr, d.len));
+                    .hit(|| format!("PFN descriptor of {} bytes, not whole PFNs", d.len));
                 continue;
             }
-            pfns.extend(buf.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+            if let Some(buf) = self.read_desc(d, MAX_PFN_BYTES, "PFN") {
+                pfns.extend(
+                    buf.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                );
+            }
         }
         pfns
     }
@@ -338,19 +354,7 @@ impl Balloon {
         }
         let mut bytes = Vec::new();
         for d in descs {
-            if d.write_only || d.len > 4096 {
-                self.metrics
-                    .bad_descriptors
-                    .hit(|| format!("stats descriptor at {:#x} len {}", d.addr, d.len));
-                return;
-            }
-            let mut buf = vec![0u8; d.len as usize];
-            if self.mem.read_slice(&mut buf, GuestAddress(d.addr)).is_err() {
-                self.metrics
-                    .bad_descriptors
-                    .hit(|| format!("stats buffer {:#x}+{} outside guest RAM", d.addr, d.len));
-                return;
-            }
+            let Some(buf) = self.read_desc(d, MAX_STATS_DESC_BYTES, "stats") else { return };
             bytes.extend(buf);
         }
         let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
