@@ -11,6 +11,9 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{ApiContext, MAX_REQUEST_BYTES};
 
+/// How long a reply may wait for a client to read.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Event data of the listening socket (connections use their fd).
 const LISTENER: u32 = u32::MAX;
 
@@ -42,7 +45,11 @@ impl ApiServer {
 
     fn accept(&mut self, ops: &mut EventOps) {
         while let Ok((stream, _)) = self.listener.accept() {
-            if stream.set_nonblocking(true).is_err() {
+            // Replies are written blocking (they are small), but a client that stops reading
+            // must not stall the event loop: it gets a second, then it is dropped.
+            if stream.set_nonblocking(true).is_err()
+                || stream.set_write_timeout(Some(REPLY_TIMEOUT)).is_err()
+            {
                 continue;
             }
             let Ok(key) = u32::try_from(stream.as_raw_fd()) else { continue };
@@ -74,7 +81,6 @@ impl ApiServer {
             };
             let mut out = reply.to_string().into_bytes();
             out.push(b'\n');
-            // Replies are small; a client that does not read them is dropped.
             if conn.stream.set_nonblocking(false).is_err() || conn.stream.write_all(&out).is_err() {
                 return false;
             }
