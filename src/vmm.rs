@@ -108,6 +108,9 @@ pub enum VmmError {
         /// The error.
         source: std::io::Error,
     },
+    /// The fault handler stopped, so the guest's faults can no longer be served.
+    #[error("the userfaultfd fault handler stopped: {0}. The guest cannot go on; --no-uffd runs without it")]
+    FaultHandler(String),
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -267,7 +270,7 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         ))),
         None => None,
     };
-    let outcome = run_vcpu(vcpu, subscribers, stats);
+    let outcome = run_vcpu(vcpu, subscribers, stats, engine.as_deref());
     if let Err(e) = devices.serial.lock().unwrap_or_else(PoisonError::into_inner).flush() {
         log::warn!("flushing serial output: {e}");
     }
@@ -325,12 +328,19 @@ fn load_boot(
 }
 
 /// Tells the event loop that the vCPU is done.
-struct VcpuExitWatcher {
+/// Notes that an eventfd fired: the vCPU finished, or the fault handler failed.
+struct FlagWatcher {
     evt: EventFd,
     done: bool,
 }
 
-impl MutEventSubscriber for VcpuExitWatcher {
+impl FlagWatcher {
+    fn new(evt: EventFd) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Self { evt, done: false }))
+    }
+}
+
+impl MutEventSubscriber for FlagWatcher {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.evt.read();
         self.done = true;
@@ -338,7 +348,7 @@ impl MutEventSubscriber for VcpuExitWatcher {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
-            log::error!("cannot watch the vCPU exit event: {e:?}");
+            log::error!("cannot watch an event: {e:?}");
         }
     }
 }
@@ -352,14 +362,25 @@ fn run_vcpu(
     mut vcpu: Vcpu,
     subscribers: Vec<Subscriber>,
     stats: Option<Arc<Mutex<StatsWriter>>>,
+    engine: Option<&Engine>,
 ) -> Result<RunOutcome, VmmError> {
     let loop_err = |e: event_manager::Error| VmmError::EventLoop(format!("{e:?}"));
     let exit_evt =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::EventLoop(e.to_string()))?;
     let signal = exit_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?;
-    let watcher = Arc::new(Mutex::new(VcpuExitWatcher { evt: exit_evt, done: false }));
+    let watcher = FlagWatcher::new(exit_evt);
     let mut events: EventManager<Subscriber> = EventManager::new().map_err(loop_err)?;
     events.add_subscriber(watcher.clone());
+    let engine_failed = match engine {
+        Some(e) => {
+            let evt =
+                e.failed_event().try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+            let w = FlagWatcher::new(evt);
+            events.add_subscriber(w.clone());
+            Some(w)
+        }
+        None => None,
+    };
     for s in subscribers {
         events.add_subscriber(s);
     }
@@ -374,7 +395,14 @@ fn run_vcpu(
             outcome
         })
         .map_err(|e| VmmError::EventLoop(e.to_string()))?;
-    while !watcher.lock().unwrap_or_else(PoisonError::into_inner).done {
+    let fired = |w: &Arc<Mutex<FlagWatcher>>| w.lock().unwrap_or_else(PoisonError::into_inner).done;
+    while !fired(&watcher) {
+        if engine_failed.as_ref().is_some_and(fired) {
+            // The vCPU waits in a fault nobody will serve; it is left behind (the process is
+            // about to exit) rather than joined.
+            let why = engine.and_then(Engine::failure).unwrap_or_default();
+            return Err(VmmError::FaultHandler(why));
+        }
         events.run().map_err(loop_err)?;
     }
     let outcome = handle.join().map_err(|_| VmmError::VcpuPanic)??;

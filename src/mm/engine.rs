@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -38,6 +38,8 @@ impl Default for EngineConfig {
 pub struct Engine {
     shared: Shared,
     stop: EventFd,
+    failed: EventFd,
+    failure: Arc<Mutex<Option<String>>>,
     thread: Option<JoinHandle<Result<(), UffdError>>>,
     wp: bool,
 }
@@ -64,11 +66,34 @@ impl Engine {
         let handler = FaultHandler::new(uffd, shared.clone(), config.handler)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Read)?;
         let stop_thread = stop.try_clone().map_err(UffdError::Read)?;
+        let failed = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Read)?;
+        let failed_thread = failed.try_clone().map_err(UffdError::Read)?;
+        let failure = Arc::new(Mutex::new(None));
+        let failure_thread = failure.clone();
         let thread = std::thread::Builder::new()
             .name("ebb-uffd".into())
-            .spawn(move || handler.run(&stop_thread))
+            .spawn(move || {
+                let result = handler.run(&stop_thread);
+                if let Err(e) = &result {
+                    // Faulting threads now wait forever: tell the VMM, which ends the VM.
+                    *failure_thread.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(e.to_string());
+                    let _ = failed_thread.write(1);
+                }
+                result
+            })
             .map_err(UffdError::Read)?;
-        Ok(Self { shared, stop, thread: Some(thread), wp })
+        Ok(Self { shared, stop, failed, failure, thread: Some(thread), wp })
+    }
+
+    /// Signalled if the handler thread stops on an error: faults can no longer be served.
+    pub fn failed_event(&self) -> &EventFd {
+        &self.failed
+    }
+
+    /// Why the handler thread stopped, if it failed.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// The page-state table.
