@@ -111,6 +111,8 @@ impl ApiContext {
             "deflated_pages": load(&m.deflated_pages),
             "reported_pages": load(&m.reported_pages),
             "early_notifies": load(&m.early_notifies),
+            "reports_kept": load(&m.reports_kept),
+            "madvise_errors": load(&m.madvise_errors),
             "guest_errors": {
                 "bad_pfns": m.bad_pfns.get(),
                 "bad_descriptors": m.bad_descriptors.get(),

@@ -142,6 +142,8 @@ impl Engine {
             faults_wp: stats.wp.load(Ordering::Relaxed),
             fault_around_pages: stats.around_pages.load(Ordering::Relaxed),
             remove_events: stats.removes.load(Ordering::Relaxed),
+            faults_already_mapped: stats.already_mapped.load(Ordering::Relaxed),
+            fault_retries: stats.retries.load(Ordering::Relaxed),
             removed_pages: stats.removed_pages.load(Ordering::Relaxed),
             fault_p50_us: stats.latency.quantile(0.50) as f64 / 1000.0,
             fault_p99_us: stats.latency.quantile(0.99) as f64 / 1000.0,

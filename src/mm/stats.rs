@@ -233,6 +233,10 @@ pub struct MemStats {
     pub remove_events: u64,
     /// Pages those removed.
     pub removed_pages: u64,
+    /// Faults whose page was already mapped (duplicate events; resolved by a wake).
+    pub faults_already_mapped: u64,
+    /// Resolutions retried after EAGAIN (a pending `madvise`).
+    pub fault_retries: u64,
     /// Median handler service time per fault (event read to ioctl return), microseconds.
     pub fault_p50_us: f64,
     /// 99th percentile of the same.

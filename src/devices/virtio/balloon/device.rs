@@ -124,11 +124,6 @@ impl Balloon {
         &self.metrics
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &BalloonConfig {
-        &self.config
-    }
-
     /// Sets the balloon size the guest should reach, and tells the driver.
     pub fn set_target_mib(&mut self, target_mib: u64) -> Result<(), BalloonError> {
         let mem_mib = self.mem_bytes >> 20;
