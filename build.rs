@@ -5,7 +5,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PAYLOADS: &[&str] = &["hello", "touch"];
+const PAYLOADS: &[&str] = &["hello", "touch", "hostile"];
 const COMMON: &[&str] = &["start.S", "rt.c"];
 const CFLAGS: &[&str] = &[
     "-m64",

@@ -1,11 +1,17 @@
 //! First-touch cost per 4 KiB page, host threads, all in one run:
 //!   kernel   the kernel's own anonymous fault (no userfaultfd)
 //!   minimal  a minimal userfaultfd handler: poll, read one message, UFFDIO_COPY a zero page
-//!   ebb      ebb's engine (page-state table, stats), without and with fault-around 15/63/255
+//!   ebb      ebb's engine (page-state table, stats) with its default (adaptive fault-around),
+//!            fault-around off, and fixed windows of 63 and 255
+//! for a sequential walk, then for a scattered one (every 8th page, in a multiplicative
+//! permutation order), where it also reports Consumed against the pages touched.
 //! Medians over rounds, alternating the order; ratios against the baselines.
 //!
 //!   cargo bench --bench faults [-- PAGES ROUNDS]
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+use common::mmap_anon;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,43 +19,59 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ebb::mm::engine::{Engine, EngineConfig};
-use ebb::mm::uffd::handler::HandlerConfig;
+use ebb::mm::uffd::around::FaultAround;
+use ebb::mm::uffd::handler::{HandlerConfig, DEFAULT_OOM_WAIT};
+use ebb::mm::MemoryManager;
 use ebb::vstate::memory::GuestRam;
 
 const PAGE: usize = 4096;
+/// The scattered walk touches every STRIDE-th page of a mapping STRIDE times the size.
+const STRIDE: usize = 8;
+/// A prime above 2^31: i * A mod n is a permutation of 0..n (the touch payload's order).
+const PERMUTE: usize = 2_654_435_761;
 
-/// Writes one byte per page; returns nanoseconds per page.
-fn touch(base: *mut u8, pages: usize) -> f64 {
+/// How the pages are walked.
+#[derive(Clone, Copy, PartialEq)]
+enum Walk {
+    /// Pages 0, 1, 2, ... in order.
+    Sequential,
+    /// Every STRIDE-th page, in a scattered order.
+    Scattered,
+}
+
+impl Walk {
+    fn span(self, pages: usize) -> usize {
+        match self {
+            Self::Sequential => pages,
+            Self::Scattered => pages * STRIDE,
+        }
+    }
+
+    fn page(self, i: usize, pages: usize) -> usize {
+        match self {
+            Self::Sequential => i,
+            Self::Scattered => (i * PERMUTE % pages) * STRIDE,
+        }
+    }
+}
+
+/// Writes one byte in each of `pages` pages of the walk; returns nanoseconds per page.
+fn touch(base: *mut u8, pages: usize, walk: Walk) -> f64 {
     let t = Instant::now();
-    for p in 0..pages {
-        // SAFETY: base is a mapping of at least `pages` pages.
-        unsafe { base.add(p * PAGE).write_volatile(1) };
+    for i in 0..pages {
+        // SAFETY: base is a mapping of walk.span(pages) pages.
+        unsafe { base.add(walk.page(i, pages) * PAGE).write_volatile(1) };
     }
     t.elapsed().as_nanos() as f64 / pages as f64
 }
 
-fn mmap_anon(len: usize) -> *mut u8 {
-    // SAFETY: a fresh private anonymous mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p.cast()
-}
-
-fn kernel(pages: usize) -> f64 {
-    let base = mmap_anon(pages * PAGE);
-    let ns = touch(base, pages);
+fn kernel(pages: usize, walk: Walk) -> (f64, f64) {
+    let len = walk.span(pages) * PAGE;
+    let base = mmap_anon(len);
+    let ns = touch(base, pages, walk);
     // SAFETY: unmapping what we mapped.
-    unsafe { libc::munmap(base.cast(), pages * PAGE) };
-    ns
+    unsafe { libc::munmap(base.cast(), len) };
+    (ns, 1.0)
 }
 
 // The minimal handler's own copy of the ABI, to stay independent of ebb's.
@@ -78,8 +100,8 @@ const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
 const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 
-fn minimal(pages: usize) -> f64 {
-    let len = pages * PAGE;
+fn minimal(pages: usize, walk: Walk) -> (f64, f64) {
+    let len = walk.span(pages) * PAGE;
     let base = mmap_anon(len);
     // SAFETY: plain syscalls on descriptors and structs we own.
     let uffd = unsafe {
@@ -118,25 +140,28 @@ fn minimal(pages: usize) -> f64 {
             }
         }
     });
-    let ns = touch(base, pages);
+    let ns = touch(base, pages, walk);
     done.store(true, Ordering::Relaxed);
     handler.join().unwrap();
     drop(uffd);
     // SAFETY: unmapping what we mapped.
     unsafe { libc::munmap(base.cast(), len) };
-    ns
+    (ns, 1.0)
 }
 
-fn ebb(pages: usize, fault_around: u64) -> f64 {
-    let ram = GuestRam::new((pages * PAGE) as u64, 48).unwrap();
+/// ebb's engine: ns per page, and Consumed over the pages touched.
+fn ebb(pages: usize, walk: Walk, fault_around: FaultAround) -> (f64, f64) {
+    let ram = GuestRam::new((walk.span(pages) * PAGE) as u64, 48).unwrap();
+    let mm = MemoryManager::new(&ram.regions(), true);
     let config = EngineConfig {
-        handler: HandlerConfig { fault_around, active: None },
+        handler: HandlerConfig { fault_around, active: None, oom_wait: DEFAULT_OOM_WAIT },
         ..Default::default()
     };
-    let engine = Engine::start(&ram, &config).unwrap();
-    let ns = touch(ram.regions()[0].hva as *mut u8, pages);
+    let engine = Engine::start(&mm, &config, None).unwrap();
+    let ns = touch(ram.regions()[0].hva as *mut u8, pages, walk);
+    let consumed = engine.snapshot(0).consumed_bytes as f64 / (pages * PAGE) as f64;
     engine.stop().unwrap();
-    ns
+    (ns, consumed)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -144,34 +169,51 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with('-')).collect();
-    let pages: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(16384);
-    let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(7);
-    type Case = (&'static str, Box<dyn Fn(usize) -> f64>);
-    let cases: Vec<Case> = vec![
-        ("kernel", Box::new(kernel)),
-        ("minimal", Box::new(minimal)),
-        ("ebb", Box::new(|p| ebb(p, 0))),
-        ("ebb+around15", Box::new(|p| ebb(p, 15))),
-        ("ebb+around63", Box::new(|p| ebb(p, 63))),
-        ("ebb+around255", Box::new(|p| ebb(p, 255))),
-    ];
-    let mut results: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+type Case = (&'static str, Box<dyn Fn(usize, Walk) -> (f64, f64)>);
+
+/// Runs every case `rounds` times, rotating the order; returns (median ns/page, median
+/// consumed/touched) per case.
+fn measure(cases: &[Case], pages: usize, rounds: usize, walk: Walk) -> Vec<(f64, f64)> {
+    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); cases.len()];
     for r in 0..rounds {
         // Rotate the order each round so no case always runs first or last.
         for i in 0..cases.len() {
             let c = (i + r) % cases.len();
-            results[c].push((cases[c].1)(pages));
+            let (ns, consumed) = (cases[c].1)(pages, walk);
+            results[c].0.push(ns);
+            results[c].1.push(consumed);
         }
     }
-    println!("first touch of {pages} pages x {rounds} rounds (host threads), median ns/page:");
-    let med: Vec<f64> = results.into_iter().map(median).collect();
-    for ((name, _), m) in cases.iter().zip(&med) {
-        println!("  {name:13} {m:9.0} ns/page  {:8.0} faults/s", 1e9 / m);
-    }
-    println!("ratios: ebb/minimal = {:.2}, ebb/kernel = {:.2}", med[2] / med[1], med[2] / med[0]);
-    for (i, (name, _)) in cases.iter().enumerate().skip(3) {
-        println!("        {name}/kernel = {:.2}", med[i] / med[0]);
+    results.into_iter().map(|(ns, c)| (median(ns), median(c))).collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with('-')).collect();
+    let pages: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(16384);
+    let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(7);
+    let cases: Vec<Case> = vec![
+        ("kernel", Box::new(kernel)),
+        ("minimal", Box::new(minimal)),
+        ("ebb", Box::new(|p, w| ebb(p, w, FaultAround::default()))),
+        ("ebb around=0", Box::new(|p, w| ebb(p, w, FaultAround::Fixed(0)))),
+        ("ebb around=63", Box::new(|p, w| ebb(p, w, FaultAround::Fixed(63)))),
+        ("ebb around=255", Box::new(|p, w| ebb(p, w, FaultAround::Fixed(255)))),
+    ];
+    for (walk, name) in [(Walk::Sequential, "sequential"), (Walk::Scattered, "scattered")] {
+        let med = measure(&cases, pages, rounds, walk);
+        println!("{name} first touch of {pages} pages x {rounds} rounds (host threads), median:");
+        for ((name, _), (ns, consumed)) in cases.iter().zip(&med) {
+            println!(
+                "  {name:15} {ns:9.0} ns/page {:9.0} faults/s   consumed/touched {consumed:5.2}",
+                1e9 / ns
+            );
+        }
+        let (k, m) = (med[0].0, med[1].0);
+        println!(
+            "  ratios: ebb(default)/kernel = {:.2}, ebb around=0/minimal = {:.2}, consumed/touched (default) = {:.2}",
+            med[2].0 / k,
+            med[3].0 / m,
+            med[2].1
+        );
     }
 }

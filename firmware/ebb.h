@@ -1,6 +1,7 @@
 /* ebb firmware ABI: what a payload may rely on when it starts (see src/boot/firmware.rs).
  *
- * 64-bit mode, CPL3, all guest RAM identity-mapped and user-writable, interrupts off, no
+ * 64-bit mode, CPL3, all guest RAM identity-mapped and user-writable (and the virtio-mmio
+ * device windows from 0xd0000000: loads and stores there reach ebb's devices), interrupts off, no
  * IDT (an exception is a triple fault that ebb reports), a TSS I/O bitmap that lets every
  * port through, rsp at the top of a stack below 640 KiB, rdi = struct ebb_boot_info *. */
 #ifndef EBB_H
@@ -25,7 +26,15 @@ struct ebb_boot_info {
 	u64 nr_ranges;   /* valid entries in free_ranges */
 	u64 free_ranges[2][2]; /* [start, length], page aligned, free for the payload */
 	u64 tsc_khz;     /* TSC frequency, for timed phases (0 if unknown) */
+	u64 blob_gpa;    /* the host's data blob (--firmware-blob): page aligned, below 4 GiB,
+			  * outside free_ranges; 0 if none */
+	u64 blob_len;    /* its length in bytes (0 if none) */
+	u64 progress_gpa; /* a u64 (0 at start) the payload bumps as it works; ebb reads it */
 };
+/* Offsets: magic 0, args_gpa 8, args_len 16, mem_bytes 24, nr_ranges 32, free_ranges 40,
+ * tsc_khz 72, blob_gpa 80, blob_len 88, progress_gpa 96; 104 bytes in all. */
+_Static_assert(sizeof(struct ebb_boot_info) == 104, "must match FirmwareBootInfo");
+_Static_assert(__builtin_offsetof(struct ebb_boot_info, progress_gpa) == 96, "layout");
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # First-touch cost per page, all measured in one run:
 #  1. host threads (cargo bench --bench faults): the kernel's own anonymous fault, a minimal
-#     userfaultfd handler, and ebb's engine without and with fault-around;
+#     userfaultfd handler, and ebb's engine with its default (adaptive fault-around), with
+#     fault-around off and with fixed windows, for a sequential and a scattered walk;
 #  2. a real guest: the touch payload's write phase over PAGES pages, under --no-uffd (the
-#     kernel's fault behind KVM), ebb's handler, and ebb with --fault-around 63.
+#     kernel's fault behind KVM), ebb's default, and ebb with --fault-around 0; then a
+#     scattered walk (every 8th page, random order) with ebb's default, where Consumed is
+#     compared with the pages touched.
 # Prints medians and ratios. Timings are never asserted; the machines are noisy.
 #
 #   scripts/bench-faults.sh [PAGES] [RUNS]     (default 16384 pages = 64 MiB, 5 runs)
@@ -19,20 +22,38 @@ echo
 echo "== guest: touch pages=$PAGES, write phase (first touch), cycles per page"
 cargo build --release --locked -q
 exec python3 - "$PAGES" "$RUNS" <<'PY'
-import re, statistics, subprocess, sys
+import json, os, re, statistics, subprocess, sys, tempfile
 pages, runs = int(sys.argv[1]), int(sys.argv[2])
-modes = {"kernel (--no-uffd)": ["--no-uffd"], "ebb": [], "ebb --fault-around 63": ["--fault-around", "63"]}
+
+def touch(extra, args):
+    with tempfile.NamedTemporaryFile(suffix=".json") as stats:
+        out = subprocess.run(["./target/release/ebb", "run", "--mem", "1G", "--firmware", "touch",
+                              "--stats-json", stats.name, *extra,
+                              *[a for kv in args for a in ("--firmware-arg", kv)]],
+                             capture_output=True, text=True, check=True).stdout
+        last = json.loads(open(stats.name).read().splitlines()[-1])
+    return int(re.search(r"write_cycles=(\d+)", out).group(1)), last
+
+modes = {"kernel (--no-uffd)": ["--no-uffd"], "ebb (default)": [], "ebb --fault-around 0": ["--fault-around", "0"]}
 res = {m: [] for m in modes}
 for r in range(runs):
     for m, extra in modes.items():
-        out = subprocess.run(["./target/release/ebb", "run", "--mem", "1G", "--firmware", "touch",
-                              "--firmware-arg", f"pages={pages}", *extra],
-                             capture_output=True, text=True, check=True).stdout
-        cycles = int(re.search(r"write_cycles=(\d+)", out).group(1))
+        cycles, _ = touch(extra, [f"pages={pages}"])
         res[m].append(cycles / pages)
 med = {m: statistics.median(v) for m, v in res.items()}
 for m, v in med.items():
     print(f"  {m:24} {v:10.0f} cycles/page")
 k = med["kernel (--no-uffd)"]
-print(f"ratios: ebb/kernel = {med['ebb']/k:.2f}, ebb+around63/kernel = {med['ebb --fault-around 63']/k:.2f}")
+print(f"ratios: ebb(default)/kernel = {med['ebb (default)']/k:.2f}, "
+      f"ebb(fault-around 0)/kernel = {med['ebb --fault-around 0']/k:.2f}")
+
+print()
+scattered = max(pages // 8, 1)
+print(f"== guest: touch pages={scattered} stride=8 order=random (scattered), ebb default")
+ratios = []
+for r in range(runs):
+    cycles, last = touch([], [f"pages={scattered}", "stride=8", "order=random"])
+    ratios.append(last["consumed_bytes"] / (scattered * 4096))
+print(f"  Consumed / pages touched: median {statistics.median(ratios):.3f} "
+      f"(max {max(ratios):.3f}; ebb's own boot data is part of Consumed)")
 PY

@@ -16,6 +16,16 @@ if [[ -z "${EBB_SKIP_GUEST:-}" ]]; then
     export EBB_REQUIRE_GUEST=1
 fi
 
+# The swap tests mount a tmpfs and build ext4 on a loop device (to make a swap device fail
+# for real); they skip loudly without these tools, so install them where we can.
+if [[ $EUID -eq 0 ]] && { ! command -v mkfs.ext4 >/dev/null || ! command -v losetup >/dev/null; }; then
+    step "tools for the swap tests (e2fsprogs, mount)"
+    if command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs mount \
+            || echo "could not install e2fsprogs/mount: the swap-failure tests will skip" >&2
+    fi
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

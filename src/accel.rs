@@ -21,7 +21,7 @@ pub enum Accelerator {
         npt: bool,
     },
     /// PVM (`kvm_pvm`): software virtualization with shadow paging; guest CPL0 code is
-    /// emulated (DESIGN.md section 4).
+    /// emulated (docs/design.md, "The host").
     Pvm,
     /// No KVM module ebb knows was found (the host may still offer `/dev/kvm`).
     Unknown,

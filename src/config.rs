@@ -1,27 +1,42 @@
 //! What one VM is made of, as the command line (or a later API) describes it.
 //!
-//! Plain data plus the parsing of sizes and `KEY=VALUE` pairs; no KVM here, so every rule is
-//! unit-tested without privileges.
+//! Plain data plus the parsing of option strings; no KVM here, so every rule is unit-tested
+//! without privileges. The defaults are written here once; the command line shows them.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::devices::virtio::balloon::BalloonConfig;
-use crate::mm::active::ActiveConfig;
-use crate::mm::uffd::handler::MAX_FAULT_AROUND;
+use crate::mm::active::{sample_rate, ActiveConfig, MAX_SAMPLE_PAGES_PER_S};
+use crate::mm::reclaim::{VictimPolicy, DEFAULT_CACHE_PERCENT};
+use crate::mm::uffd::around::{FaultAround, MAX_FAULT_AROUND};
+use crate::mm::uffd::handler::DEFAULT_OOM_WAIT;
+use crate::mm::uffd::DEFAULT_UFFD_DEV;
+use crate::units::{exact_mib, parse_size, SizeError};
 
-/// Default guest memory: 256 MiB.
+/// Default guest memory, as the command line shows it.
+pub const DEFAULT_MEM: &str = "256M";
+/// Default guest memory in bytes (`DEFAULT_MEM`; a test keeps the two equal).
 pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
-/// Most vCPUs this version can run: SMP needs an MP table and per-vCPU threads with kicks,
-/// which are not done yet.
+/// Default time between statistics lines.
+pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// Default KVM device node.
+pub const DEFAULT_KVM_DEV: &str = "/dev/kvm";
+/// Shortest and longest statistics and sampling intervals accepted, in milliseconds.
+pub const INTERVAL_RANGE_MS: std::ops::RangeInclusive<u128> = 10..=3_600_000;
+/// Longest `--oom-wait` accepted.
+pub const MAX_OOM_WAIT: Duration = Duration::from_secs(3600);
+/// Most pages one Active-memory sample may hold.
+pub const MAX_SAMPLE_PAGES: u32 = 100_000;
+/// Most vCPUs this version can run: SMP needs a vCPU thread each and a way to kick them
+/// out of `KVM_RUN` (the MP table already describes the CPUs), which are not done yet.
 pub const MAX_VCPUS: u8 = 1;
 
 /// Errors in a VM description.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// A size string that is not `<number>[K|M|G|T]`.
-    #[error("invalid size {0:?}: expected a number with an optional K, M, G or T suffix (e.g. 512M, 2G)")]
-    InvalidSize(String),
+    #[error(transparent)]
+    InvalidSize(#[from] SizeError),
     /// Guest memory of zero bytes.
     #[error("--mem must be larger than 0")]
     ZeroMemory,
@@ -37,9 +52,9 @@ pub enum ConfigError {
     /// Both `--kernel` and `--firmware` given.
     #[error("--kernel and --firmware exclude each other: boot either a Linux kernel or a payload")]
     KernelAndFirmware,
-    /// Fault-around beyond what one ioctl should fill.
-    #[error("--fault-around {0} is out of range: use 0 to {MAX_FAULT_AROUND} pages")]
-    FaultAround(u64),
+    /// Fault-around that is neither `auto` nor a page count in range.
+    #[error("--fault-around {0} is out of range: use auto, or 0 to {MAX_FAULT_AROUND} pages")]
+    FaultAround(String),
     /// A zero or absurd interval.
     #[error("{what} {value:?} is out of range ({range})")]
     Interval {
@@ -50,8 +65,20 @@ pub enum ConfigError {
         /// What is accepted.
         range: &'static str,
     },
+    /// Active sampling that would take more of the fault handler than the guest's faults.
+    #[error("--active-sample-pages {pages} every --active-interval-ms {interval_ms} samples {rate} pages/s; at most {max} pages/s (each sampled page costs the fault handler two write-protect round trips)")]
+    SampleRate {
+        /// Pages per sample.
+        pages: u32,
+        /// Interval in milliseconds.
+        interval_ms: u128,
+        /// Pages per second.
+        rate: u64,
+        /// The most accepted.
+        max: u64,
+    },
     /// An Active sample size out of range.
-    #[error("--active-sample-pages {0} is out of range: use 1 to 100000")]
+    #[error("--active-sample-pages {0} is out of range: use 1 to {MAX_SAMPLE_PAGES}")]
     SamplePages(u32),
     /// Options of the lazy-RAM engine given with `--no-uffd`.
     #[error("{0} needs userfaultfd: drop --no-uffd")]
@@ -61,6 +88,26 @@ pub enum ConfigError {
         "invalid --balloon {0:?}: expected target=SIZE,stats=SECS,deflate_on_oom=on|off,free_page_reporting=on|off"
     )]
     Balloon(String),
+    /// A balloon size that is not a whole number of MiB.
+    #[error("balloon size {0} is not a whole number of MiB (the balloon moves in MiB)")]
+    BalloonNotMib(u64),
+    /// A compression cache size out of range.
+    #[error(
+        "--zcache-max {0} is out of range: give a size up to guest RAM or a percentage up to 100%"
+    )]
+    CacheSize(String),
+    /// A reclaim target above guest RAM.
+    #[error(
+        "--reclaim-target {} is more than the guest's {} of RAM: give a size up to --mem",
+        crate::units::human_bytes(*target),
+        crate::units::human_bytes(*mem)
+    )]
+    ReclaimTarget {
+        /// The target.
+        target: u64,
+        /// Guest RAM.
+        mem: u64,
+    },
     /// Linux-only options given without `--kernel`.
     #[error("{0} needs --kernel")]
     NeedsKernel(&'static str),
@@ -84,6 +131,9 @@ pub enum BootSource {
         source: FirmwareSource,
         /// `KEY=VALUE` pairs handed to the payload.
         args: Vec<(String, String)>,
+        /// A file whose bytes the payload finds in guest memory (`blob_gpa`, `blob_len` in
+        /// its boot info), e.g. a text corpus for `touch`'s `mix=text`.
+        blob: Option<PathBuf>,
     },
 }
 
@@ -106,6 +156,19 @@ impl FirmwareSource {
             Self::Builtin(s.to_owned())
         }
     }
+}
+
+/// The virtio-balloon as the user configures it (`--balloon ...`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Initial balloon size in MiB.
+    pub target_mib: u64,
+    /// Statistics polling interval in seconds; 0 turns the statistics queue off.
+    pub stats_interval_s: u64,
+    /// Offer `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`.
+    pub deflate_on_oom: bool,
+    /// Offer `VIRTIO_BALLOON_F_REPORTING`.
+    pub free_page_reporting: bool,
 }
 
 /// One VM.
@@ -137,24 +200,119 @@ pub struct MemoryConfig {
     /// The userfaultfd device, used when the syscall is refused.
     pub uffd_dev: PathBuf,
     /// Untouched neighbours to fill with each fault.
-    pub fault_around: u64,
+    pub fault_around: FaultAround,
     /// Active-memory sampling.
     pub active: ActiveConfig,
     /// Where to write JSON-lines statistics.
     pub stats_json: Option<PathBuf>,
     /// Time between statistics lines.
     pub stats_interval: Duration,
+    /// How long guest faults may wait for memory the kernel refuses before the VM ends.
+    pub oom_wait: Duration,
+    /// Host-side reclaim: compression cache, swap file, target.
+    pub reclaim: ReclaimOptions,
+}
+
+/// The compression cache's capacity: bytes, or a share of guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheSize {
+    /// This many bytes.
+    Bytes(u64),
+    /// This percentage of guest RAM.
+    Percent(u64),
+}
+
+impl CacheSize {
+    /// The capacity in bytes for `mem_bytes` of guest RAM.
+    pub fn bytes(self, mem_bytes: u64) -> u64 {
+        match self {
+            Self::Bytes(b) => b,
+            Self::Percent(p) => mem_bytes / 100 * p.min(100),
+        }
+    }
+}
+
+/// Host-side reclaim options (`--zcache-max`, `--swap-dir`, `--swap-max`,
+/// `--reclaim-target`, `--reclaim-victims`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReclaimOptions {
+    /// The compression cache's capacity.
+    pub cache: CacheSize,
+    /// Where the swap file goes; None: `$TMPDIR`, else `/var/tmp`, and ebb runs without
+    /// swap (saying so) if it cannot create the file there.
+    pub swap_dir: Option<PathBuf>,
+    /// Largest swap file; None: the size of guest RAM; 0: no swap file.
+    pub swap_max_bytes: Option<u64>,
+    /// Resident memory to keep at most from the start; None: reclaim waits for the lever.
+    pub target_bytes: Option<u64>,
+    /// How victims are picked.
+    pub victims: VictimPolicy,
+}
+
+impl Default for ReclaimOptions {
+    fn default() -> Self {
+        Self {
+            cache: CacheSize::Percent(DEFAULT_CACHE_PERCENT),
+            swap_dir: None,
+            swap_max_bytes: None,
+            target_bytes: None,
+            victims: VictimPolicy::default(),
+        }
+    }
+}
+
+impl ReclaimOptions {
+    /// The swap directory: the one given, else `$TMPDIR`, else `/var/tmp`.
+    pub fn swap_dir(&self) -> PathBuf {
+        self.swap_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("TMPDIR")
+                .filter(|d| !d.is_empty())
+                .map_or_else(|| PathBuf::from(DEFAULT_SWAP_DIR), PathBuf::from)
+        })
+    }
+
+    /// Checks the options against `mem_bytes` of guest RAM.
+    pub fn validate(&self, mem_bytes: u64) -> Result<(), ConfigError> {
+        match self.cache {
+            CacheSize::Percent(p) if p > 100 => {
+                return Err(ConfigError::CacheSize(format!("{p}%")))
+            }
+            CacheSize::Bytes(b) if b > mem_bytes => {
+                return Err(ConfigError::CacheSize(crate::units::human_bytes(b)))
+            }
+            _ => {}
+        }
+        match self.target_bytes {
+            Some(t) if t > mem_bytes => {
+                Err(ConfigError::ReclaimTarget { target: t, mem: mem_bytes })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Default swap directory when `$TMPDIR` is not set.
+pub const DEFAULT_SWAP_DIR: &str = "/var/tmp";
+
+/// Parses `--zcache-max`: a size (`64M`) or a percentage of guest RAM (`10%`).
+pub fn parse_cache_size(s: &str) -> Result<CacheSize, ConfigError> {
+    if let Some(p) = s.strip_suffix('%') {
+        return p.parse().map(CacheSize::Percent).map_err(|_| ConfigError::CacheSize(s.to_owned()));
+    }
+    Ok(CacheSize::Bytes(parse_size(s)?))
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
             uffd: true,
-            uffd_dev: PathBuf::from("/dev/userfaultfd"),
-            fault_around: 0,
+            uffd_dev: PathBuf::from(DEFAULT_UFFD_DEV),
+            fault_around: FaultAround::default(),
             active: ActiveConfig::default(),
             stats_json: None,
-            stats_interval: Duration::from_secs(1),
+            stats_interval: DEFAULT_STATS_INTERVAL,
+            oom_wait: DEFAULT_OOM_WAIT,
+            reclaim: ReclaimOptions::default(),
         }
     }
 }
@@ -162,23 +320,39 @@ impl Default for MemoryConfig {
 impl MemoryConfig {
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.fault_around > MAX_FAULT_AROUND {
-            return Err(ConfigError::FaultAround(self.fault_around));
+        if self.fault_around.max() > MAX_FAULT_AROUND {
+            return Err(ConfigError::FaultAround(self.fault_around.to_string()));
         }
         let ms = |d: Duration| d.as_millis();
-        if !(10..=3_600_000).contains(&ms(self.stats_interval)) {
+        if !INTERVAL_RANGE_MS.contains(&ms(self.stats_interval)) {
             let (what, value) = ("--stats-interval", self.stats_interval);
             return Err(ConfigError::Interval { what, value, range: "10 ms to 1 hour" });
         }
-        if !(10..=3_600_000).contains(&ms(self.active.interval)) {
+        if !INTERVAL_RANGE_MS.contains(&ms(self.active.interval)) {
             let (what, value) = ("--active-interval-ms", self.active.interval);
             return Err(ConfigError::Interval { what, value, range: "10 ms to 1 hour" });
         }
-        if !(1..=100_000).contains(&self.active.sample_pages) {
+        if self.oom_wait > MAX_OOM_WAIT {
+            let (what, value) = ("--oom-wait", self.oom_wait);
+            return Err(ConfigError::Interval { what, value, range: "0 to 1 hour" });
+        }
+        if !(1..=MAX_SAMPLE_PAGES).contains(&self.active.sample_pages) {
             return Err(ConfigError::SamplePages(self.active.sample_pages));
         }
-        if !self.uffd && self.fault_around > 0 {
+        let rate = sample_rate(&self.active);
+        if rate > MAX_SAMPLE_PAGES_PER_S {
+            return Err(ConfigError::SampleRate {
+                pages: self.active.sample_pages,
+                interval_ms: self.active.interval.as_millis(),
+                rate,
+                max: MAX_SAMPLE_PAGES_PER_S,
+            });
+        }
+        if !self.uffd && matches!(self.fault_around, FaultAround::Fixed(n) if n > 0) {
             return Err(ConfigError::NeedsUffd("--fault-around"));
+        }
+        if !self.uffd && self.reclaim.target_bytes.is_some() {
+            return Err(ConfigError::NeedsUffd("--reclaim-target"));
         }
         Ok(())
     }
@@ -192,7 +366,7 @@ impl VmConfig {
             vcpus: 1,
             boot,
             serial_log: None,
-            kvm_path: PathBuf::from("/dev/kvm"),
+            kvm_path: PathBuf::from(DEFAULT_KVM_DEV),
             memory: MemoryConfig::default(),
             balloon: None,
             api_sock: None,
@@ -204,42 +378,31 @@ impl VmConfig {
         if self.mem_bytes == 0 {
             return Err(ConfigError::ZeroMemory);
         }
-        if self.mem_bytes % 4096 != 0 {
+        if !crate::units::is_page_aligned(self.mem_bytes) {
             return Err(ConfigError::UnalignedMemory(self.mem_bytes));
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::VcpuCount(self.vcpus));
         }
+        self.memory.reclaim.validate(self.mem_bytes)?;
         self.memory.validate()
     }
 }
 
-/// Formats a byte count with the largest binary unit that divides it (`3 GiB`, `1000 TiB`).
-pub fn human_bytes(n: u64) -> String {
-    let units = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")];
-    match units.iter().find(|(shift, _)| n != 0 && n % (1u64 << shift) == 0) {
-        Some((shift, unit)) => format!("{} {unit}", n >> shift),
-        None => format!("{n} bytes"),
+/// Parses `--fault-around`: `auto` (adaptive, up to the maximum) or a fixed page count.
+pub fn parse_fault_around(s: &str) -> Result<FaultAround, ConfigError> {
+    if s == "auto" {
+        return Ok(FaultAround::default());
+    }
+    match s.parse::<u64>() {
+        Ok(n) if n <= MAX_FAULT_AROUND => Ok(FaultAround::Fixed(n)),
+        _ => Err(ConfigError::FaultAround(s.to_owned())),
     }
 }
 
-/// Parses `512M`, `2G`, `4096`, `64K`, `1T` (binary units, case-insensitive, optional `iB`/`B`).
-pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let err = || ConfigError::InvalidSize(s.to_owned());
-    let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, suffix) = t.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| err())?;
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(err()),
-    };
-    n.checked_mul(1u64 << shift).ok_or_else(err)
+/// A balloon size in bytes as whole MiB; `1536K` is refused rather than rounded down.
+pub fn balloon_mib(bytes: u64) -> Result<u64, ConfigError> {
+    exact_mib(bytes).ok_or(ConfigError::BalloonNotMib(bytes))
 }
 
 /// Parses `--balloon [target=SIZE,stats=SECS,deflate_on_oom=on,free_page_reporting=on]`
@@ -255,7 +418,7 @@ pub fn parse_balloon(s: &str) -> Result<BalloonConfig, ConfigError> {
     for part in s.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').ok_or_else(err)?;
         match k {
-            "target" => c.target_mib = parse_size(v).map_err(|_| err())? >> 20,
+            "target" => c.target_mib = balloon_mib(parse_size(v).map_err(|_| err())?)?,
             "stats" => c.stats_interval_s = v.parse().map_err(|_| err())?,
             "deflate_on_oom" => c.deflate_on_oom = on_off(v)?,
             "free_page_reporting" => c.free_page_reporting = on_off(v)?,
@@ -284,29 +447,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_with_suffixes_parse_in_binary_units() {
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert_eq!(parse_size("64k"), Ok(64 << 10));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("1T"), Ok(1 << 40));
-    }
-
-    #[test]
-    fn human_bytes_picks_the_largest_exact_unit() {
-        assert_eq!(human_bytes(3 << 30), "3 GiB");
-        assert_eq!(human_bytes(1536 << 20), "1536 MiB");
-        assert_eq!(human_bytes(1000 << 40), "1000 TiB");
-        assert_eq!(human_bytes(4097), "4097 bytes");
-    }
-
-    #[test]
-    fn bad_sizes_are_rejected() {
-        for s in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999"] {
-            assert!(parse_size(s).is_err(), "{s:?} should be rejected");
-        }
-        assert!(parse_size("17179869184G").is_err(), "overflow must be caught");
+    fn the_default_memory_is_written_once_in_two_forms_that_agree() {
+        assert_eq!(parse_size(DEFAULT_MEM), Ok(DEFAULT_MEM_BYTES));
     }
 
     #[test]
@@ -314,6 +456,7 @@ mod tests {
         let mut c = VmConfig::new(BootSource::Firmware {
             source: FirmwareSource::Builtin("hello".into()),
             args: vec![],
+            blob: None,
         });
         c.mem_bytes = 0;
         assert_eq!(c.validate(), Err(ConfigError::ZeroMemory));
@@ -328,17 +471,26 @@ mod tests {
     fn memory_options_are_range_checked() {
         let mut m = MemoryConfig::default();
         assert_eq!(m.validate(), Ok(()));
-        m.fault_around = 256;
-        assert_eq!(m.validate(), Err(ConfigError::FaultAround(256)));
-        m.fault_around = 255;
+        m.fault_around = FaultAround::Fixed(256);
+        assert_eq!(m.validate(), Err(ConfigError::FaultAround("256".into())));
+        m.fault_around = FaultAround::Fixed(255);
         assert_eq!(m.validate(), Ok(()));
         m.uffd = false;
         assert_eq!(m.validate(), Err(ConfigError::NeedsUffd("--fault-around")));
+        m.fault_around = FaultAround::default();
+        assert_eq!(m.validate(), Ok(()), "the adaptive default is fine without userfaultfd");
+        m.reclaim.target_bytes = Some(1 << 20);
+        assert_eq!(m.validate(), Err(ConfigError::NeedsUffd("--reclaim-target")));
+        m.reclaim.target_bytes = None;
         m = MemoryConfig { stats_interval: Duration::ZERO, ..Default::default() };
         assert!(matches!(m.validate(), Err(ConfigError::Interval { .. })));
         m = MemoryConfig::default();
         m.active.sample_pages = 0;
         assert_eq!(m.validate(), Err(ConfigError::SamplePages(0)));
+        m.active = ActiveConfig { interval: Duration::from_millis(10), sample_pages: 100_000 };
+        assert!(matches!(m.validate(), Err(ConfigError::SampleRate { rate: 10_000_000, .. })));
+        m.active.sample_pages = 200;
+        assert_eq!(m.validate(), Ok(()), "20000 pages/s is the most");
     }
 
     #[test]
@@ -355,6 +507,36 @@ mod tests {
         assert_eq!(parse_balloon("").unwrap(), BalloonConfig::default());
         for bad in ["target", "target=lots", "stats=-1", "colour=blue", "deflate_on_oom=maybe"] {
             assert!(parse_balloon(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_balloon_size_that_is_not_whole_mib_is_refused_not_truncated() {
+        assert_eq!(parse_balloon("target=1536K"), Err(ConfigError::BalloonNotMib(1536 << 10)));
+        assert_eq!(parse_balloon("target=2048K").unwrap().target_mib, 2);
+        assert_eq!(balloon_mib(64 << 20), Ok(64));
+    }
+
+    #[test]
+    fn the_compression_cache_is_a_size_or_a_share_of_guest_ram() {
+        assert_eq!(parse_cache_size("10%"), Ok(CacheSize::Percent(10)));
+        assert_eq!(parse_cache_size("64M"), Ok(CacheSize::Bytes(64 << 20)));
+        assert_eq!(CacheSize::Percent(10).bytes(1000 << 20), 100 << 20);
+        assert!(parse_cache_size("lots%").is_err());
+        let mut r = ReclaimOptions { cache: CacheSize::Percent(200), ..Default::default() };
+        assert_eq!(r.validate(1 << 30), Err(ConfigError::CacheSize("200%".into())));
+        r.cache = CacheSize::Percent(10);
+        r.target_bytes = Some(2 << 30);
+        assert!(matches!(r.validate(1 << 30), Err(ConfigError::ReclaimTarget { .. })));
+    }
+
+    #[test]
+    fn fault_around_is_auto_or_a_page_count() {
+        assert_eq!(parse_fault_around("auto"), Ok(FaultAround::default()));
+        assert_eq!(parse_fault_around("0"), Ok(FaultAround::Fixed(0)));
+        assert_eq!(parse_fault_around("255"), Ok(FaultAround::Fixed(255)));
+        for bad in ["256", "-1", "lots", ""] {
+            assert!(parse_fault_around(bad).is_err(), "{bad}");
         }
     }
 

@@ -1,9 +1,22 @@
 //! ebb: a small, fast KVM hypervisor that overcommits guest memory the way ESXi does.
 //!
 //! The library holds everything; `main.rs` only parses the command line and calls
-//! [`vmm::run`]. The tree follows the architecture: [`vstate`] wraps KVM, [`boot`] places
-//! kernels and firmware payloads in guest memory, [`devices`] emulates what the guest talks
-//! to, and [`vmm`] ties one VM together.
+//! [`vmm::run`]. The tree follows the architecture:
+//!
+//! | module | what it is |
+//! |---|---|
+//! | [`vmm`] | one VM as a value: build it from a [`VmConfig`], run it to its end |
+//! | [`config`] | the VM description and the parsing of option strings |
+//! | [`vstate`] | KVM wrappers: the VM, vCPUs, guest RAM, CPUID, MSRs |
+//! | [`boot`] | kernels and payloads placed in guest memory, the kernel command line |
+//! | [`devices`] | what the guest talks to: buses, UART, i8042, virtio-mmio, the balloon |
+//! | [`mm`] | the overcommit engine: page states, userfaultfd, Active memory |
+//! | [`api`] | the control socket and its client |
+//! | [`metrics`] | the `--stats-json` writer |
+//! | [`accel`] | which accelerator backs `/dev/kvm` |
+//! | [`units`] | page size, sizes and their display |
+//!
+//! How the pieces fit, and the host facts they rest on, are in `docs/design.md`.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod accel;
@@ -13,8 +26,12 @@ pub mod config;
 pub mod devices;
 pub mod metrics;
 pub mod mm;
+pub mod units;
 pub mod vmm;
 pub mod vstate;
+
+#[cfg(test)]
+mod testutil;
 
 pub use config::VmConfig;
 pub use vmm::{run, RunOutcome, VmmError};

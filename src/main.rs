@@ -7,10 +7,16 @@ use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 
 use ebb::config::{
-    parse_balloon, parse_firmware_arg, parse_size, BootSource, FirmwareSource, MemoryConfig,
-    VmConfig,
+    balloon_mib, parse_balloon, parse_cache_size, parse_fault_around, parse_firmware_arg,
+    BootSource, FirmwareSource, MemoryConfig, ReclaimOptions, VmConfig, DEFAULT_KVM_DEV,
+    DEFAULT_MEM, DEFAULT_STATS_INTERVAL,
 };
-use ebb::mm::active::ActiveConfig;
+use ebb::mm::active::{ActiveConfig, DEFAULT_INTERVAL_MS, DEFAULT_SAMPLE_PAGES};
+use ebb::mm::reclaim::DEFAULT_CACHE_PERCENT;
+use ebb::mm::uffd::around::FaultAround;
+use ebb::mm::uffd::handler::DEFAULT_OOM_WAIT;
+use ebb::mm::uffd::DEFAULT_UFFD_DEV;
+use ebb::units::parse_size;
 use ebb::vmm::{exit_status, DEFAULT_PAYLOAD};
 
 /// A small, fast KVM hypervisor that overcommits guest memory the way ESXi does.
@@ -52,6 +58,11 @@ enum CtlRequest {
     BalloonStats,
     /// The VM's memory statistics (the --stats-json object).
     Stats,
+    /// Keep at most SIZE of the guest's memory resident (e.g. 64M), or `off`.
+    Reclaim {
+        /// Size, e.g. 64M, or off.
+        size: String,
+    },
 }
 
 #[derive(Args)]
@@ -66,7 +77,7 @@ struct RunArgs {
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
     /// Guest memory, e.g. 512M or 2G.
-    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEM)]
     mem: String,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -74,6 +85,9 @@ struct RunArgs {
     /// A built-in payload by name (hello, touch) or the path of a payload ELF file.
     #[arg(long, value_name = "NAME|PATH")]
     firmware: Option<String>,
+    /// A file whose bytes a payload finds in guest memory (touch's `text` pages copy it).
+    #[arg(long, value_name = "PATH")]
+    firmware_blob: Option<PathBuf>,
     /// A KEY=VALUE parameter for the payload (repeatable).
     #[arg(long = "firmware-arg", value_name = "KEY=VALUE")]
     firmware_args: Vec<String>,
@@ -81,28 +95,49 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     serial_log: Option<PathBuf>,
     /// The KVM device node.
-    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_KVM_DEV)]
     kvm_device: PathBuf,
     /// Back guest RAM with plain anonymous memory instead of serving it through userfaultfd.
     #[arg(long)]
     no_uffd: bool,
     /// The userfaultfd device, used when the userfaultfd syscall is refused.
-    #[arg(long, value_name = "PATH", default_value = "/dev/userfaultfd")]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_UFFD_DEV)]
     uffd_device: PathBuf,
-    /// Untouched neighbour pages to fill with each fault (0 to 255).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    fault_around: u64,
+    /// Untouched neighbour pages to map with each fault: `auto` grows the window on
+    /// sequential faults and keeps it closed on scattered ones; N (0 to 255) is fixed.
+    #[arg(long, value_name = "auto|N", default_value_t = FaultAround::default().to_string())]
+    fault_around: String,
     /// Write memory statistics as JSON lines to this file (every --stats-interval, and at exit).
     #[arg(long, value_name = "PATH")]
     stats_json: Option<PathBuf>,
     /// Seconds between statistics lines (fractions allowed).
-    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_STATS_INTERVAL.as_secs_f64())]
     stats_interval: f64,
+    /// Seconds guest faults may wait for memory the host refuses (a memory cgroup at its
+    /// limit, say) before the VM ends with an error.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_OOM_WAIT.as_secs_f64())]
+    oom_wait: f64,
+    /// The compression cache's capacity: a size (64M) or a share of guest RAM (10%).
+    #[arg(long, value_name = "SIZE|PCT", default_value_t = format!("{DEFAULT_CACHE_PERCENT}%"))]
+    zcache_max: String,
+    /// Directory of the swap file (created unlinked, mode 0600) [default: $TMPDIR, else
+    /// /var/tmp].
+    #[arg(long, value_name = "DIR")]
+    swap_dir: Option<PathBuf>,
+    /// Largest swap file (0: none) [default: the guest's RAM].
+    #[arg(long, value_name = "SIZE")]
+    swap_max: Option<String>,
+    /// Keep at most SIZE of the guest's memory resident: evict (compress, swap) the rest (0: off)
+    #[arg(long, value_name = "SIZE")]
+    reclaim_target: Option<String>,
+    /// How reclaim picks pages to evict: cold (the least recently written first) or random.
+    #[arg(long, value_name = "cold|random", default_value = "cold")]
+    reclaim_victims: String,
     /// Milliseconds between Active-memory samples.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_INTERVAL_MS)]
     active_interval_ms: u64,
     /// Pages in each Active-memory sample.
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SAMPLE_PAGES)]
     active_sample_pages: u32,
     /// Add a virtio-balloon: [target=SIZE,stats=SECS,deflate_on_oom=on,free_page_reporting=on].
     #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
@@ -119,6 +154,9 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
             if !args.firmware_args.is_empty() {
                 anyhow::bail!("--firmware-arg needs --firmware");
             }
+            if args.firmware_blob.is_some() {
+                anyhow::bail!("--firmware-blob needs --firmware (a Linux guest takes --initrd)");
+            }
             BootSource::Linux {
                 kernel,
                 initrd: args.initrd,
@@ -133,16 +171,17 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
                 return Err(ebb::config::ConfigError::NeedsKernel("--cmdline").into());
             }
             let source = FirmwareSource::parse(firmware.as_deref().unwrap_or(DEFAULT_PAYLOAD));
+            let firmware_blob = args.firmware_blob;
             let args = args
                 .firmware_args
                 .iter()
                 .map(|a| parse_firmware_arg(a))
                 .collect::<Result<_, _>>()?;
-            BootSource::Firmware { source, args }
+            BootSource::Firmware { source, args, blob: firmware_blob }
         }
     };
     let mut config = VmConfig::new(boot);
-    config.mem_bytes = parse_size(&args.mem)?;
+    config.mem_bytes = parse_size(&args.mem).map_err(|e| named("--mem", e))?;
     config.vcpus = args.vcpus;
     config.serial_log = args.serial_log;
     config.kvm_path = args.kvm_device;
@@ -152,29 +191,59 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
     config.memory = MemoryConfig {
         uffd: !args.no_uffd,
         uffd_dev: args.uffd_device,
-        fault_around: args.fault_around,
+        fault_around: parse_fault_around(&args.fault_around)?,
         active: ActiveConfig {
             interval: Duration::from_millis(args.active_interval_ms),
             sample_pages: args.active_sample_pages,
         },
         stats_json: args.stats_json,
         stats_interval,
+        oom_wait: Duration::try_from_secs_f64(args.oom_wait).map_err(|_| {
+            anyhow::anyhow!("--oom-wait {} is not a number of seconds", args.oom_wait)
+        })?,
+        reclaim: ReclaimOptions {
+            cache: parse_cache_size(&args.zcache_max).map_err(|e| named("--zcache-max", e))?,
+            swap_dir: args.swap_dir,
+            swap_max_bytes: (args.swap_max.as_deref().map(parse_size).transpose())
+                .map_err(|e| named("--swap-max", e))?,
+            // 0 means off, as on the control socket.
+            target_bytes: args
+                .reclaim_target
+                .as_deref()
+                .map(parse_size)
+                .transpose()
+                .map_err(|e| named("--reclaim-target", e))?
+                .filter(|&t| t > 0),
+            victims: args
+                .reclaim_victims
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--reclaim-victims: {e}"))?,
+        },
     };
     config.balloon = args.balloon.as_deref().map(parse_balloon).transpose()?;
     config.api_sock = args.api_sock;
     Ok(config)
 }
 
+/// The default log filter for `-v` counts. The virtio-queue crate logs every malformed ring
+/// a guest hands it, at error level: a guest could flood the log with it. ebb checks and
+/// counts those itself (logging each kind once), so the crate is silenced unless RUST_LOG
+/// asks for it.
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn,ebb=info",
-        1 => "info",
-        2 => "debug",
+        0 => "warn,ebb=info,virtio_queue=off",
+        1 => "info,virtio_queue=off",
+        2 => "debug,virtio_queue=off",
         _ => "trace",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
         .format_timestamp_millis()
         .init();
+}
+
+/// `e` with the option it is about in front, so that the message names its cause.
+fn named(option: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{option}: {e}")
 }
 
 fn main() -> ExitCode {
@@ -197,23 +266,76 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
+            if let Some(hint) = advice(&e) {
+                eprintln!("  hint: {hint}");
+            }
             ExitCode::from(1)
         }
     }
 }
 
+/// What the user can do about an error, in terms of the command line (the library's
+/// errors name values and limits, not flags).
+fn advice(e: &anyhow::Error) -> Option<&'static str> {
+    use ebb::boot::BootError;
+    use ebb::mm::uffd::UffdError;
+    use ebb::vmm::VmmError;
+    use ebb::vstate::memory::MemoryError;
+    match e.downcast_ref::<VmmError>()? {
+        VmmError::Memory(MemoryError::TooLarge { .. } | MemoryError::Map { .. }) => Some(
+            "ask for less --mem (the host may also cap address space with ulimit -v or vm.overcommit_memory=2)",
+        ),
+        VmmError::Boot(BootError::InitrdTooLarge { .. } | BootError::DoesNotFit { .. }) => {
+            Some("give the VM more --mem")
+        }
+        VmmError::Uffd(UffdError::Unavailable { .. }) => {
+            Some("run as root, set sysctl vm.unprivileged_userfaultfd=1, give your user access to /dev/userfaultfd, or run with --no-uffd")
+        }
+        _ => None,
+    }
+}
+
+/// `{verb: {"target_mib": N}}` for `size`, which `mib` turns into whole MiB.
+fn target_request(
+    verb: &str,
+    size: &str,
+    mib: impl Fn(u64) -> Result<u64, String>,
+) -> Result<serde_json::Value, String> {
+    let bytes = parse_size(size).map_err(|e| e.to_string())?;
+    Ok(serde_json::json!({ verb: { "target_mib": mib(bytes)? } }))
+}
+
+/// Says `e` and gives the status of a refused request.
+fn usage_error(e: &str) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(1)
+}
+
 /// `ebb ctl`: one request, the reply pretty-printed; exit 1 if the VM answered with an error.
 fn ctl(args: CtlArgs) -> ExitCode {
     let request = match &args.request {
-        CtlRequest::Balloon { size } => match parse_size(size) {
-            Ok(bytes) => serde_json::json!({ "balloon": { "target_mib": bytes >> 20 } }),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
+        CtlRequest::Balloon { size } => {
+            match target_request("balloon", size, |b| balloon_mib(b).map_err(|e| e.to_string())) {
+                Ok(request) => request,
+                Err(e) => return usage_error(&e),
             }
-        },
+        }
         CtlRequest::BalloonStats => serde_json::json!({ "balloon_stats": {} }),
         CtlRequest::Stats => serde_json::json!({ "stats": {} }),
+        CtlRequest::Reclaim { size } if size == "off" => {
+            serde_json::json!({ "reclaim": { "off": true } })
+        }
+        CtlRequest::Reclaim { size } => {
+            let mib = |b| {
+                ebb::units::exact_mib(b).ok_or_else(|| {
+                    format!("reclaim target {size} is not a whole number of MiB (the lever moves in MiB)")
+                })
+            };
+            match target_request("reclaim", size, mib) {
+                Ok(request) => request,
+                Err(e) => return usage_error(&e),
+            }
+        }
     };
     match ebb::api::client::request(&args.api_sock, &request) {
         Ok(reply) => {

@@ -10,25 +10,56 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::mm::engine::{rss_of, Engine};
+use vm_memory::GuestMemoryMmap;
+
+use crate::boot::firmware::read_progress;
+use crate::mm::engine::Engine;
+use crate::mm::rss::RssProbe;
 use crate::mm::stats::MemStats;
-use crate::vstate::memory::RamRegion;
 
 /// Where memory statistics come from.
-pub enum StatsSource {
+#[derive(Debug)]
+pub enum MemorySource {
     /// The lazy-RAM engine knows every page.
     Engine(Arc<Engine>),
     /// Plain memory (`--no-uffd`): only the mappings' RSS is known.
-    Plain(Vec<RamRegion>),
+    Plain(RssProbe),
+}
+
+/// What a statistics line is made of: the memory figures, and a firmware payload's progress
+/// counter when it has one.
+#[derive(Debug)]
+pub struct StatsSource {
+    memory: MemorySource,
+    progress: Option<Arc<GuestMemoryMmap>>,
 }
 
 impl StatsSource {
+    /// Statistics of `memory`, without a progress counter.
+    pub fn new(memory: MemorySource) -> Self {
+        Self { memory, progress: None }
+    }
+
+    /// Adds the progress counter a firmware payload keeps in `mem`.
+    pub fn with_progress(mut self, mem: Arc<GuestMemoryMmap>) -> Self {
+        self.progress = Some(mem);
+        self
+    }
+
+    /// Makes the next snapshot read the host's RSS afresh.
+    pub fn refresh(&self) {
+        match &self.memory {
+            MemorySource::Engine(e) => e.rss().invalidate(),
+            MemorySource::Plain(probe) => probe.invalidate(),
+        }
+    }
+
     /// A snapshot at `t_ms`.
     pub fn snapshot(&self, t_ms: u64) -> MemStats {
-        match self {
-            Self::Engine(e) => e.snapshot(t_ms),
-            Self::Plain(regions) => {
-                let rss = rss_of(regions.iter().copied());
+        let mut stats = match &self.memory {
+            MemorySource::Engine(e) => e.snapshot(t_ms),
+            MemorySource::Plain(regions) => {
+                let rss = regions.bytes();
                 MemStats {
                     t_ms,
                     consumed_bytes: rss,
@@ -38,11 +69,14 @@ impl StatsSource {
                     ..Default::default()
                 }
             }
-        }
+        };
+        stats.guest_progress = self.progress.as_deref().and_then(|m| read_progress(m).ok());
+        stats
     }
 }
 
 /// Writes one JSON object per line, every interval and once more at the end.
+#[derive(Debug)]
 pub struct StatsWriter {
     out: BufWriter<File>,
     timer: TimerFd,
@@ -62,6 +96,12 @@ impl StatsWriter {
         let mut timer = TimerFd::new().map_err(std::io::Error::from)?;
         timer.reset(interval, Some(interval)).map_err(std::io::Error::from)?;
         Ok(Self { out, timer, source, start })
+    }
+
+    /// Writes the last line, with a fresh reading of the host's RSS.
+    pub fn write_final_line(&mut self) -> std::io::Result<()> {
+        self.source.refresh();
+        self.write_line()
     }
 
     /// Writes a line now.

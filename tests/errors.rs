@@ -57,6 +57,7 @@ fn more_memory_than_the_host_can_map() {
         return;
     }
     expect_error(&["run", "--mem", "1000T"], "more than this host can give a guest");
+    expect_error(&["run", "--mem", "1000T"], "hint: ask for less --mem");
 }
 
 #[test]
@@ -158,4 +159,15 @@ fn kvm_device_without_permission() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("permission denied opening /dev/kvm"), "{stderr}");
     assert!(stderr.contains("'kvm' group"), "says what to do: {stderr}");
+}
+
+#[test]
+fn sampling_that_would_starve_the_fault_handler_is_refused() {
+    let args = ["run", "--active-interval-ms", "10", "--active-sample-pages", "100000"];
+    expect_error(&args, "samples 10000000 pages/s; at most 20000 pages/s");
+}
+
+#[test]
+fn a_balloon_size_that_is_not_whole_mib_is_refused() {
+    expect_error(&["run", "--balloon", "target=1536K"], "not a whole number of MiB");
 }

@@ -2,7 +2,7 @@
 //!
 //! On hardware-virtualization hosts the guest reaches user space (`ebb-guest: init started`).
 //! On PVM hosts guest CPL0 code is emulated and user space dies at its first `syscall`
-//! (DESIGN.md section 4), so the test checks that the kernel gets to `Run /init`.
+//! (docs/design.md, "The host"), so the test checks that the kernel gets to `Run /init`.
 #![allow(clippy::unwrap_used)]
 
 mod common;

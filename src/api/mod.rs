@@ -5,12 +5,15 @@
 //! | `{"balloon": {"target_mib": N}}` | `{"ok": true}` |
 //! | `{"balloon_stats": {}}` | `{"target_mib": T, "actual_mib": A, "stats": {"free_memory": ...}, "stats_age_ms": M}` |
 //! | `{"stats": {}}` | the `--stats-json` object |
+//! | `{"reclaim": {"target_mib": N}}` | `{"ok": true}`: keep at most N MiB resident (0: off) |
+//! | `{"reclaim": {"off": true}}` | `{"ok": true}`: stop reclaiming |
 //!
 //! Errors come back as `{"error": "..."}`. The device never sees JSON: this module turns
 //! requests into calls on it.
 
 pub mod client;
 pub mod server;
+mod sys;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -18,20 +21,27 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::devices::virtio::balloon::{Balloon, STAT_NAMES};
+use crate::devices::virtio::mmio::MmioMetrics;
 use crate::metrics::StatsSource;
+use crate::mm::reclaim::ReclaimControl;
 
 /// What requests act on.
+#[derive(Debug)]
 pub struct ApiContext {
     /// The balloon, if the VM has one.
     pub balloon: Option<Arc<Mutex<Balloon>>>,
+    /// What the balloon's virtio-mmio transport counted of the guest's mistakes.
+    pub transport: Option<Arc<MmioMetrics>>,
     /// Memory statistics.
     pub stats: Arc<StatsSource>,
+    /// The reclaim lever and the guest's RAM in bytes, if reclaim is available.
+    pub reclaim: Option<(Arc<ReclaimControl>, u64)>,
     /// When the VM started.
     pub start: Instant,
 }
 
-/// Longest request line accepted.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest request line accepted (requests are small JSON objects).
+pub const MAX_REQUEST_BYTES: usize = 4096;
 
 fn error(msg: impl std::fmt::Display) -> Value {
     json!({ "error": msg.to_string() })
@@ -47,18 +57,21 @@ impl ApiContext {
         let Some((verb, args)) =
             request.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next())
         else {
-            return error("a request is an object with one key: balloon, balloon_stats or stats");
+            return error(
+                "a request is an object with one key: balloon, balloon_stats, reclaim or stats",
+            );
         };
         match verb.as_str() {
             "balloon" => self.balloon_target(args),
             "balloon_stats" => self.balloon_stats(),
+            "reclaim" => self.reclaim_target(args),
             "stats" => {
                 let t_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
                 serde_json::to_value(self.stats.snapshot(t_ms)).unwrap_or_else(error)
             }
-            other => {
-                error(format!("unknown request {other:?}: use balloon, balloon_stats or stats"))
-            }
+            other => error(format!(
+                "unknown request {other:?}: use balloon, balloon_stats, reclaim or stats"
+            )),
         }
     }
 
@@ -81,6 +94,37 @@ impl ApiContext {
         match balloon.set_target_mib(target) {
             Ok(()) => json!({ "ok": true }),
             Err(e) => error(e),
+        }
+    }
+
+    fn reclaim_target(&self, args: &Value) -> Value {
+        let Some((control, mem_bytes)) = &self.reclaim else {
+            return error(
+                "reclaim is unavailable in this VM (--no-uffd, or a kernel without UFFDIO_MOVE)",
+            );
+        };
+        if args.get("off").and_then(Value::as_bool) == Some(true) {
+            control.set_target(None);
+            return json!({ "ok": true });
+        }
+        let Some(mib) = args.get("target_mib").and_then(Value::as_u64) else {
+            return error(
+                "reclaim needs {\"target_mib\": N} (a whole number of MiB) or {\"off\": true}",
+            );
+        };
+        match mib.checked_mul(1 << 20).filter(|b| b <= mem_bytes) {
+            Some(0) => {
+                control.set_target(None); // 0: off, as on the command line
+                json!({ "ok": true })
+            }
+            Some(bytes) => {
+                control.set_target(Some(bytes));
+                json!({ "ok": true })
+            }
+            None => error(format!(
+                "reclaim target of {mib} MiB is more than the guest's {} MiB",
+                mem_bytes >> 20
+            )),
         }
     }
 
@@ -111,6 +155,7 @@ impl ApiContext {
             "deflated_pages": load(&m.deflated_pages),
             "reported_pages": load(&m.reported_pages),
             "early_notifies": load(&m.early_notifies),
+            "activations": load(&m.activations),
             "reports_kept": load(&m.reports_kept),
             "madvise_errors": load(&m.madvise_errors),
             "guest_errors": {
@@ -120,6 +165,13 @@ impl ApiContext {
                 "bad_notifies": m.bad_notifies.get(),
                 "bad_config_writes": m.bad_config_writes.get(),
             },
+            "transport_errors": self.transport.as_deref().map(|t| json!({
+                "bad_accesses": t.bad_accesses.get(),
+                "bad_state_writes": t.bad_state_writes.get(),
+                "bad_queue_config": t.bad_queue_config.get(),
+                "bad_notifies": t.bad_notifies.get(),
+                "activate_failures": t.activate_failures.get(),
+            })),
         })
     }
 }

@@ -112,7 +112,7 @@ fn segment(flags: Flags, base: u64, limit: u64, selector: u16) -> kvm_segment {
 /// Writes the GDT and a TSS whose I/O bitmap allows every port.
 ///
 /// On PVM, `RFLAGS.IOPL=3` does not let CPL3 `out` through but an all-zero bitmap does
-/// (DESIGN.md section 4), so the bitmap is how firmware payloads reach the UART.
+/// (docs/design.md, "The host"), so the bitmap is how firmware payloads reach the UART.
 pub fn write_tables(mem: &vm_memory::GuestMemoryMmap) -> Result<(), BootError> {
     let gdt: Vec<u8> = gdt_entries().iter().flat_map(|e| e.to_le_bytes()).collect();
     write_bytes(mem, &gdt, GDT_GPA, "GDT")?;

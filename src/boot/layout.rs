@@ -4,6 +4,7 @@
 //! 0x0000_0500  GDT (null, code64/data DPL0, data/code64 DPL3, TSS)
 //! 0x0000_1000  TSS + I/O permission bitmap (all ports allowed: firmware at CPL3 uses `out`)
 //! 0x0000_7000  Linux zero page (boot_params) / PVH start_info / firmware boot info
+//! 0x0000_7800  firmware progress counter (a u64 the payload bumps, ebb reads)
 //! 0x0000_8ff0  Linux boot stack (grows down)
 //! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000.. page directories (2 MiB pages)
 //! 0x0002_0000  kernel command line / firmware arguments
@@ -20,6 +21,10 @@ pub const GDT_GPA: u64 = 0x500;
 pub const TSS_GPA: u64 = 0x1000;
 /// The zero page (Linux `boot_params`), PVH `start_info`, or firmware boot info.
 pub const ZERO_PAGE_GPA: u64 = 0x7000;
+/// The firmware payload's progress counter: a u64 in the second half of the boot-info page,
+/// which ebb reserves (free RAM starts at [`HIMEM_GPA`]) and no other firmware structure uses
+/// (the PVH memory map at [`PVH_MEMMAP_GPA`] is for Linux boots only).
+pub const FIRMWARE_PROGRESS_GPA: u64 = ZERO_PAGE_GPA + 0x800;
 /// The PVH memory map follows `start_info` in the same page.
 pub const PVH_MEMMAP_GPA: u64 = 0x7100;
 /// Initial stack pointer of the Linux 64-bit entry.
@@ -59,6 +64,8 @@ pub const PAGE_BYTES: u64 = 4096;
 const _: () = {
     assert!(GDT_GPA + 0x60 <= TSS_GPA);
     assert!(TSS_GPA + 104 + 8192 < ZERO_PAGE_GPA);
+    assert!(FIRMWARE_PROGRESS_GPA + 8 <= ZERO_PAGE_GPA + PAGE_BYTES);
+    assert!(FIRMWARE_PROGRESS_GPA % 8 == 0 && ZERO_PAGE_GPA + PAGE_BYTES <= BOOT_STACK_GPA);
     assert!(BOOT_STACK_GPA < PML4_GPA && PD_END_GPA <= CMDLINE_GPA);
     assert!(CMDLINE_GPA + CMDLINE_MAX_BYTES as u64 <= FIRMWARE_STACK_TOP_GPA);
     assert!(FIRMWARE_STACK_TOP_GPA <= EBDA_GPA && EBDA_GPA < HIMEM_GPA);

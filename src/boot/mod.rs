@@ -1,10 +1,11 @@
 //! Placing what the vCPU runs in guest memory and describing the CPU state it starts in.
 //!
 //! [`linux`] loads a bzImage (64-bit boot protocol) or an ELF vmlinux (PVH); [`firmware`]
-//! loads ebb's own test payloads, which start directly at CPL3 (DESIGN.md section 4: CPL0
-//! code is emulated on PVM hosts). Both describe guest RAM with [`e820`] and start the vCPU
+//! loads ebb's own test payloads, which start directly at CPL3 (see docs/design.md, "The
+//! host": CPL0 code is emulated on PVM hosts). Both describe guest RAM with [`e820`] and start the vCPU
 //! from a [`BootCpu`].
 
+pub mod cmdline;
 pub mod e820;
 pub mod firmware;
 pub mod gdt;
@@ -64,7 +65,7 @@ pub enum BootError {
     #[error("invalid kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
     /// The initrd does not fit in guest RAM below the kernel's limit.
-    #[error("initrd of {size} bytes does not fit in guest RAM (free low RAM: {room} bytes); give the VM more --mem")]
+    #[error("initrd of {size} bytes does not fit in guest RAM (free low RAM: {room} bytes)")]
     InitrdTooLarge {
         /// Size of the initrd.
         size: u64,
@@ -89,8 +90,18 @@ pub enum BootError {
         /// The limit.
         max: usize,
     },
+    /// The firmware blob does not fit in the free RAM below 4 GiB.
+    #[error(
+        "the firmware blob of {len} bytes does not fit in the {room} bytes of free guest RAM below 4 GiB"
+    )]
+    BlobTooLarge {
+        /// The blob's length.
+        len: u64,
+        /// Free RAM below 4 GiB after the payload image.
+        room: u64,
+    },
     /// The image or its data overlaps something or lies outside guest RAM.
-    #[error("{what} does not fit in guest RAM of {mem_bytes} bytes; give the VM more --mem")]
+    #[error("{what} does not fit in guest RAM of {mem_bytes} bytes")]
     DoesNotFit {
         /// What did not fit.
         what: &'static str,
@@ -100,8 +111,8 @@ pub enum BootError {
     /// The boot page tables cannot map this much memory.
     #[error(
         "the boot page tables map at most {} of guest-physical space, this VM needs {}; use less --mem",
-        crate::config::human_bytes(*.max),
-        crate::config::human_bytes(*.top)
+        crate::units::human_bytes(*.max),
+        crate::units::human_bytes(*.top)
     )]
     PageTablesTooSmall {
         /// Top of guest RAM.

@@ -39,6 +39,10 @@ const KBD_ACK: u8 = 0xfa;
 const CTR_DEFAULT: u8 = 0x45;
 /// Output port after firmware: A20 on, not in reset.
 const OUTP_DEFAULT: u8 = 0x03;
+/// Bytes the controller holds for the guest to read. A real 8042 has a one-byte output
+/// buffer; a few more let a driver send a command while an answer waits (QEMU's PS/2 queue
+/// began at 16). Bytes beyond it are dropped: a guest that never reads cannot grow ebb.
+pub const OUT_QUEUE_BYTES: usize = 16;
 
 /// The controller on the port bus.
 #[derive(Debug)]
@@ -55,13 +59,20 @@ impl I8042 {
         Self { ctr: CTR_DEFAULT, outp: OUTP_DEFAULT, out: VecDeque::new(), pending: None }
     }
 
+    /// Queues a byte for the guest, unless the queue is full.
+    fn answer(&mut self, b: u8) {
+        if self.out.len() < OUT_QUEUE_BYTES {
+            self.out.push_back(b);
+        }
+    }
+
     fn command(&mut self, cmd: u8) -> Option<ExitRequest> {
         match cmd {
-            CMD_READ_CTR => self.out.push_back(self.ctr),
-            CMD_READ_OUTP => self.out.push_back(self.outp),
+            CMD_READ_CTR => self.answer(self.ctr),
+            CMD_READ_OUTP => self.answer(self.outp),
             CMD_WRITE_CTR | CMD_WRITE_OUTP => self.pending = Some(cmd),
-            CMD_SELF_TEST => self.out.push_back(SELF_TEST_OK),
-            CMD_KBD_TEST => self.out.push_back(0),
+            CMD_SELF_TEST => self.answer(SELF_TEST_OK),
+            CMD_KBD_TEST => self.answer(0),
             CMD_KBD_DISABLE | CMD_KBD_ENABLE | CMD_AUX_DISABLE | CMD_AUX_ENABLE => {}
             CMD_RESET_CPU => return Some(ExitRequest::Reset),
             _ => log::debug!("i8042: ignoring command {cmd:#x}"),
@@ -74,7 +85,7 @@ impl I8042 {
             Some(CMD_WRITE_CTR) => self.ctr = v,
             Some(_) => self.outp = v,
             // A byte for the keyboard, which is absent: acknowledge it like a real one would.
-            None => self.out.push_back(KBD_ACK),
+            None => self.answer(KBD_ACK),
         }
     }
 }
@@ -146,6 +157,17 @@ mod tests {
         assert_eq!(read(&mut kbd, DATA), SELF_TEST_OK);
         kbd.write(DATA, &[0xff]);
         assert_eq!(read(&mut kbd, DATA), KBD_ACK);
+    }
+
+    #[test]
+    fn a_guest_that_never_reads_cannot_grow_the_output_queue() {
+        let mut kbd = I8042::new();
+        for _ in 0..100_000 {
+            kbd.write(DATA, &[0xff]);
+            kbd.write(COMMAND, &[CMD_READ_CTR]);
+        }
+        assert_eq!(kbd.out.len(), OUT_QUEUE_BYTES);
+        assert_eq!(read(&mut kbd, DATA), KBD_ACK, "the oldest bytes are kept");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod debug_exit;
+pub mod guest_errors;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;

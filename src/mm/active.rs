@@ -1,19 +1,54 @@
-//! Active memory, estimated the ESX way (seed 000): each interval a random sample of resident
-//! pages is write-protected; the share of them written before the next interval, smoothed by a
-//! fast and a slow moving average, times the resident size is Active.
+//! Active memory, estimated the ESX way: each interval a random sample of resident pages is
+//! write-protected; the share of them written before the next interval, smoothed by a fast and
+//! a slow moving average, times the resident size is Active.
 //!
 //! Only writes are seen: write protection is the one access trap that never moves guest data,
 //! so sampling cannot lose or corrupt a page. A page only read in the interval counts as idle.
+//!
+//! The [`Sampler`] runs on the fault-handler thread (it issues userfaultfd ioctls and reads
+//! the write-protect faults); it owns the sample and the [`FLAG_SAMPLED`] bits of the
+//! page-state table. A sampled page that stops being Resident during the interval (released
+//! by the balloon, say) leaves the sample: it was neither written nor idle.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::stats::round_u64;
+use vmm_sys_util::timerfd::TimerFd;
 
-/// Default sampling interval: short enough that a demo reacts within seconds (ESX: 60 s).
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+use super::layout::RamMap;
+use super::pages::{PageState, PageTable, FLAG_SAMPLED};
+use super::stats::round_u64;
+use super::uffd::{Resolved, Uffd, UffdError};
+use crate::units::PAGE_SIZE;
+
+/// Default sampling interval in milliseconds: short enough that a demo reacts within
+/// seconds (ESX: 60 s).
+pub const DEFAULT_INTERVAL_MS: u64 = 1000;
+/// [`DEFAULT_INTERVAL_MS`] as a duration.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(DEFAULT_INTERVAL_MS);
 /// Default sample size (ESX: 100 pages).
 pub const DEFAULT_SAMPLE_PAGES: u32 = 100;
+/// Random picks tried per wanted sample page before the sampler settles for fewer (most
+/// guest RAM may be untouched).
+const PICKS_PER_SAMPLE_PAGE: u64 = 64;
+/// Most random picks in one interval, whatever the sample size.
+const MAX_PICKS_PER_INTERVAL: u64 = 1 << 16;
+/// Most pages sampled per second (sample pages / interval): each costs two write-protect
+/// round trips on the fault handler's thread, so more would starve the guest's faults.
+pub const MAX_SAMPLE_PAGES_PER_S: u64 = 20_000;
+
+/// How many pages to sample and how many random picks to spend on finding them, for a
+/// sample of `sample_pages` among `resident` resident pages.
+pub fn sample_budget(sample_pages: u32, resident: u64) -> (u64, u64) {
+    let want = u64::from(sample_pages).min(resident);
+    (want, (want * PICKS_PER_SAMPLE_PAGE).min(MAX_PICKS_PER_INTERVAL))
+}
+
+/// Pages sampled per second by `config`.
+pub fn sample_rate(config: &ActiveConfig) -> u64 {
+    let ms = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX).max(1);
+    u64::from(config.sample_pages).saturating_mul(1000) / ms
+}
 /// Weight of the newest interval in the fast average.
 pub const FAST_WEIGHT: f64 = 0.5;
 /// Weight of the newest interval in the slow average.
@@ -78,10 +113,10 @@ impl ActiveEstimator {
 
 /// Active bytes for `resident_bytes` at `fraction`, rounded to whole pages.
 pub fn active_bytes(fraction: f64, resident_bytes: u64) -> u64 {
-    let pages = resident_bytes / 4096;
+    let pages = resident_bytes / PAGE_SIZE;
     // Float only for the fraction; the product is at most `pages`.
     let active = round_u64(fraction.clamp(0.0, 1.0) * pages as f64);
-    active.min(pages) * 4096
+    active.min(pages) * PAGE_SIZE
 }
 
 /// What the sampler publishes to the stats path.
@@ -139,6 +174,105 @@ impl Default for SampleRng {
     }
 }
 
+/// The sampling state of one VM: the pages in the current sample and the averages.
+#[derive(Debug)]
+pub struct Sampler {
+    config: ActiveConfig,
+    timer: TimerFd,
+    estimator: ActiveEstimator,
+    current: Vec<u64>,
+    rng: SampleRng,
+}
+
+impl Sampler {
+    /// A sampler whose timer fires every `config.interval`.
+    ///
+    /// # Errors
+    /// The timer could not be created or armed.
+    pub fn new(config: ActiveConfig) -> std::io::Result<Self> {
+        let mut timer = TimerFd::new().map_err(std::io::Error::from)?;
+        timer.reset(config.interval, Some(config.interval)).map_err(std::io::Error::from)?;
+        let (estimator, current, rng) = (ActiveEstimator::default(), Vec::new(), SampleRng::new());
+        Ok(Self { config, timer, estimator, current, rng })
+    }
+
+    /// The timer to poll: readable when an interval ends.
+    pub fn timer(&self) -> &TimerFd {
+        &self.timer
+    }
+
+    /// Closes the current sample, publishes the estimate, and protects the next sample.
+    ///
+    /// # Errors
+    /// A userfaultfd ioctl failed for a reason other than a pending remove (`EAGAIN`, which
+    /// only shrinks the sample).
+    pub fn tick(
+        &mut self,
+        uffd: &Uffd,
+        map: &RamMap,
+        table: &PageTable,
+        out: &ActiveStats,
+    ) -> Result<(), UffdError> {
+        let _ = self.timer.wait();
+        let (touched, sampled) = self.close(uffd, map, table)?;
+        self.estimator.update(touched, sampled);
+        out.publish(&self.estimator, table.count(PageState::Resident) * PAGE_SIZE);
+        self.open(uffd, map, table)
+    }
+
+    /// Ends the sample: (written, still-resident) page counts. Unwritten pages are unprotected.
+    fn close(
+        &mut self,
+        uffd: &Uffd,
+        map: &RamMap,
+        table: &PageTable,
+    ) -> Result<(u32, u32), UffdError> {
+        let (mut touched, mut sampled) = (0u32, 0u32);
+        for idx in self.current.drain(..) {
+            let Some((state, flags)) = table.clear_sampled(idx) else { continue };
+            if state != PageState::Resident {
+                continue; // released or moved during the interval: out of the sample
+            }
+            sampled += 1;
+            if flags & FLAG_SAMPLED == 0 {
+                touched += 1; // the write-protect fault cleared the flag
+                continue;
+            }
+            let Some(hva) = map.hva_of_idx(idx) else { continue };
+            // EAGAIN leaves the page protected, which is harmless: its next write takes a
+            // write-protect fault, which the handler resolves (and retries) like any other.
+            uffd.write_protect(hva, PAGE_SIZE, false)?;
+        }
+        Ok((touched, sampled))
+    }
+
+    /// Picks and write-protects the next sample among resident pages.
+    fn open(&mut self, uffd: &Uffd, map: &RamMap, table: &PageTable) -> Result<(), UffdError> {
+        let pages = map.pages();
+        let resident = table.count(PageState::Resident);
+        let (want, picks) = sample_budget(self.config.sample_pages, resident);
+        let want = usize::try_from(want).unwrap_or(usize::MAX);
+        for _ in 0..picks {
+            if self.current.len() >= want || pages == 0 {
+                break;
+            }
+            let idx = self.rng.below(pages);
+            let Some(hva) = map.hva_of_idx(idx) else { continue };
+            if !table.mark_sampled(idx, PageState::Resident) {
+                continue;
+            }
+            match uffd.write_protect(hva, PAGE_SIZE, true)? {
+                Resolved::Mapped => self.current.push(idx),
+                // A remove is pending, or memory is short: skip this page rather than wait.
+                _ => {
+                    table.clear_sampled(idx);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +311,21 @@ mod tests {
         assert_eq!(active_bytes(0.5, 64 << 20), 32 << 20);
         assert_eq!(active_bytes(1.5, 8192), 8192);
         assert_eq!(active_bytes(0.0, 8192), 0);
+    }
+
+    #[test]
+    fn the_sample_is_bounded_by_the_resident_pages_and_the_picks_by_a_constant() {
+        assert_eq!(sample_budget(100, 0), (0, 0), "nothing resident: no picks at all");
+        assert_eq!(sample_budget(100, 10), (10, 640));
+        assert_eq!(sample_budget(100_000, 1 << 30), (100_000, MAX_PICKS_PER_INTERVAL));
+    }
+
+    #[test]
+    fn sample_rate_is_pages_per_second() {
+        let c =
+            |ms, pages| ActiveConfig { interval: Duration::from_millis(ms), sample_pages: pages };
+        assert_eq!(sample_rate(&c(1000, 100)), 100);
+        assert_eq!(sample_rate(&c(10, 100_000)), 10_000_000);
     }
 
     #[test]

@@ -9,12 +9,17 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::active::{ActiveConfig, ActiveStats};
-use super::layout::{RamMap, PAGE};
-use super::state::{PageState, PageTable};
-use super::stats::{FaultStats, MemStats};
-use super::uffd::handler::{FaultHandler, HandlerConfig, Shared};
-use super::uffd::{Uffd, UffdError};
-use crate::vstate::memory::{GuestRam, RamRegion};
+use super::layout::RamMap;
+use super::manager::MemoryManager;
+use super::pages::{PageState, PageTable, StateSet};
+use super::reclaim::evict::Evictor;
+use super::reclaim::{self, DirtyLog, ReclaimControl, VictimPolicy};
+use super::rss::RssProbe;
+use super::stats::{FaultStats, Histogram, MemStats, ReclaimStats};
+use super::sys::resident_pages;
+use super::uffd::handler::{EngineCore, FaultHandler, HandlerConfig, DEFAULT_OOM_WAIT};
+use super::uffd::{Uffd, UffdError, DEFAULT_UFFD_DEV};
+use crate::units::PAGE_SIZE;
 
 /// How the engine runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,67 +28,139 @@ pub struct EngineConfig {
     pub uffd_dev: PathBuf,
     /// Fault-around and Active sampling.
     pub handler: HandlerConfig,
+    /// Resident memory to keep at most from the start (None: reclaim off until the lever
+    /// sets a target).
+    pub reclaim_target: Option<u64>,
+    /// How the reclaim worker picks victims.
+    pub victims: VictimPolicy,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            uffd_dev: PathBuf::from("/dev/userfaultfd"),
-            handler: HandlerConfig { fault_around: 0, active: Some(ActiveConfig::default()) },
+            uffd_dev: PathBuf::from(DEFAULT_UFFD_DEV),
+            handler: HandlerConfig {
+                fault_around: Default::default(),
+                active: Some(ActiveConfig::default()),
+                oom_wait: DEFAULT_OOM_WAIT,
+            },
+            reclaim_target: None,
+            victims: VictimPolicy::default(),
         }
     }
 }
 
+/// The reclaim worker as the engine holds it: its lever, and how to stop it.
+#[derive(Debug)]
+struct Reclaim {
+    control: Arc<ReclaimControl>,
+    stop: EventFd,
+    thread: JoinHandle<()>,
+}
+
+impl Reclaim {
+    /// Stops the worker and waits for it (it never waits for the fault handler).
+    fn stop(self) {
+        let _ = self.stop.write(1);
+        let _ = self.thread.join();
+    }
+}
+
 /// A running engine; dropping it stops the handler thread.
+#[derive(Debug)]
 pub struct Engine {
-    shared: Shared,
+    core: EngineCore,
     stop: EventFd,
     failed: EventFd,
-    failure: Arc<Mutex<Option<String>>>,
-    thread: Option<JoinHandle<Result<(), UffdError>>>,
+    failure: Arc<Mutex<Option<UffdError>>>,
+    thread: Option<JoinHandle<()>>,
     wp: bool,
+    rss: RssProbe,
+    reclaim: Option<Arc<ReclaimControl>>,
 }
 
 impl Engine {
-    /// Registers `ram` with userfaultfd and starts the handler thread. Pages ebb already
-    /// wrote (kernel, boot tables) are found with `mincore` and start out Resident.
-    pub fn start(ram: &GuestRam, config: &EngineConfig) -> Result<Self, UffdError> {
-        let uffd = Uffd::open(&config.uffd_dev)?;
+    /// Registers the guest RAM of `mm` with userfaultfd and starts the handler thread, which
+    /// keeps `mm`'s page-state table. Pages ebb already wrote (kernel, boot tables) are found
+    /// with `mincore` and start out Resident.
+    ///
+    /// When `mm` has stores for evicted pages, a reclaim worker starts too (idle until a
+    /// target is set); `dirty_log` tells it which pages the guest wrote.
+    ///
+    /// # Errors
+    /// userfaultfd is unavailable or refuses the range, `mm` keeps no page table, or the
+    /// thread could not be started.
+    pub fn start(
+        mm: &MemoryManager,
+        config: &EngineConfig,
+        dirty_log: Option<DirtyLog>,
+    ) -> Result<Self, UffdError> {
+        let table = mm.table().cloned().ok_or(UffdError::NotTracked)?;
+        let uffd = Arc::new(Uffd::open(&config.uffd_dev)?);
         let wp = uffd.has_wp();
-        let regions = ram.regions();
-        for r in &regions {
-            uffd.register(r.hva, r.len, wp)?;
+        let map = mm.map().clone();
+        for s in map.spans() {
+            uffd.register(s.region.hva, s.region.len, wp)?;
         }
-        let map = RamMap::new(&regions);
-        let table = Arc::new(PageTable::new(map.pages()));
         mark_resident(&map, &table);
-        let shared = Shared {
+        let core = EngineCore {
             map,
             table,
             stats: Arc::new(FaultStats::default()),
             active: Arc::new(ActiveStats::default()),
+            backing: mm.backing().cloned(),
         };
-        let handler = FaultHandler::new(uffd, shared.clone(), config.handler)?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Read)?;
-        let stop_thread = stop.try_clone().map_err(UffdError::Read)?;
-        let failed = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Read)?;
-        let failed_thread = failed.try_clone().map_err(UffdError::Read)?;
+        let handler = FaultHandler::new(uffd.clone(), core.clone(), config.handler)?;
+        let worker = start_reclaim(&core, &uffd, config, dirty_log)?;
+        // From here the handler, the evictor and the handler's thread hold the descriptor:
+        // it closes when all are gone, which wakes every faulting thread.
+        let held = uffd;
+        let reclaim = worker.as_ref().map(|w| w.control.clone());
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
+        let stop_thread = stop.try_clone().map_err(UffdError::Setup)?;
+        let failed = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
+        let failed_thread = failed.try_clone().map_err(UffdError::Setup)?;
         let failure = Arc::new(Mutex::new(None));
         let failure_thread = failure.clone();
+        let map_thread = core.map.clone();
         let thread = std::thread::Builder::new()
             .name("ebb-uffd".into())
             .spawn(move || {
                 let result = handler.run(&stop_thread);
-                if let Err(e) = &result {
-                    // Faulting threads now wait forever: tell the VMM, which ends the VM.
-                    *failure_thread.lock().unwrap_or_else(PoisonError::into_inner) =
-                        Some(e.to_string());
-                    let _ = failed_thread.write(1);
+                if let Some(w) = worker {
+                    w.stop();
                 }
-                result
+                let Err(e) = result else { return };
+                let out_of_memory = matches!(e, UffdError::OutOfMemory { .. });
+                let lost = matches!(e, UffdError::Restore(_) | UffdError::Unrestorable { .. });
+                // Tell the VMM, which ends the VM, before the descriptor closes: once it is
+                // closed the kernel wakes every faulting thread and serves their faults as
+                // plain anonymous memory, and the guest would go on (or crash) without ebb
+                // knowing its pages.
+                *failure_thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                let _ = failed_thread.write(1);
+                if lost {
+                    // A page's contents could not be brought back: closing would hand the
+                    // vCPU waiting on it a zero page. The descriptor stays open until the
+                    // process, which ends now, exits.
+                    std::mem::forget(held);
+                    return;
+                }
+                // Closed before guest RAM is dropped: an `madvise` of registered memory
+                // waits for this very thread to read its remove event.
+                drop(held);
+                if out_of_memory {
+                    drop_guest_memory(&map_thread);
+                }
             })
-            .map_err(UffdError::Read)?;
-        Ok(Self { shared, stop, failed, failure, thread: Some(thread), wp })
+            .map_err(UffdError::Setup)?;
+        let rss = RssProbe::new(core.map.spans().iter().map(|s| s.region).collect());
+        Ok(Self { core, stop, failed, failure, thread: Some(thread), wp, rss, reclaim })
+    }
+
+    /// The reclaim lever, if the engine has stores and the kernel can move pages.
+    pub fn reclaim(&self) -> Option<&Arc<ReclaimControl>> {
+        self.reclaim.as_ref()
     }
 
     /// Signalled if the handler thread stops on an error: faults can no longer be served.
@@ -93,17 +170,17 @@ impl Engine {
 
     /// Why the handler thread stopped, if it failed.
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.failure.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|e| e.to_string())
+    }
+
+    /// Takes the error the handler thread stopped on, if it failed.
+    pub fn take_failure(&self) -> Option<UffdError> {
+        self.failure.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 
     /// The page-state table.
     pub fn table(&self) -> &Arc<PageTable> {
-        &self.shared.table
-    }
-
-    /// Guest RAM as the engine numbers it.
-    pub fn map(&self) -> &RamMap {
-        &self.shared.map
+        &self.core.table
     }
 
     /// True if guest RAM is registered in write-protect mode too.
@@ -113,29 +190,36 @@ impl Engine {
 
     /// Bytes of metadata the engine keeps for this VM.
     pub fn metadata_bytes(&self) -> u64 {
-        self.shared.table.metadata_bytes()
+        self.core.table.metadata_bytes()
+            + self.core.backing.as_ref().map_or(0, |b| b.metadata_bytes())
             + std::mem::size_of::<FaultStats>() as u64
             + std::mem::size_of::<ActiveStats>() as u64
     }
 
-    /// A snapshot of the statistics at `t_ms`.
+    /// The probe of the guest-RAM mappings' RSS.
+    pub fn rss(&self) -> &RssProbe {
+        &self.rss
+    }
+
+    /// A snapshot of the statistics at `t_ms` (`rss_bytes` may be up to 100 ms old).
     pub fn snapshot(&self, t_ms: u64) -> MemStats {
-        let table = &self.shared.table;
-        let stats = &self.shared.stats;
-        let resident = table.count(PageState::Resident) * PAGE;
-        let active = if self.shared.active.intervals.load(Ordering::Relaxed) == 0 {
+        let table = &self.core.table;
+        let stats = &self.core.stats;
+        let resident = table.count(PageState::Resident) * PAGE_SIZE;
+        let reclaim = self.reclaim_stats(resident);
+        let active = if self.core.active.intervals.load(Ordering::Relaxed) == 0 {
             resident // no sample yet: assume everything resident is active
         } else {
-            self.shared.active.active_bytes.load(Ordering::Relaxed)
+            self.core.active.active_bytes.load(Ordering::Relaxed)
         };
         MemStats {
             t_ms,
-            consumed_bytes: resident,
+            consumed_bytes: resident + reclaim.zcache_bytes + reclaim.held_pages * PAGE_SIZE,
             active_bytes: active,
-            touched_bytes: (resident + table.count(PageState::ZeroMapped) * PAGE),
-            zero_mapped_bytes: table.count(PageState::ZeroMapped) * PAGE,
-            ballooned_bytes: table.count(PageState::Ballooned) * PAGE,
-            rss_bytes: rss_of(self.shared.map.spans().iter().map(|s| s.region)),
+            touched_bytes: (resident + table.count(PageState::ZeroMapped) * PAGE_SIZE),
+            zero_mapped_bytes: table.count(PageState::ZeroMapped) * PAGE_SIZE,
+            ballooned_bytes: table.count(PageState::Ballooned) * PAGE_SIZE,
+            rss_bytes: self.rss.bytes(),
             faults: stats.faults(),
             faults_zero: stats.zero.load(Ordering::Relaxed),
             faults_copy: stats.copy.load(Ordering::Relaxed),
@@ -144,13 +228,52 @@ impl Engine {
             remove_events: stats.removes.load(Ordering::Relaxed),
             faults_already_mapped: stats.already_mapped.load(Ordering::Relaxed),
             fault_retries: stats.retries.load(Ordering::Relaxed),
+            fault_no_memory: stats.no_memory.load(Ordering::Relaxed),
             removed_pages: stats.removed_pages.load(Ordering::Relaxed),
             fault_p50_us: stats.latency.quantile(0.50) as f64 / 1000.0,
             fault_p99_us: stats.latency.quantile(0.99) as f64 / 1000.0,
             handler_cpu_ms: stats.cpu_ns() as f64 / 1e6,
-            active_samples: self.shared.active.intervals.load(Ordering::Relaxed),
+            active_samples: self.core.active.intervals.load(Ordering::Relaxed),
             metadata_bytes: self.metadata_bytes(),
+            guest_progress: None,
+            reclaim,
         }
+    }
+
+    /// The reclaim figures (zero but `resident_bytes` without stores).
+    fn reclaim_stats(&self, resident: u64) -> ReclaimStats {
+        let mut out = ReclaimStats { resident_bytes: resident, ..Default::default() };
+        let Some(backing) = &self.core.backing else { return out };
+        let sizes = backing.sizes();
+        let s = &backing.stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let us = |h: &Histogram, q| h.quantile(q) as f64 / 1000.0;
+        out.reclaim_target_bytes = self.reclaim.as_ref().and_then(|r| r.target());
+        out.zcache_pages = sizes.cache_pages;
+        out.same_filled_pages = sizes.cache_fill_pages;
+        out.compressed_bytes = sizes.compressed_bytes;
+        out.zcache_bytes = sizes.slab_bytes;
+        out.compression_ratio = if sizes.slab_bytes == 0 {
+            0.0
+        } else {
+            (sizes.cache_pages * PAGE_SIZE) as f64 / sizes.slab_bytes as f64
+        };
+        out.swapped_bytes = self.core.table.count(PageState::Swapped) * PAGE_SIZE;
+        out.swap_file_bytes = sizes.swap_file_bytes;
+        out.swap_errors = get(&s.swap_errors);
+        out.evictions = get(&s.evictions);
+        out.zero_pages_dropped = get(&s.zero_dropped);
+        out.written_back = get(&s.written_back);
+        out.held_pages = sizes.held_pages;
+        out.swapins_zcache = get(&s.swapins_cache);
+        out.swapins_swap = get(&s.swapins_swap);
+        out.refaults = out.swapins_zcache + out.swapins_swap;
+        out.swapin_zcache_p50_us = us(&s.swapin_cache_ns, 0.50);
+        out.swapin_zcache_p99_us = us(&s.swapin_cache_ns, 0.99);
+        out.swapin_swap_p50_us = us(&s.swapin_swap_ns, 0.50);
+        out.swapin_swap_p99_us = us(&s.swapin_swap_ns, 0.99);
+        out.reclaim_cpu_ms = self.reclaim.as_ref().map_or(0.0, |r| r.cpu_ns() as f64 / 1e6);
+        out
     }
 
     /// Stops the handler thread; returns its error if it failed.
@@ -161,9 +284,8 @@ impl Engine {
     fn stop_thread(&mut self) -> Result<(), UffdError> {
         let _ = self.stop.write(1);
         match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(UffdError::Api("fault handler thread panicked".into())),
-            None => Ok(()),
+            Some(Err(_)) => Err(UffdError::Panicked),
+            _ => self.take_failure().map_or(Ok(()), Err),
         }
     }
 }
@@ -176,50 +298,67 @@ impl Drop for Engine {
     }
 }
 
-/// Marks pages that are already backed (written before registration) as Resident.
-fn mark_resident(map: &RamMap, table: &PageTable) {
-    for span in map.spans() {
-        let (Ok(pages), Ok(len)) =
-            (usize::try_from(span.region.len / PAGE), usize::try_from(span.region.len))
-        else {
-            continue;
-        };
-        let mut vec = vec![0u8; pages];
-        // SAFETY: the region is a live mapping of `len` bytes and `vec` has one byte per page.
-        let ret =
-            unsafe { libc::mincore(span.region.hva as *mut libc::c_void, len, vec.as_mut_ptr()) };
-        if ret != 0 {
-            log::warn!("mincore failed: {}", std::io::Error::last_os_error());
-            continue;
+/// Starts the reclaim worker if the engine has stores for evicted pages and the kernel can
+/// move pages out (`UFFDIO_MOVE`, Linux 6.8); otherwise says why reclaim is unavailable.
+fn start_reclaim(
+    core: &EngineCore,
+    uffd: &Arc<Uffd>,
+    config: &EngineConfig,
+    dirty_log: Option<DirtyLog>,
+) -> Result<Option<Reclaim>, UffdError> {
+    let Some(backing) = core.backing.clone() else { return Ok(None) };
+    if !uffd.has_move() {
+        if config.reclaim_target.is_some() {
+            // Asked for by name: an error, not a VM that silently never reclaims.
+            return Err(UffdError::MissingIoctl("UFFDIO_MOVE (Linux 6.8+), which reclaim needs"));
         }
-        for (i, _) in vec.iter().enumerate().filter(|(_, &v)| v & 1 != 0) {
-            table.set(span.first_pfn + i as u64, PageState::Resident);
-        }
+        log::warn!("host-side reclaim is unavailable: this kernel lacks UFFDIO_MOVE (Linux 6.8+)");
+        return Ok(None);
+    }
+    let (map, table) = (core.map.clone(), core.table.clone());
+    let evictor =
+        Evictor::new(&config.uffd_dev, uffd.clone(), map, table.clone(), backing.clone())?;
+    let control = Arc::new(ReclaimControl::new(config.reclaim_target).map_err(UffdError::Setup)?);
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
+    let stop_worker = stop.try_clone().map_err(UffdError::Setup)?;
+    let thread = reclaim::spawn(
+        control.clone(),
+        stop_worker,
+        table,
+        backing,
+        evictor,
+        config.victims,
+        dirty_log,
+    )
+    .map_err(UffdError::Setup)?;
+    Ok(Some(Reclaim { control, stop, thread }))
+}
+
+/// Drops all of guest RAM, after the handler gave up for lack of memory (its descriptor is
+/// closed, so no remove events): the guest cannot go on, and its pages are what ebb's own
+/// threads, in the same memory cgroup, need to report why and exit.
+fn drop_guest_memory(map: &RamMap) {
+    for s in map.spans() {
+        // SAFETY: the span is guest RAM, mapped privately and anonymously by ebb; the VM is
+        // ending, and nothing holds references into it.
+        let _ = unsafe { super::sys::madvise_dontneed(s.region.hva, s.region.len) };
     }
 }
 
-/// Resident bytes of the given mappings, from `/proc/self/smaps` (0 if unreadable).
-pub fn rss_of(regions: impl Iterator<Item = RamRegion>) -> u64 {
-    let wanted: Vec<(u64, u64)> = regions.map(|r| (r.hva, r.hva + r.len)).collect();
-    let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else { return 0 };
-    let mut total = 0;
-    let mut current = false;
-    for line in text.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((lo, hi)) = range.split_once('-') {
-                if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16))
-                {
-                    current = wanted.iter().any(|&(a, b)| lo >= a && hi <= b);
-                    continue;
-                }
+/// Marks pages that are already backed (written before registration) as Resident.
+fn mark_resident(map: &RamMap, table: &PageTable) {
+    for span in map.spans() {
+        let pages = span.region.len / PAGE_SIZE;
+        let resident = match resident_pages(span.region.hva, pages) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("mincore of guest RAM failed: {e}; its boot pages count as untouched");
+                continue;
             }
-        }
-        if current {
-            if let Some(kb) = line.strip_prefix("Rss:") {
-                total +=
-                    kb.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0) * 1024;
-            }
+        };
+        for (i, _) in resident.iter().enumerate().filter(|(_, &r)| r) {
+            let from = StateSet::of(&[PageState::Untouched]);
+            let _ = table.transition(span.first_idx + i as u64, from, PageState::Resident);
         }
     }
-    total
 }

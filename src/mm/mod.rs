@@ -1,8 +1,35 @@
-//! The overcommit engine: what backs each guest page and how it is reclaimed.
+//! The overcommit engine: what backs each guest page, and every change to it.
+//!
+//! `mm` owns the page-state table ([`pages`]): only the fault handler ([`uffd::handler`])
+//! and the memory manager ([`manager`]) move pages between states, and only they call
+//! `madvise` on guest RAM. Devices, the control API and (later) reclaimers and the sharing
+//! scanner ask the [`manager::MemoryManager`]; the stats path only reads.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`pages`] | page states, the transition table, the in-flight flag, per-state counts |
+//! | [`manager`] | releasing and deflating guest-physical ranges |
+//! | [`engine`] | one VM's userfaultfd registration, handler thread and statistics |
+//! | [`uffd`] | the userfaultfd descriptor, the fault handler, fault-around |
+//! | [`active`] | Active memory: the write-protect sampler and its averages |
+//! | [`layout`] | page indices of guest RAM, and their host and guest-physical addresses |
+//! | [`rss`] | the host's RSS of guest RAM, read at most every 100 ms |
+//! | [`stats`] | fault counters, the latency histogram, the statistics line |
+//! | [`swap`] | the per-VM swap file (unnamed from the start) and its slot allocator |
+//! | [`zcache`] | the compression cache: compressed guest pages in size-classed slabs |
+//! | `sys` | the raw system calls (`madvise`, `mincore`, `poll`, thread CPU clocks) |
 
 pub mod active;
 pub mod engine;
 pub mod layout;
-pub mod state;
+pub mod manager;
+pub mod pages;
+pub mod reclaim;
+pub mod rss;
 pub mod stats;
+pub mod swap;
+pub(crate) mod sys;
 pub mod uffd;
+pub mod zcache;
+
+pub use manager::{MemoryManager, MmError, Release, Released};

@@ -19,6 +19,7 @@ pub fn round_u64(x: f64) -> u64 {
 }
 
 /// A log-linear histogram of nanosecond values.
+#[derive(Debug)]
 pub struct Histogram {
     buckets: Box<[AtomicU64]>,
     count: AtomicU64,
@@ -86,6 +87,7 @@ impl Histogram {
 }
 
 /// Counters of the fault handler.
+#[derive(Debug)]
 pub struct FaultStats {
     /// Read faults on untouched pages resolved with the zero page.
     pub zero: AtomicU64,
@@ -97,8 +99,11 @@ pub struct FaultStats {
     pub wp: AtomicU64,
     /// Faults that found the page already mapped (a race or fault-around).
     pub already_mapped: AtomicU64,
-    /// Resolutions retried after EAGAIN.
+    /// Faults put back for a retry: an ioctl said EAGAIN (a remove was pending), or the page
+    /// was in flight with a mover.
     pub retries: AtomicU64,
+    /// Faults put back because the kernel had no memory for the page (`ENOMEM`).
+    pub no_memory: AtomicU64,
     /// Remove events read.
     pub removes: AtomicU64,
     /// Pages removed by those events.
@@ -119,6 +124,7 @@ impl Default for FaultStats {
             wp: AtomicU64::new(0),
             already_mapped: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            no_memory: AtomicU64::new(0),
             removes: AtomicU64::new(0),
             removed_pages: AtomicU64::new(0),
             latency: Histogram::default(),
@@ -130,9 +136,7 @@ impl Default for FaultStats {
 impl FaultStats {
     /// Records the calling thread as the handler whose CPU time [`cpu_ns`](Self::cpu_ns) reports.
     pub fn set_cpu_clock_of_current_thread(&self) {
-        let mut clock: libc::clockid_t = 0;
-        // SAFETY: pthread_self is always valid for the calling thread; the out pointer is ours.
-        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } == 0 {
+        if let Some(clock) = super::sys::current_thread_cpu_clock() {
             self.cpu_clock.store(i64::from(clock), Ordering::Relaxed);
         }
     }
@@ -142,7 +146,7 @@ impl FaultStats {
     pub fn cpu_ns(&self) -> u64 {
         let clock = self.cpu_clock.load(Ordering::Relaxed);
         let Ok(clock) = libc::clockid_t::try_from(clock) else { return 0 };
-        clock_ns(clock)
+        super::sys::clock_ns(clock)
     }
 
     /// Faults resolved (zero + copy + wp).
@@ -151,17 +155,6 @@ impl FaultStats {
             + self.copy.load(Ordering::Relaxed)
             + self.wp.load(Ordering::Relaxed)
     }
-}
-
-/// The time of `clock` in nanoseconds (0 if it cannot be read).
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec we own; a stale clock id gives EINVAL.
-    let ret = unsafe { libc::clock_gettime(clock, &mut ts) };
-    if ret != 0 {
-        return 0;
-    }
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -200,14 +193,12 @@ mod tests {
 }
 
 /// One line of `--stats-json`: the VM's memory as the engine sees it.
-///
-/// Field names leave room for later reclaimers: `shared_bytes`, `compressed_bytes`,
-/// `swapped_bytes`, `ballooned_bytes` join these.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct MemStats {
     /// Milliseconds since the VM started.
     pub t_ms: u64,
-    /// Bytes the host backs with private pages for the guest (Resident pages).
+    /// Host memory backing the guest: Resident pages, plus the compression cache's slabs
+    /// and any pages held uncompressed by a failed eviction.
     pub consumed_bytes: u64,
     /// Estimated bytes the guest actively writes (Active memory).
     pub active_bytes: u64,
@@ -235,8 +226,10 @@ pub struct MemStats {
     pub removed_pages: u64,
     /// Faults whose page was already mapped (duplicate events; resolved by a wake).
     pub faults_already_mapped: u64,
-    /// Resolutions retried after EAGAIN (a pending `madvise`).
+    /// Faults put back for a retry: EAGAIN (a pending `madvise`) or a page in flight.
     pub fault_retries: u64,
+    /// Faults put back because the kernel had no memory for the page (ENOMEM).
+    pub fault_no_memory: u64,
     /// Median handler service time per fault (event read to ioctl return), microseconds.
     pub fault_p50_us: f64,
     /// 99th percentile of the same.
@@ -247,4 +240,59 @@ pub struct MemStats {
     pub active_samples: u64,
     /// Metadata the engine keeps for this VM, bytes.
     pub metadata_bytes: u64,
+    /// A firmware payload's progress counter (touch counts the pages it rewrote), read
+    /// from guest memory; null for other guests.
+    pub guest_progress: Option<u64>,
+    /// Host-side reclaim (all zero when it never ran).
+    #[serde(flatten)]
+    pub reclaim: ReclaimStats,
+}
+
+/// The reclaim part of a statistics line.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ReclaimStats {
+    /// The lever: resident memory ebb keeps at most, bytes; null when reclaim is off.
+    pub reclaim_target_bytes: Option<u64>,
+    /// Guest bytes resident in guest memory (Resident pages only).
+    pub resident_bytes: u64,
+    /// Guest pages in the compression cache (compressed or same-filled).
+    pub zcache_pages: u64,
+    /// Of those, same-filled pages, each stored as one 8-byte word.
+    pub same_filled_pages: u64,
+    /// Compressed bytes the cache holds (the LZ4 output of its compressed pages).
+    pub compressed_bytes: u64,
+    /// Host memory of the cache's slabs (what `--zcache-max` caps).
+    pub zcache_bytes: u64,
+    /// Guest bytes in the cache per byte of slab (0 when empty).
+    pub compression_ratio: f64,
+    /// Guest bytes in the swap file.
+    pub swapped_bytes: u64,
+    /// Size of the swap file on disk.
+    pub swap_file_bytes: u64,
+    /// Swap writes that failed (ENOSPC, EIO, short): the pages stayed where they were.
+    pub swap_errors: u64,
+    /// Pages evicted so far.
+    pub evictions: u64,
+    /// Evicted pages that were all zero: dropped, nothing stored.
+    pub zero_pages_dropped: u64,
+    /// Pages written from the cache to the swap file because the cache was full.
+    pub written_back: u64,
+    /// Pages held uncompressed because an eviction could neither store nor put them back.
+    pub held_pages: u64,
+    /// Evicted pages the guest touched again (every swap-in is one).
+    pub refaults: u64,
+    /// Swap-ins from the compression cache.
+    pub swapins_zcache: u64,
+    /// Swap-ins from the swap file.
+    pub swapins_swap: u64,
+    /// Median time of a swap-in from the cache, fault read to mapped, microseconds.
+    pub swapin_zcache_p50_us: f64,
+    /// 99th percentile of the same.
+    pub swapin_zcache_p99_us: f64,
+    /// Median time of a swap-in from the swap file, microseconds.
+    pub swapin_swap_p50_us: f64,
+    /// 99th percentile of the same.
+    pub swapin_swap_p99_us: f64,
+    /// CPU time of the reclaim worker thread, milliseconds.
+    pub reclaim_cpu_ms: f64,
 }

@@ -25,6 +25,8 @@ pub enum Vendor {
 }
 
 // Leaf 1 bits (Intel SDM vol. 2A, CPUID; AMD APM vol. 3, E.3.2).
+/// CMPXCHG16B (leaf 1 ECX bit 13; Linux `X86_FEATURE_CX16`, `clearcpuid=cx16`).
+const LEAF1_ECX_CX16: u32 = 1 << 13;
 const LEAF1_ECX_POPCNT: u32 = 1 << 23;
 const LEAF1_ECX_XSAVE: u32 = 1 << 26;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
@@ -121,13 +123,16 @@ fn topology_leaf(e: &mut kvm_cpuid_entry2, apic_id: u32, n: u32, core_bits: u32)
     e.edx = apic_id;
 }
 
-/// On PVM, CPL0 runs through KVM's emulator, which lacks POPCNT, XSAVE/XRSTOR and the
-/// SMAP instructions (DESIGN.md section 4); hide them. The guest at CPL0 may still see the
-/// host's bits, which is why ebb also puts `clearcpuid=` on a Linux command line.
+/// On PVM, CPL0 runs through KVM's emulator, which lacks POPCNT, XSAVE/XRSTOR, the SMAP
+/// instructions (docs/design.md, "The host") and `lock cmpxchg16b` (a distribution kernel's SLUB
+/// allocator dies on it right after printing `Memory:`); hide them. The guest at CPL0 may
+/// still see the host's bits, which is why ebb also puts `clearcpuid=` on a Linux command line.
 fn hide_unemulated(entries: &mut [kvm_cpuid_entry2]) {
     for e in entries.iter_mut() {
         match (e.function, e.index) {
-            (1, _) => e.ecx &= !(LEAF1_ECX_POPCNT | LEAF1_ECX_XSAVE | LEAF1_ECX_OSXSAVE),
+            (1, _) => {
+                e.ecx &= !(LEAF1_ECX_POPCNT | LEAF1_ECX_XSAVE | LEAF1_ECX_OSXSAVE | LEAF1_ECX_CX16);
+            }
             (7, 0) => {
                 e.ebx &= !(LEAF7_EBX_SMEP | LEAF7_EBX_SMAP);
                 e.ecx &= !(LEAF7_ECX_UMIP | LEAF7_ECX_PKU);
@@ -183,11 +188,23 @@ mod tests {
     #[test]
     fn pvm_hides_what_the_emulator_cannot_run() {
         let mut e = [leaf0(b"AuthenticAMD"), entry(1, 0), entry(7, 0)];
-        e[1].ecx = LEAF1_ECX_POPCNT | LEAF1_ECX_XSAVE;
+        e[1].ecx = LEAF1_ECX_POPCNT | LEAF1_ECX_XSAVE | LEAF1_ECX_CX16;
         e[2].ebx = LEAF7_EBX_SMAP | LEAF7_EBX_SMEP | 1;
         normalize(&mut e, 0, 1, Accelerator::Pvm);
-        assert_eq!(e[1].ecx & (LEAF1_ECX_POPCNT | LEAF1_ECX_XSAVE), 0);
+        assert_eq!(e[1].ecx & (LEAF1_ECX_POPCNT | LEAF1_ECX_XSAVE | LEAF1_ECX_CX16), 0);
         assert_eq!(e[2].ebx, 1);
+    }
+
+    #[test]
+    fn pvm_hides_cx16_but_keeps_its_neighbours() {
+        // FMA and xTPR, the bits either side of CX16 (Intel SDM vol. 2A, CPUID, table 3-10).
+        const FMA: u32 = 1 << 12;
+        const XTPR: u32 = 1 << 14;
+        let mut e = [leaf0(b"GenuineIntel"), entry(1, 0)];
+        e[1].ecx = FMA | LEAF1_ECX_CX16 | XTPR;
+        normalize(&mut e, 0, 1, Accelerator::Pvm);
+        assert_eq!(e[1].ecx & LEAF1_ECX_CX16, 0);
+        assert_eq!(e[1].ecx & (FMA | XTPR), FMA | XTPR);
     }
 
     #[test]
@@ -196,6 +213,16 @@ mod tests {
         e[1].ecx = LEAF1_ECX_XSAVE;
         normalize(&mut e, 0, 1, Accelerator::VtX { ept: true });
         assert_ne!(e[1].ecx & LEAF1_ECX_XSAVE, 0);
+    }
+
+    #[test]
+    fn hardware_hosts_keep_cx16() {
+        for accel in [Accelerator::VtX { ept: true }, Accelerator::AmdV { npt: true }] {
+            let mut e = [leaf0(b"AuthenticAMD"), entry(1, 0)];
+            e[1].ecx = LEAF1_ECX_CX16;
+            normalize(&mut e, 0, 1, accel);
+            assert_ne!(e[1].ecx & LEAF1_ECX_CX16, 0, "{accel:?}");
+        }
     }
 
     #[test]

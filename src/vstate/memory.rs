@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::layout::{ram_ranges, ram_top};
-use crate::config::human_bytes;
+use crate::units::human_bytes;
 
 /// Most guest RAM ebb accepts: 4 TiB, safely below KVM's memslot limit of 2^31 - 1 pages
 /// (just under 8 TiB) per slot.
@@ -18,19 +18,16 @@ pub const MAX_MEM_BYTES: u64 = 4 << 40;
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The host refused to map that much address space.
-    #[error(
-        "cannot map {} of guest RAM: {reason}. Ask for less --mem (the host may cap address space with ulimit -v or vm.overcommit_memory=2)",
-        human_bytes(*.mem_bytes)
-    )]
+    #[error("cannot map {} of guest RAM: {source}", human_bytes(*.mem_bytes))]
     Map {
         /// Requested size.
         mem_bytes: u64,
-        /// The error from mmap.
-        reason: String,
+        /// The error from vm-memory (mmap).
+        source: vm_memory::mmap::FromRangesError,
     },
     /// More RAM than KVM or the CPU can address.
     #[error(
-        "--mem {} is more than this host can give a guest (at most {}: {why})",
+        "guest RAM of {} is more than this host can give a guest (at most {}: {why})",
         human_bytes(*.mem_bytes),
         human_bytes(*.limit)
     )]
@@ -84,10 +81,13 @@ impl GuestRam {
         let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
             .into_iter()
             .map(|(gpa, len)| {
-                Ok((GuestAddress(gpa), usize::try_from(len).map_err(|e| map_err(mem_bytes, e))?))
+                let too_large =
+                    MemoryError::TooLarge { mem_bytes, limit: 0, why: "host address width" };
+                Ok((GuestAddress(gpa), usize::try_from(len).map_err(|_| too_large)?))
             })
             .collect::<Result<_, MemoryError>>()?;
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| map_err(mem_bytes, e))?;
+        let mem = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|source| MemoryError::Map { mem_bytes, source })?;
         Ok(Self { mem: Arc::new(mem), mem_bytes })
     }
 
@@ -108,10 +108,6 @@ impl GuestRam {
             .map(|r| RamRegion { gpa: r.start_addr().0, hva: r.as_ptr() as u64, len: r.len() })
             .collect()
     }
-}
-
-fn map_err(mem_bytes: u64, e: impl std::fmt::Display) -> MemoryError {
-    MemoryError::Map { mem_bytes, reason: e.to_string() }
 }
 
 #[cfg(test)]

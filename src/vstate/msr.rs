@@ -9,9 +9,9 @@ pub enum MsrError {
     /// `KVM_GET_MSR_INDEX_LIST` failed.
     #[error("KVM_GET_MSR_INDEX_LIST failed: {0}")]
     IndexList(kvm_ioctls::Error),
-    /// Building the MSR list failed.
-    #[error("cannot build the MSR list: {0}")]
-    Build(String),
+    /// Building the MSR list failed (more entries than KVM's MSR array holds).
+    #[error("cannot build the MSR list: {0:?}")]
+    Build(vmm_sys_util::fam::Error),
     /// `KVM_SET_MSRS` failed or stopped early.
     #[error("KVM_SET_MSRS set {set} of {wanted} MSRs; MSR {failed:#x} was refused")]
     Set {
@@ -78,7 +78,7 @@ pub fn set_boot_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), MsrError> {
     if !skipped.is_empty() {
         log::debug!("KVM does not list MSRs {}; leaving them alone", skipped.join(", "));
     }
-    let msrs = Msrs::from_entries(&entries).map_err(|e| MsrError::Build(format!("{e:?}")))?;
+    let msrs = Msrs::from_entries(&entries).map_err(MsrError::Build)?;
     let set = vcpu.set_msrs(&msrs).map_err(|_| MsrError::Set {
         set: 0,
         wanted: entries.len(),

@@ -1,12 +1,15 @@
 //! A vCPU: its boot state and the `KVM_RUN` loop that routes exits to the buses.
 
 use std::fmt;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, CpuId};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::insn;
 use super::msr::{self, MsrError};
 use crate::boot::{gdt, BootCpu};
 use crate::devices::{Bus, ExitRequest};
@@ -25,6 +28,15 @@ pub enum VcpuError {
     /// Setting MSRs failed.
     #[error(transparent)]
     Msr(#[from] MsrError),
+    /// KVM could not fault in guest memory for this long: the host, or the VM's memory
+    /// cgroup, had no memory for the guest's pages or KVM's page tables.
+    #[error("out of memory: KVM could not map guest memory for {waited:?} (host memory or the VM's memory cgroup limit is exhausted); last error: {source}")]
+    OutOfMemory {
+        /// How long the vCPU waited and retried.
+        waited: Duration,
+        /// The last error of KVM_RUN.
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// `KVM_SYSTEM_EVENT_*` types (`linux/kvm.h`).
@@ -34,6 +46,10 @@ const SYSTEM_EVENT_RESET: u32 = 2;
 const INTERNAL_ERROR_EMULATION: u32 = 1;
 /// `KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES`.
 const EMULATION_FLAG_INSN_BYTES: u64 = 1;
+/// Pause between runs while KVM cannot fault in guest memory.
+const MEMORY_RETRY: Duration = Duration::from_millis(10);
+/// How long `KVM_RUN` may fail for lack of memory unless the VMM says otherwise.
+pub const DEFAULT_MEMORY_PATIENCE: Duration = Duration::from_secs(30);
 /// The longest x86 instruction.
 const MAX_INSN_BYTES: usize = 15;
 /// x87 control word after FNINIT.
@@ -57,6 +73,25 @@ pub enum VcpuOutcome {
     PowerOff,
     /// The guest crashed: triple fault, emulation failure, failed entry.
     Crashed(Box<CrashReport>),
+    /// The VMM stopped the vCPU because it received this signal (SIGINT, SIGTERM).
+    Stopped(i32),
+}
+
+/// Asks a running vCPU to stop: set from another thread, seen by the vCPU after its next
+/// exit (kick its thread with a signal to force one).
+#[derive(Debug, Clone, Default)]
+pub struct VcpuStopper(Arc<AtomicI32>);
+
+impl VcpuStopper {
+    /// Asks the vCPU to stop, naming the signal that asked.
+    pub fn stop(&self, signal: i32) {
+        self.0.store(signal.max(1), Ordering::SeqCst);
+    }
+
+    fn requested(&self) -> Option<i32> {
+        let v = self.0.load(Ordering::SeqCst);
+        (v != 0).then_some(v)
+    }
 }
 
 /// What ebb knows about a guest crash.
@@ -111,12 +146,30 @@ impl fmt::Display for CrashReport {
     }
 }
 
+/// The crash-report line naming the instruction in `insn` when it is one KVM's emulator is
+/// known not to run (see [`insn::unemulated_instruction`]).
+fn unemulated_note(insn: &[u8]) -> Option<String> {
+    insn::unemulated_instruction(insn).map(|name| {
+        format!("the instruction is `{name}`, which this host's KVM emulator does not run")
+    })
+}
+
 /// One vCPU and what its exits need.
 pub struct Vcpu {
     fd: VcpuFd,
     bus_pio: Arc<Bus>,
     bus_mmio: Arc<Bus>,
     mem: Arc<GuestMemoryMmap>,
+    stopper: VcpuStopper,
+    memory_patience: Duration,
+    /// Since when `KVM_RUN` fails for lack of memory (None: it does not).
+    short_of_memory: Option<Instant>,
+}
+
+impl fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vcpu").field("stopper", &self.stopper).finish_non_exhaustive()
+    }
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -133,7 +186,14 @@ impl Vcpu {
         mem: Arc<GuestMemoryMmap>,
     ) -> Result<Self, VcpuError> {
         let fd = vm.create_vcpu(u64::from(id)).map_err(ioctl("KVM_CREATE_VCPU"))?;
-        Ok(Self { fd, bus_pio, bus_mmio, mem })
+        let (stopper, short_of_memory) = (VcpuStopper::default(), None);
+        let memory_patience = DEFAULT_MEMORY_PATIENCE;
+        Ok(Self { fd, bus_pio, bus_mmio, mem, stopper, memory_patience, short_of_memory })
+    }
+
+    /// A handle that asks this vCPU to stop.
+    pub fn stopper(&self) -> VcpuStopper {
+        self.stopper.clone()
     }
 
     /// The guest TSC frequency in kHz (0 if KVM cannot tell).
@@ -174,6 +234,9 @@ impl Vcpu {
     /// Runs until the guest exits, resets, powers off or crashes.
     pub fn run(&mut self) -> Result<VcpuOutcome, VcpuError> {
         loop {
+            if let Some(signal) = self.stopper.requested() {
+                return Ok(VcpuOutcome::Stopped(signal));
+            }
             let request = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => self.bus_pio.write(u64::from(port), data),
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -211,14 +274,40 @@ impl Vcpu {
                     return Ok(self.crash(&what, vec![]));
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                // KVM could not fault in guest memory: with ebb's own mapping that means the
+                // host (or the memory cgroup) had no page for it or for KVM's page tables.
+                // Wait for memory, as the fault handler does, then run again.
+                Err(e) if e.errno() == libc::EFAULT || e.errno() == libc::ENOMEM => {
+                    self.wait_for_memory(e)?;
+                    continue;
+                }
                 Err(e) => return Err(VcpuError::Ioctl { what: "KVM_RUN", source: e }),
             };
+            if let Some(since) = self.short_of_memory.take() {
+                log::warn!("the vCPU waited {:?} for memory the host refused", since.elapsed());
+            }
             match request {
                 Some(ExitRequest::Status(code)) => return Ok(VcpuOutcome::Exited(code)),
                 Some(ExitRequest::Reset) => return Ok(VcpuOutcome::Reset),
                 None => {}
             }
         }
+    }
+
+    /// One more wait for memory after `KVM_RUN` failed with `err`; the error once the wait
+    /// has lasted longer than the patience set with [`set_memory_patience`](Self::set_memory_patience).
+    fn wait_for_memory(&mut self, err: kvm_ioctls::Error) -> Result<(), VcpuError> {
+        let since = *self.short_of_memory.get_or_insert_with(Instant::now);
+        if since.elapsed() > self.memory_patience {
+            return Err(VcpuError::OutOfMemory { waited: since.elapsed(), source: err });
+        }
+        std::thread::sleep(MEMORY_RETRY);
+        Ok(())
+    }
+
+    /// How long `KVM_RUN` may keep failing for lack of memory before the vCPU gives up.
+    pub fn set_memory_patience(&mut self, patience: Duration) {
+        self.memory_patience = patience;
     }
 
     fn system_event(&mut self, kind: u32) -> VcpuOutcome {
@@ -244,7 +333,7 @@ impl Vcpu {
         )];
         let mut insn = Vec::new();
         if suberror == INTERNAL_ERROR_EMULATION {
-            notes.push("this host's KVM could not emulate the instruction below (on PVM hosts, CPL0 code runs through KVM's instruction emulator, which lacks e.g. xrstor, popcnt, clac, int3, fnclex)".into());
+            notes.push("this host's KVM could not emulate the instruction below (on PVM hosts, CPL0 code runs through KVM's instruction emulator, which lacks e.g. xrstor, popcnt, clac, int3, fnclex, cmpxchg16b)".into());
             // Newer kernels put the bytes in the exit: data[0] is flags, then insn_size and
             // the bytes, packed as `struct kvm_run.emulation_failure`.
             if n >= 2 && data[0] & EMULATION_FLAG_INSN_BYTES != 0 {
@@ -257,6 +346,9 @@ impl Vcpu {
             self.report("KVM could not run the guest instruction (KVM_EXIT_INTERNAL_ERROR)", notes);
         if !insn.is_empty() {
             report.insn = insn;
+        }
+        if suberror == INTERNAL_ERROR_EMULATION {
+            report.notes.extend(unemulated_note(&report.insn));
         }
         VcpuOutcome::Crashed(Box::new(report))
     }
@@ -288,5 +380,40 @@ impl Vcpu {
             Ok(()) => buf[..in_page].to_vec(),
             Err(_) => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_known_unemulated_instruction_gets_a_named_note() {
+        let note = unemulated_note(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e, 0x90]);
+        assert_eq!(
+            note.as_deref(),
+            Some(
+                "the instruction is `lock cmpxchg16b`, which this host's KVM emulator does not run"
+            )
+        );
+    }
+
+    #[test]
+    fn an_ordinary_or_missing_instruction_gets_no_named_note() {
+        assert_eq!(unemulated_note(&[0x90]), None);
+        assert_eq!(unemulated_note(&[]), None);
+    }
+
+    #[test]
+    fn the_report_shows_the_named_note_and_the_bytes() {
+        let insn = vec![0xf0, 0x48, 0x0f, 0xc7, 0x0e];
+        let mut notes = vec!["general".to_owned()];
+        notes.extend(unemulated_note(&insn));
+        let report =
+            CrashReport { reason: "emulation failed".into(), notes, regs: None, sregs: None, insn };
+        let text = report.to_string();
+        assert!(text.contains("  general\n"), "{text}");
+        assert!(text.contains("`lock cmpxchg16b`, which this host's KVM emulator"), "{text}");
+        assert!(text.contains("instruction bytes at rip: f0 48 0f c7 0e"), "{text}");
     }
 }

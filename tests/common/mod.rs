@@ -39,6 +39,17 @@ pub fn run_ebb_unprivileged(args: &[&str]) -> std::io::Result<Output> {
         .output()
 }
 
+/// Sends one request line to the control socket at `sock`; returns the reply line, parsed.
+pub fn ask(sock: &Path, req: &str) -> serde_json::Value {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let line = format!("{req}\n");
+    std::io::Write::write_all(&mut s, line.as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
 /// stdout and stderr as text.
 pub fn text(out: &Output) -> (String, String) {
     (
@@ -81,6 +92,101 @@ pub fn touch_checksum(pattern: &str, pages: u64, passes: u64, seed: u64) -> u64 
         }
     }
     sum
+}
+
+// touch's mix= (see the header of firmware/touch.c): salts are ASCII "kind", "fill",
+// "group", "text" as little-endian numbers; 0xd0d0 is the dup pattern's.
+const KIND_SALT: u64 = 0x646e_696b;
+const FILL_SALT: u64 = 0x6c6c_6966;
+const GROUP_SALT: u64 = 0x70_756f_7267;
+const TEXT_SALT: u64 = 0x7478_6574;
+const DUP_SALT: u64 = 0xd0d0;
+const PAGE: u64 = 4096;
+
+/// The page-content kinds of touch's `mix=`, in the order they share out 0..100.
+pub const TOUCH_KINDS: [&str; 5] = ["zero", "fill", "dup", "text", "random"];
+
+/// touch's `mix=SPEC dup_groups=G`, and the blob its text pages copy.
+pub struct TouchMix<'a> {
+    /// Percentages, indexed like [`TOUCH_KINDS`].
+    pub percent: [u64; 5],
+    /// `dup_groups=`.
+    pub dup_groups: u64,
+    /// The host's blob (empty when there is none).
+    pub blob: &'a [u8],
+}
+
+impl<'a> TouchMix<'a> {
+    /// Parses a `mix=` value such as `zero:10,random:90`.
+    pub fn new(spec: &str, dup_groups: u64, blob: &'a [u8]) -> Self {
+        let mut percent = [0; 5];
+        for part in spec.split(',') {
+            let (kind, pct) = part.split_once(':').unwrap();
+            let i = TOUCH_KINDS.iter().position(|k| *k == kind).unwrap();
+            percent[i] = pct.parse().unwrap();
+        }
+        assert_eq!(percent.iter().sum::<u64>(), 100, "{spec}");
+        Self { percent, dup_groups, blob }
+    }
+
+    /// The kind (an index into [`TOUCH_KINDS`]) of logical page `p`.
+    pub fn kind(&self, seed: u64, p: u64) -> usize {
+        let k = mulhi(mix64(p ^ seed ^ KIND_SALT), 100);
+        let mut end = 0;
+        for (i, pct) in self.percent.iter().enumerate() {
+            end += pct;
+            if k < end {
+                return i;
+            }
+        }
+        unreachable!("the percentages sum to 100")
+    }
+
+    /// The 512 words of logical page `p` in pass `n`.
+    pub fn page(&self, seed: u64, n: u64, p: u64) -> Vec<u64> {
+        let words = 0..WORDS;
+        match TOUCH_KINDS[self.kind(seed, p)] {
+            "zero" => vec![0; 512],
+            "fill" => vec![mix64(((p << 20) | (n << 9)) ^ seed ^ FILL_SALT); 512],
+            "dup" => {
+                let g = mulhi(mix64(p ^ seed ^ GROUP_SALT), self.dup_groups);
+                words.map(|w| mix64(((g << 20) | (n << 9) | w) ^ seed ^ DUP_SALT)).collect()
+            }
+            "text" => {
+                let span = self.blob.len() as u64 - PAGE + 1;
+                let off = mulhi(mix64(((p << 11) | n) ^ seed ^ TEXT_SALT), span);
+                let off = usize::try_from(off).unwrap();
+                self.blob[off..off + 4096]
+                    .chunks_exact(8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                    .collect()
+            }
+            _ => words.map(|w| touch_word("random", seed, n, p, w)).collect(),
+        }
+    }
+
+    /// The checksum touch reports for this mix when every page reads back what was written.
+    pub fn checksum(&self, pages: u64, passes: u64, seed: u64) -> u64 {
+        let mut sum = FNV_OFFSET;
+        for n in 0..passes {
+            for p in 0..pages {
+                for v in self.page(seed, n, p) {
+                    sum = (sum ^ v).wrapping_mul(FNV_PRIME);
+                }
+            }
+        }
+        sum
+    }
+}
+
+fn mulhi(a: u64, b: u64) -> u64 {
+    u64::try_from((u128::from(a) * u128::from(b)) >> 64).unwrap()
+}
+
+/// The probability that touch's `dist=zipf` loop picks rank 1 among `hot` ranks with
+/// exponent `s`: 1 / sum(r^-s).
+pub fn zipf_rank1_probability(hot: u64, s: f64) -> f64 {
+    1.0 / (1..=hot).map(|r| (r as f64).powf(-s)).sum::<f64>()
 }
 
 /// Parses `key=value` from touch's `done` line.
@@ -220,6 +326,19 @@ impl Running {
         None
     }
 
+    /// Kills the process with SIGKILL (nothing of ebb's runs after it) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
     /// The last `n` lines seen, for failure messages.
     pub fn tail(&self, n: usize) -> String {
         self.seen[self.seen.len().saturating_sub(n)..].join("\n")
@@ -230,5 +349,78 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+// --- memory cgroups ------------------------------------------------------------------------
+
+/// A cgroup-v1 memory cgroup below the one this test runs in, removed when dropped.
+pub struct MemCgroup {
+    dir: PathBuf,
+}
+
+impl MemCgroup {
+    /// A new cgroup limited to `limit` bytes, with the OOM killer off when `oom_kill` is false
+    /// (the kernel then refuses allocations instead of killing). None, said loudly, where
+    /// cgroup-v1 memory control is not available or not writable.
+    pub fn create(test: &str, limit: u64, oom_kill: bool) -> Option<Self> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|s| {
+            s.lines().find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                controllers.split(',').any(|c| c == "memory").then(|| path.to_owned())
+            })
+        });
+        let Some(own) = own else {
+            eprintln!("\n*** SKIPPED {test}: no cgroup-v1 memory controller here ***\n");
+            return None;
+        };
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/memory{own}"))
+            .join(format!("ebb-{test}-{}", std::process::id()));
+        let made = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()))
+            .and_then(|()| {
+                std::fs::write(dir.join("memory.oom_control"), if oom_kill { "0" } else { "1" })
+            });
+        if let Err(e) = made {
+            eprintln!(
+                "\n*** SKIPPED {test}: cannot set up a memory cgroup at {}: {e} ***\n",
+                dir.display()
+            );
+            let _ = std::fs::remove_dir(&dir);
+            return None;
+        }
+        Some(Self { dir })
+    }
+
+    /// A command line for `sh -c` that moves the shell into the cgroup, then runs `argv`.
+    pub fn shell_command(&self, argv: &[&str]) -> Command {
+        let procs = self.dir.join("cgroup.procs");
+        let mut script = format!("echo $$ > {} && exec", procs.display());
+        for a in argv {
+            script.push_str(&format!(" '{a}'"));
+        }
+        let mut c = Command::new("sh");
+        c.args(["-c", &script]);
+        c
+    }
+
+    /// Sets the limit.
+    pub fn set_limit(&self, limit: u64) {
+        std::fs::write(self.dir.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+    }
+
+    /// How often the limit was hit.
+    pub fn failcnt(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("memory.failcnt"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }

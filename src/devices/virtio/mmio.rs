@@ -8,10 +8,11 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::{irq, status, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::bus::{BusDevice, ExitRequest};
+use crate::devices::guest_errors::GuestErrorCounter;
 
 /// "virt" in little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -54,17 +55,20 @@ const REG_SHM_BASE_LOW: u64 = 0x0b8;
 const REG_SHM_BASE_HIGH: u64 = 0x0bc;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 
-/// Counters of guest misbehaviour seen by the transport.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Counters of guest misbehaviour seen by the transport, each logged once.
+#[derive(Debug, Default)]
 pub struct MmioMetrics {
     /// Register accesses that were not 32 bits wide, or hit no register.
-    pub bad_accesses: u64,
-    /// Writes refused in the device's current state (queue setup after `FEATURES_OK`...).
-    pub bad_state_writes: u64,
+    pub bad_accesses: GuestErrorCounter,
+    /// Writes refused in the device's current state (queue setup after `DRIVER_OK`...).
+    pub bad_state_writes: GuestErrorCounter,
+    /// Queue sizes that are not a power of two up to the maximum, misaligned ring addresses,
+    /// rings outside guest RAM at activation.
+    pub bad_queue_config: GuestErrorCounter,
     /// Notifications before `DRIVER_OK` or for a queue that does not exist.
-    pub bad_notifies: u64,
+    pub bad_notifies: GuestErrorCounter,
     /// Activations the device refused.
-    pub activate_failures: u64,
+    pub activate_failures: GuestErrorCounter,
 }
 
 /// One virtio device on the MMIO bus.
@@ -80,7 +84,7 @@ pub struct MmioTransport {
     status: u32,
     activated: bool,
     config_generation: u32,
-    metrics: MmioMetrics,
+    metrics: Arc<MmioMetrics>,
 }
 
 impl MmioTransport {
@@ -107,7 +111,7 @@ impl MmioTransport {
             status: 0,
             activated: false,
             config_generation: 0,
-            metrics: MmioMetrics::default(),
+            metrics: Arc::new(MmioMetrics::default()),
         }
     }
 
@@ -116,9 +120,9 @@ impl MmioTransport {
         format!("virtio_mmio.device={}K@{base:#x}:{irq}", size >> 10)
     }
 
-    /// Misbehaviour counters.
-    pub fn metrics(&self) -> MmioMetrics {
-        self.metrics
+    /// Misbehaviour counters (shared, for the control API).
+    pub fn metrics(&self) -> &Arc<MmioMetrics> {
+        &self.metrics
     }
 
     /// The device status register.
@@ -157,7 +161,7 @@ impl MmioTransport {
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
             REG_CONFIG_GENERATION => self.config_generation,
             _ => {
-                self.metrics.bad_accesses += 1;
+                self.metrics.bad_accesses.hit(|| format!("read of register {offset:#x}"));
                 0
             }
         }
@@ -173,24 +177,45 @@ impl MmioTransport {
         if !self.queue_setup_allowed() {
             // Linux's vm_del_vq clears QueueReady after resetting the device: harmless.
             if offset != REG_QUEUE_READY || v != 0 {
-                self.metrics.bad_state_writes += 1;
+                let state = self.status;
+                self.metrics.bad_state_writes.hit(|| {
+                    format!("queue register {offset:#x} written in device status {state:#x}")
+                });
             }
             return;
         }
+        let sel = self.queue_sel;
         let Some(q) = self.selected_queue() else {
-            self.metrics.bad_state_writes += 1;
+            self.metrics
+                .bad_state_writes
+                .hit(|| format!("queue {sel} selected, which does not exist"));
             return;
         };
-        match offset {
-            REG_QUEUE_NUM => q.set_size(u16::try_from(v).unwrap_or(0)),
-            REG_QUEUE_READY => q.set_ready(v == 1),
-            REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
-            REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
-            REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(v), None),
-            REG_QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(v)),
-            REG_QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(v), None),
-            REG_QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(v)),
-            _ => {}
+        // The crate's setters log every refusal; these never log on the guest's behalf.
+        let ok = match offset {
+            REG_QUEUE_NUM => u16::try_from(v).is_ok_and(|n| q.try_set_size(n).is_ok()),
+            REG_QUEUE_READY => {
+                q.set_ready(v == 1);
+                true
+            }
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => {
+                let addr = with_half(q.desc_table(), offset == REG_QUEUE_DESC_HIGH, v);
+                q.try_set_desc_table_address(addr).is_ok()
+            }
+            REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH => {
+                let addr = with_half(q.avail_ring(), offset == REG_QUEUE_DRIVER_HIGH, v);
+                q.try_set_avail_ring_address(addr).is_ok()
+            }
+            REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH => {
+                let addr = with_half(q.used_ring(), offset == REG_QUEUE_DEVICE_HIGH, v);
+                q.try_set_used_ring_address(addr).is_ok()
+            }
+            _ => true,
+        };
+        if !ok {
+            self.metrics
+                .bad_queue_config
+                .hit(|| format!("queue {sel}: register {offset:#x} refused value {v:#x}"));
         }
     }
 
@@ -212,14 +237,17 @@ impl MmioTransport {
             REG_INTERRUPT_ACK => self.interrupt.ack(v),
             REG_STATUS => self.write_status(v),
             REG_SHM_SEL => {}
-            _ => self.metrics.bad_accesses += 1,
+            _ => self.metrics.bad_accesses.hit(|| format!("write of register {offset:#x}")),
         }
     }
 
     fn write_driver_features(&mut self, v: u32) {
         // Features are fixed once FEATURES_OK is set (section 3.1.1).
         if self.status & status::FEATURES_OK != 0 || self.status & status::DRIVER == 0 {
-            self.metrics.bad_state_writes += 1;
+            let state = self.status;
+            self.metrics
+                .bad_state_writes
+                .hit(|| format!("features written in device status {state:#x}"));
             return;
         }
         let shift = match self.driver_features_sel {
@@ -240,7 +268,10 @@ impl MmioTransport {
         }
         // The driver may only add bits (section 2.1.2), except FAILED which it may set anytime.
         if v & self.status != self.status {
-            self.metrics.bad_state_writes += 1;
+            let state = self.status;
+            self.metrics
+                .bad_state_writes
+                .hit(|| format!("status {v:#x} clears bits of {state:#x}"));
             return;
         }
         let added = v & !self.status;
@@ -257,7 +288,7 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let valid = self.queues.iter().all(|q| !q.ready() || q.is_valid(&*self.mem));
+        let valid = self.queues.iter().all(|q| !q.ready() || rings_fit(q, &self.mem));
         let activation = Activation {
             mem: self.mem.clone(),
             // Copies through the plain state: the transport keeps its own to answer
@@ -271,14 +302,13 @@ impl MmioTransport {
         } else {
             Err(super::VirtioError::Activate {
                 device_type: lock(&self.device).device_type(),
-                reason: "a ready queue lies outside guest memory or has an invalid size".into(),
+                reason: super::ActivateError::BadQueue,
             })
         };
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
-                log::warn!("{e}");
-                self.metrics.activate_failures += 1;
+                self.metrics.activate_failures.hit(|| e.to_string());
                 self.status |= status::DEVICE_NEEDS_RESET;
                 if let Err(e) = self.interrupt.signal(irq::CONFIG_CHANGE) {
                     log::warn!("{e}");
@@ -292,7 +322,9 @@ impl MmioTransport {
             Ok(i) if self.activated && usize::from(i) < self.queues.len() => {
                 lock(&self.device).queue_notify(i);
             }
-            _ => self.metrics.bad_notifies += 1,
+            _ => self.metrics.bad_notifies.hit(|| {
+                format!("notification of queue {index} in device status {:#x}", self.status)
+            }),
         }
     }
 
@@ -311,6 +343,25 @@ impl MmioTransport {
     }
 }
 
+/// `old` with its high (`high`) or low 32 bits replaced by `v`.
+fn with_half(old: u64, high: bool, v: u32) -> GuestAddress {
+    let v = u64::from(v);
+    GuestAddress(if high { (old & 0xffff_ffff) | (v << 32) } else { (old & !0xffff_ffff) | v })
+}
+
+/// True if the queue's three rings lie in guest RAM (virtio 1.2, 2.7: 16-byte descriptors,
+/// a 6-byte header plus 2 bytes per entry in the driver area, 6 plus 8 in the device area);
+/// the crate's own check logs every failure.
+fn rings_fit(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    let size = u64::from(q.size());
+    let fits = |addr: u64, len: u64, access: Permissions| {
+        usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(addr), len, access))
+    };
+    fits(q.desc_table(), 16 * size, Permissions::Read)
+        && fits(q.avail_ring(), 6 + 2 * size, Permissions::Read)
+        && fits(q.used_ring(), 6 + 8 * size, Permissions::Write)
+}
+
 fn lock(device: &Mutex<dyn VirtioDevice>) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
     device.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -323,7 +374,7 @@ impl BusDevice for MmioTransport {
         }
         match <&mut [u8; 4]>::try_from(data) {
             Ok(word) if offset % 4 == 0 => *word = self.read_register(offset).to_le_bytes(),
-            _ => self.metrics.bad_accesses += 1,
+            _ => self.metrics.bad_accesses.hit(|| format!("read at {offset:#x} not 32 bits wide")),
         }
     }
 
@@ -334,7 +385,7 @@ impl BusDevice for MmioTransport {
         }
         match <[u8; 4]>::try_from(data) {
             Ok(word) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(word)),
-            _ => self.metrics.bad_accesses += 1,
+            _ => self.metrics.bad_accesses.hit(|| format!("write at {offset:#x} not 32 bits wide")),
         }
         None
     }
@@ -387,7 +438,7 @@ mod tests {
             if self.refuse {
                 return Err(super::super::VirtioError::Activate {
                     device_type: 5,
-                    reason: "test".into(),
+                    reason: super::super::ActivateError::QueueNotReady { index: 0 },
                 });
             }
             self.activations
@@ -486,7 +537,7 @@ mod tests {
         wr(&mut t, REG_QUEUE_NOTIFY, 7);
         wr(&mut t, REG_QUEUE_NOTIFY, 0x1_0000);
         assert!(dev.lock().unwrap().notified.is_empty());
-        assert_eq!(t.metrics().bad_notifies, 3);
+        assert_eq!(t.metrics().bad_notifies.get(), 3);
     }
 
     #[test]
@@ -498,7 +549,7 @@ mod tests {
         assert!(dev.lock().unwrap().activations.is_empty());
         assert_ne!(rd(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS), irq::CONFIG_CHANGE);
-        assert_eq!(t.metrics().activate_failures, 1);
+        assert_eq!(t.metrics().activate_failures.get(), 1);
     }
 
     #[test]
@@ -517,7 +568,7 @@ mod tests {
         wr(&mut t, REG_QUEUE_NUM, 8);
         wr(&mut t, REG_QUEUE_READY, 1);
         assert_eq!(rd(&mut t, REG_QUEUE_READY), 0);
-        assert_eq!(t.metrics().bad_state_writes, 2);
+        assert_eq!(t.metrics().bad_state_writes.get(), 2);
     }
 
     #[test]
@@ -536,6 +587,33 @@ mod tests {
     }
 
     #[test]
+    fn invalid_queue_sizes_and_misaligned_rings_are_counted_and_refused() {
+        let (mut t, _) = setup(false);
+        negotiate(&mut t, 0, 1);
+        wr(&mut t, REG_QUEUE_SEL, 0);
+        for i in 0..20_000u32 {
+            wr(&mut t, REG_QUEUE_NUM, 3 + 2 * (i % 100)); // odd: never a power of two
+        }
+        wr(&mut t, REG_QUEUE_NUM, 1 << 20); // beyond u16
+        wr(&mut t, REG_QUEUE_DESC_LOW, 0x1001); // descriptors are 16-byte aligned
+        wr(&mut t, REG_QUEUE_DEVICE_LOW, 0x2002); // the used ring is 4-byte aligned
+        assert_eq!(t.metrics().bad_queue_config.get(), 20_003);
+        wr(&mut t, REG_QUEUE_NUM, 16);
+        assert_eq!(t.metrics().bad_queue_config.get(), 20_003, "a good size is taken");
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_fail_activation() {
+        let (mut t, dev) = setup(false);
+        negotiate(&mut t, 0, 1);
+        setup_queue(&mut t, 0, 0xff000); // the used ring runs past 1 MiB of RAM
+        wr(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(t.metrics().activate_failures.get(), 1);
+        assert!(dev.lock().unwrap().activations.is_empty());
+        assert_ne!(rd(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
     fn odd_width_register_accesses_are_ignored() {
         let (mut t, _) = setup(false);
         let mut b = [0u8; 2];
@@ -544,7 +622,7 @@ mod tests {
         t.write(REG_STATUS, &[1]);
         assert_eq!(rd(&mut t, REG_STATUS), 0);
         wr(&mut t, 0x0f0, 1);
-        assert_eq!(t.metrics().bad_accesses, 3);
+        assert_eq!(t.metrics().bad_accesses.get(), 3);
     }
 
     #[test]

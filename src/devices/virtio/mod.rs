@@ -43,6 +43,28 @@ pub mod irq {
     pub const CONFIG_CHANGE: u32 = 2;
 }
 
+/// Why a device could not be activated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ActivateError {
+    /// A queue the driver marked ready lies outside guest memory or has an invalid size.
+    #[error("a ready queue lies outside guest memory or has an invalid size")]
+    BadQueue,
+    /// Fewer queues than the negotiated features need.
+    #[error("{queues} queues for {needed} roles")]
+    TooFewQueues {
+        /// Queues the transport has.
+        queues: usize,
+        /// Queues the features need.
+        needed: usize,
+    },
+    /// A queue the features need is not ready.
+    #[error("queue {index} is not ready")]
+    QueueNotReady {
+        /// Its index.
+        index: usize,
+    },
+}
+
 /// Errors of virtio devices and their transport.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
@@ -52,7 +74,7 @@ pub enum VirtioError {
         /// The virtio device ID.
         device_type: u32,
         /// Why.
-        reason: String,
+        reason: ActivateError,
     },
     /// Raising an interrupt failed.
     #[error("cannot signal virtio interrupt: {0}")]
@@ -60,6 +82,7 @@ pub enum VirtioError {
 }
 
 /// The interrupt line of one virtio-mmio device: the status register and the irqfd.
+#[derive(Debug)]
 pub struct VirtioInterrupt {
     status: AtomicU32,
     irqfd: EventFd,

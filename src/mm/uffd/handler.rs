@@ -1,38 +1,82 @@
-//! The fault-handler thread: reads userfaultfd events and decides what backs each page.
+//! The fault-handler thread: reads userfaultfd events and resolves each fault by what the
+//! page-state table says of its page. It dispatches; the fault-around window (`around`) and
+//! the Active sampler (`mm::active`) decide the details.
 //!
-//! It is the only thread that resolves faults and the only writer of most page-state
-//! transitions. It never touches guest memory through the mapping itself (its own accesses
-//! would fault to itself) and never calls `madvise` on it (see the module docs of `uffd`).
+//! It never touches guest memory through the mapping itself (its own accesses would fault to
+//! itself) and never calls `madvise` on it (see the module docs of `uffd`).
+//!
+//! # Why no fault waits forever
+//!
+//! Every fault event ends in exactly one of three ways: its ioctl succeeds, which wakes the
+//! faulting thread (`UFFDIO_COPY`/`UFFDIO_ZEROPAGE` map the page; `UFFDIO_WRITEPROTECT`
+//! clearing protection and `UFFDIO_WAKE` wake explicitly; on `EEXIST` the handler wakes the
+//! page itself); or it is put on the retry list (`EAGAIN`, the page is in flight with a
+//! mover, or `ENOMEM`); or the ioctl fails for another reason, which stops the handler. The
+//! retry list is retried after every read of events and at least every [`RETRY_POLL_MS`]
+//! ([`PRESSURE_POLL_MS`] while memory is short), and an entry leaves it only by succeeding.
+//! A stopped handler closes its descriptor, and the kernel then wakes every waiter (the VMM
+//! ends the VM).
+//!
+//! # Memory pressure
+//!
+//! `ENOMEM` means the kernel had no page for the guest (host memory, or the VM's memory
+//! cgroup at its limit with the OOM killer off; with it on, the kernel kills ebb instead).
+//! An overcommitting host meets that by design, so the fault waits and is retried: memory
+//! may come back (other VMs shrink, the limit is raised). Only after [`HandlerConfig::oom_wait`]
+//! without a single page does the handler stop with [`UffdError::OutOfMemory`]. Nothing is
+//! logged while memory is short (logging allocates); the wait is counted in the statistics
+//! and reported when it ends.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
+use super::around::{FaultAround, Window, MAX_FAULT_AROUND};
 use super::{Event, Resolved, Uffd, UffdError};
-use crate::mm::active::{ActiveConfig, ActiveEstimator, ActiveStats, SampleRng};
-use crate::mm::layout::{RamMap, PAGE};
-use crate::mm::state::{PageState, PageTable, FLAG_SAMPLED};
+use crate::mm::active::{ActiveConfig, ActiveStats, Sampler};
+use crate::mm::layout::RamMap;
+use crate::mm::pages::{PageState, PageTable, StateSet, FLAG_IN_FLIGHT};
+use crate::mm::reclaim::store::Backing;
 use crate::mm::stats::FaultStats;
+use crate::mm::sys::poll_readable;
+use crate::mm::zcache::{Page, PAGE_BYTES};
+use crate::units::PAGE_SIZE;
 
-/// Most neighbours fault-around may fill in one call.
-pub const MAX_FAULT_AROUND: u64 = 255;
+use PageState::*;
+
+/// How long the handler sleeps between retries of faults that could not be resolved yet.
+pub const RETRY_POLL_MS: i32 = 1;
+/// The same while the kernel refuses pages for lack of memory.
+pub const PRESSURE_POLL_MS: i32 = 10;
+/// Faults the retry lists hold without growing: more than a vCPU per list entry ever waits
+/// on, since each waiting thread has one fault outstanding (duplicates aside).
+const RETRY_CAPACITY: usize = 4 * super::READ_BATCH;
+/// Default of [`HandlerConfig::oom_wait`].
+pub const DEFAULT_OOM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// States a missing fault resolves from (the page has no host page).
+const FAULTABLE: StateSet = StateSet::of(&[Untouched, Ballooned]);
+/// States fault-around fills: only pages nobody has used.
+const UNTOUCHED: StateSet = StateSet::of(&[Untouched]);
+/// States a remove event makes untouched (others belong to movers or have no page).
+const MAPPED: StateSet = StateSet::of(&[ZeroMapped, Resident]);
 
 /// How the handler resolves faults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HandlerConfig {
-    /// Untouched pages after the faulting one to fill in the same call (0..=255).
-    pub fault_around: u64,
+    /// Untouched neighbours to map with each faulting page.
+    pub fault_around: FaultAround,
     /// Active-memory sampling, if the kernel offers write protection.
     pub active: Option<ActiveConfig>,
+    /// How long guest faults may wait for memory the kernel refuses before the VM ends.
+    pub oom_wait: std::time::Duration,
 }
 
-/// What the handler shares with the rest of ebb.
-#[derive(Clone)]
-pub struct Shared {
+/// What the handler shares with the rest of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineCore {
     /// Guest RAM layout.
     pub map: RamMap,
     /// Page states.
@@ -41,98 +85,136 @@ pub struct Shared {
     pub stats: Arc<FaultStats>,
     /// Active-memory estimate.
     pub active: Arc<ActiveStats>,
+    /// Where evicted pages are (None: reclaim is not set up).
+    pub backing: Option<Arc<Backing>>,
 }
 
 /// Outcome of one attempt at a fault.
 enum Step {
     Done,
     Retry,
-}
-
-struct Sampler {
-    config: ActiveConfig,
-    timer: TimerFd,
-    estimator: ActiveEstimator,
-    current: Vec<u64>,
-    rng: SampleRng,
+    NoMemory,
 }
 
 /// The handler, to be moved onto its own thread and [`run`](FaultHandler::run).
+#[derive(Debug)]
 pub struct FaultHandler {
-    uffd: Uffd,
-    shared: Shared,
-    fault_around: u64,
+    uffd: Arc<Uffd>,
+    core: EngineCore,
+    window: Window,
     zeros: Vec<u8>,
+    /// A page brought back from the stores, on its way into guest memory.
+    page: Box<Page>,
     sampler: Option<Sampler>,
     events: Vec<Event>,
+    /// Faults to retry at the next drain.
     retry: Vec<Event>,
+    /// The faults being retried now (swapped with `retry`).
+    retrying: Vec<Event>,
+    /// Zero pages mapped but not yet write-protected (EAGAIN): their threads sleep.
+    pending_protect: Vec<(u64, u64)>,
+    oom_wait: std::time::Duration,
+    /// Since when the kernel refuses pages (None: it does not).
+    short_of_memory: Option<Instant>,
 }
 
 impl FaultHandler {
     /// A handler for RAM already registered on `uffd`.
-    pub fn new(uffd: Uffd, shared: Shared, config: HandlerConfig) -> Result<Self, UffdError> {
-        let fault_around = config.fault_around.min(MAX_FAULT_AROUND);
-        let zeros = vec![0u8; usize::try_from((fault_around + 1) * PAGE).unwrap_or(0)];
+    ///
+    /// # Errors
+    /// The sampler's timer could not be created.
+    pub fn new(
+        uffd: Arc<Uffd>,
+        core: EngineCore,
+        config: HandlerConfig,
+    ) -> Result<Self, UffdError> {
+        let window = Window::new(config.fault_around);
+        let zero_bytes = (config.fault_around.max().min(MAX_FAULT_AROUND) + 1) * PAGE_SIZE;
+        let zeros = vec![0u8; usize::try_from(zero_bytes).unwrap_or(0)];
         let sampler = match config.active {
-            Some(active) if uffd.has_wp() => {
-                let mut timer = TimerFd::new().map_err(|e| UffdError::Read(e.into()))?;
-                timer
-                    .reset(active.interval, Some(active.interval))
-                    .map_err(|e| UffdError::Read(e.into()))?;
-                Some(Sampler {
-                    config: active,
-                    timer,
-                    estimator: ActiveEstimator::default(),
-                    current: Vec::new(),
-                    rng: SampleRng::new(),
-                })
-            }
+            Some(active) if uffd.has_wp() => Some(Sampler::new(active).map_err(UffdError::Setup)?),
             Some(_) => {
                 log::warn!("userfaultfd write protection unavailable: Active memory is reported as resident");
                 None
             }
             None => None,
         };
+        // Room for a few batches, so that queueing a retry under memory pressure does not
+        // allocate.
+        let events = Vec::with_capacity(super::READ_BATCH);
+        let retry = Vec::with_capacity(RETRY_CAPACITY);
+        let retrying = Vec::with_capacity(RETRY_CAPACITY);
+        let (oom_wait, short_of_memory) = (config.oom_wait, None);
         Ok(Self {
             uffd,
-            shared,
-            fault_around,
+            core,
+            window,
             zeros,
+            page: Box::new([0; PAGE_BYTES]),
             sampler,
-            events: Vec::new(),
-            retry: Vec::new(),
+            events,
+            retry,
+            retrying,
+            pending_protect: Vec::new(),
+            oom_wait,
+            short_of_memory,
         })
     }
 
     /// Serves faults until `stop` is signalled or an unrecoverable error occurs.
+    ///
+    /// # Errors
+    /// An ioctl failed for a reason other than a race, or reading events failed.
     pub fn run(mut self, stop: &EventFd) -> Result<(), UffdError> {
-        self.shared.stats.set_cpu_clock_of_current_thread();
-        let timer_fd = self.sampler.as_ref().map_or(-1, |s| s.timer.as_raw_fd());
-        let mut fds = [
-            libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: timer_fd, events: libc::POLLIN, revents: 0 },
-        ];
+        use std::os::fd::AsRawFd;
+        self.prefault();
+        self.core.stats.set_cpu_clock_of_current_thread();
+        let timer_fd = self.sampler.as_ref().map_or(-1, |s| s.timer().as_raw_fd());
+        let fds = [self.uffd.as_raw_fd(), stop.as_raw_fd(), timer_fd];
         loop {
-            // With faults waiting for a retry, poll briefly instead of sleeping.
-            let timeout = if self.retry.is_empty() { -1 } else { 1 };
-            // SAFETY: fds is a live array of pollfd; a negative fd is ignored by poll.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
-            if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                return Err(UffdError::Read(std::io::Error::last_os_error()));
+            let idle = self.retry.is_empty() && self.pending_protect.is_empty();
+            let timeout = match (idle, self.short_of_memory) {
+                (true, _) => -1,
+                (false, None) => RETRY_POLL_MS,
+                (false, Some(_)) => PRESSURE_POLL_MS,
+            };
+            let [_, stopped, tick] = poll_readable(fds, timeout).map_err(UffdError::Poll)?;
+            if stopped {
+                return Ok(());
             }
-            if fds[1].revents != 0 {
-                break;
-            }
-            if fds[2].revents != 0 {
-                self.sample_tick()?;
+            if tick {
+                if let Some(s) = self.sampler.as_mut() {
+                    s.tick(&self.uffd, &self.core.map, &self.core.table, &self.core.active)?;
+                }
             }
             self.drain()?;
         }
-        Ok(())
     }
 
-    /// Reads and handles pending events, then retries faults that hit EAGAIN.
+    /// Makes resident now the memory the handler uses as it serves faults: its stack, its
+    /// event and retry lists, the zeroed source of `UFFDIO_COPY`. A handler that needs a new
+    /// page of its own while the VM's memory cgroup is at its limit would wait in the kernel
+    /// with the guest, instead of retrying the guest's faults.
+    fn prefault(&mut self) {
+        crate::mm::sys::prefault_stack(crate::mm::sys::THREAD_STACK_RESERVE);
+        let filler = Event::Other(0);
+        self.events.resize(self.events.capacity(), filler);
+        self.events.clear();
+        for list in [&mut self.retry, &mut self.retrying] {
+            list.resize(list.capacity(), filler);
+            list.clear();
+        }
+        // Written, not read: a read would map the shared zero page, and the kernel reading
+        // it for UFFDIO_COPY is no different; a write makes the pages private and resident.
+        for chunk in self.zeros.chunks_mut(to_usize(PAGE_SIZE)) {
+            if let Some(b) = chunk.first_mut() {
+                // SAFETY: a volatile write of the value the byte already holds.
+                unsafe { std::ptr::write_volatile(b, 0) };
+            }
+        }
+    }
+
+    /// Reads and handles pending events, then retries the faults waiting for a retry.
     ///
     /// A read that returns fewer messages than fit means the queue was empty: back to poll
     /// rather than spend a syscall on a read that would say EAGAIN.
@@ -153,11 +235,18 @@ impl FaultHandler {
                 break;
             }
         }
-        // Removals that caused EAGAIN have now been read: retry once per drain.
-        let retry = std::mem::take(&mut self.retry);
+        // Removes that made the ioctls say EAGAIN have now been read: retry once per drain.
+        // The two lists swap rather than move, so that both keep their capacity and a retry
+        // under memory pressure allocates nothing.
+        std::mem::swap(&mut self.retry, &mut self.retrying);
         let now = Instant::now();
-        for ev in retry {
+        for i in 0..self.retrying.len() {
+            let ev = self.retrying[i];
             self.handle(ev, now)?;
+        }
+        self.retrying.clear();
+        for (addr, len) in std::mem::take(&mut self.pending_protect) {
+            self.protect_and_wake(addr, len)?;
         }
         Ok(())
     }
@@ -165,12 +254,22 @@ impl FaultHandler {
     fn handle(&mut self, ev: Event, read_at: Instant) -> Result<(), UffdError> {
         match ev {
             Event::Fault { addr, write, wp } => {
-                let step = self.fault(addr & !(PAGE - 1), write, wp)?;
-                match step {
-                    Step::Done => self.shared.stats.latency.record(elapsed_ns(read_at)),
+                match self.fault(addr & !(PAGE_SIZE - 1), write, wp)? {
+                    Step::Done => {
+                        self.core.stats.latency.record(elapsed_ns(read_at));
+                        self.memory_is_back();
+                    }
                     Step::Retry => {
-                        self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        self.core.stats.retries.fetch_add(1, Ordering::Relaxed);
                         self.retry.push(ev);
+                    }
+                    Step::NoMemory => {
+                        self.core.stats.no_memory.fetch_add(1, Ordering::Relaxed);
+                        self.retry.push(ev);
+                        let since = *self.short_of_memory.get_or_insert_with(Instant::now);
+                        if since.elapsed() > self.oom_wait {
+                            return Err(UffdError::OutOfMemory { waited: since.elapsed() });
+                        }
                     }
                 }
             }
@@ -180,158 +279,241 @@ impl FaultHandler {
         Ok(())
     }
 
+    /// Ends a period of memory pressure, if one was going on.
+    fn memory_is_back(&mut self) {
+        if let Some(since) = self.short_of_memory.take() {
+            log::warn!("guest faults waited {:?} for memory the kernel refused", since.elapsed());
+        }
+    }
+
     fn fault(&mut self, page: u64, write: bool, wp: bool) -> Result<Step, UffdError> {
-        let Some(pfn) = self.shared.map.pfn_of(page) else {
-            // Only registered ranges fault to us; wake the thread so it sees SIGBUS-free
-            // progress or a fresh fault rather than hanging.
+        let Some(idx) = self.core.map.idx_of_hva(page) else {
+            // Only registered ranges fault to us, so this cannot happen; wake the thread
+            // rather than leave it waiting.
             log::warn!("fault at {page:#x} outside guest RAM");
-            self.uffd.wake(page, PAGE)?;
-            return Ok(Step::Done);
+            return Ok(retry_unless_done(self.uffd.wake(page, PAGE_SIZE)?));
         };
         if wp {
-            return self.write_protect_fault(page, pfn);
+            return self.write_protect_fault(page, idx);
         }
-        // A missing fault means no PTE, whatever the table says: a page the table calls
-        // Resident may have been zapped by a `madvise` whose remove event was read in the
-        // same batch, before this fault. So always fill; if the page does exist (a
-        // duplicate event for a page resolved meanwhile), the kernel says EEXIST and the
-        // waiters are woken below.
-        self.fill(page, pfn, write)
+        self.fill(page, idx, write)
     }
 
-    /// A write to a page write-protected by the Active sampler: note it, lift the protection
-    /// (which wakes the writer).
-    fn write_protect_fault(&mut self, page: u64, pfn: u64) -> Result<Step, UffdError> {
-        self.shared.table.set_flags(pfn, FLAG_SAMPLED, false);
-        self.uffd.write_protect(page, PAGE, false)?;
-        self.shared.stats.wp.fetch_add(1, Ordering::Relaxed);
-        Ok(Step::Done)
+    /// A write to a write-protected page: a zero page's first write (now Resident: the
+    /// kernel gives the writer a private copy), or a page in the Active sample (note the
+    /// write). Lifting the protection wakes the writer. A page being evicted stays
+    /// protected until its mover is done.
+    fn write_protect_fault(&mut self, page: u64, idx: u64) -> Result<Step, UffdError> {
+        let table = &self.core.table;
+        if table.flags(idx) & FLAG_IN_FLIGHT != 0 {
+            return Ok(Step::Retry);
+        }
+        if table.transition(idx, StateSet::of(&[ZeroMapped]), Resident).is_err() {
+            table.clear_sampled(idx);
+        }
+        let step = retry_unless_done(self.uffd.write_protect(page, PAGE_SIZE, false)?);
+        if matches!(step, Step::Done) {
+            self.core.stats.wp.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(step)
     }
 
-    /// Untouched pages from `pfn` on, up to 1 + fault_around, within one region.
-    fn run_length(&self, pfn: u64) -> u64 {
-        let limit = (self.fault_around + 1).min(self.shared.map.pages_left_in_region(pfn));
-        let untouched = |p| self.shared.table.get(p) == Some(PageState::Untouched);
-        1 + (1..limit).take_while(|&i| untouched(pfn + i)).count() as u64
-    }
-
-    /// Maps a private zeroed page (`write`) or the zero page, plus untouched neighbours.
+    /// A missing page: map a private zeroed page (`write`) or the zero page, plus untouched
+    /// neighbours as the fault-around window says.
     ///
-    /// The table and counters are updated before the ioctl, because the ioctl wakes the
-    /// faulting thread, which may read the stats at once; what the ioctl did not map is
-    /// rolled back after it.
-    fn fill(&mut self, page: u64, pfn: u64, write: bool) -> Result<Step, UffdError> {
-        let pages = self.run_length(pfn);
-        let new_state = if write { PageState::Resident } else { PageState::ZeroMapped };
-        let first_was = self.shared.table.set(pfn, new_state).unwrap_or(PageState::Untouched);
-        for i in 1..pages {
-            self.shared.table.set(pfn + i, new_state);
+    /// The table and counters move before the ioctl, because the ioctl wakes the faulting
+    /// thread, which may read the stats at once; what the ioctl did not map is moved back
+    /// after it (a compare-and-swap, so a page a mover took meanwhile stays the mover's).
+    fn fill(&mut self, page: u64, idx: u64, write: bool) -> Result<Step, UffdError> {
+        let table = Arc::clone(&self.core.table);
+        if table.flags(idx) & FLAG_IN_FLIGHT != 0 {
+            return Ok(Step::Retry); // a mover holds it: look again once it is done
         }
-        let stats = &self.shared.stats;
+        let target = if write { Resident } else { ZeroMapped };
+        let first_was = match table.get(idx) {
+            Some(Untouched | Ballooned) => match table.transition(idx, FAULTABLE, target) {
+                Ok(old) => Some(old),
+                Err(_) => return Ok(Step::Retry), // it changed under us: look again
+            },
+            // A duplicate event for a page resolved meanwhile: the ioctl says EEXIST and
+            // the waiter is woken below.
+            Some(Resident | ZeroMapped) | None => None,
+            Some(state @ (Compressed | Swapped)) => return self.restore(page, idx, state),
+            Some(other) => return Err(UffdError::Unrestorable { idx, state: other }),
+        };
+        let pages = self.claim_neighbours(idx, first_was.is_some(), target);
+        let stats = &self.core.stats;
         let counter = if write { &stats.copy } else { &stats.zero };
         counter.fetch_add(1, Ordering::Relaxed);
         stats.around_pages.fetch_add(pages - 1, Ordering::Relaxed);
-        let result = if write {
-            self.uffd.copy(page, self.zeros.as_ptr(), pages * PAGE, false)
-        } else {
-            self.uffd.zeropage(page, pages * PAGE)
+        let len = pages * PAGE_SIZE;
+        // Zero pages are mapped without waking the faulting thread, then write-protected,
+        // then the thread is woken: its first write then faults to us and the page is counted
+        // Resident. Woken at once, it could write first and get a private copy the table
+        // would never see.
+        let protect_zero = !write && self.uffd.has_wp();
+        let result = match write {
+            true => self.uffd.copy(page, self.zeros.get(..to_usize(len)).unwrap_or(&[]), false),
+            false => self.uffd.zeropage(page, len, !protect_zero),
         };
-        let (resolved, done_bytes) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.roll_back(pfn, 0, pages, first_was, write);
-                return Err(e);
+        let (resolved, done) =
+            result.inspect_err(|_| self.undo(idx, 0, pages, first_was, write))?;
+        let mapped = (done / PAGE_SIZE).min(pages);
+        match resolved {
+            // EEXIST on the faulting page itself: it is mapped, whatever the table said.
+            Resolved::AlreadyMapped if mapped == 0 => self.undo(idx, 0, pages, None, write),
+            _ => self.undo(idx, mapped, pages, first_was, write),
+        }
+        if mapped > 0 {
+            self.window.filled(idx, mapped);
+            if protect_zero {
+                self.protect_and_wake(page, mapped * PAGE_SIZE)?;
             }
-        };
-        let mapped = (done_bytes / PAGE).min(pages);
-        if mapped < pages {
-            self.roll_back(pfn, mapped, pages, first_was, write);
+            if first_was.is_none() && write {
+                // Mapped although the table said ZeroMapped: the zero page was dropped
+                // behind our back, and the page is private now.
+                let _ = table.transition(idx, StateSet::of(&[ZeroMapped]), Resident);
+            }
         }
         match resolved {
             Resolved::Mapped => Ok(Step::Done),
             Resolved::Retry | Resolved::AlreadyMapped if mapped > 0 => Ok(Step::Done),
             Resolved::Retry => Ok(Step::Retry),
+            Resolved::NoMemory => Ok(Step::NoMemory),
             Resolved::AlreadyMapped => {
-                // Mapped behind our back (a racing duplicate event). The kernel does not wake
-                // on EEXIST, so wake the waiters ourselves.
-                self.shared.stats.already_mapped.fetch_add(1, Ordering::Relaxed);
-                self.uffd.wake(page, PAGE)?;
-                Ok(Step::Done)
+                // Mapped behind our back (a duplicate event). The kernel does not wake on
+                // EEXIST, so wake the waiters ourselves.
+                self.core.stats.already_mapped.fetch_add(1, Ordering::Relaxed);
+                Ok(retry_unless_done(self.uffd.wake(page, PAGE_SIZE)?))
             }
         }
     }
 
-    /// Undoes the optimistic updates of [`fill`](Self::fill) for pages `mapped..planned`.
-    fn roll_back(&self, pfn: u64, mapped: u64, planned: u64, first_was: PageState, write: bool) {
-        for i in mapped..planned {
-            let back = if i == 0 { first_was } else { PageState::Untouched };
-            self.shared.table.set(pfn + i, back);
+    /// Write-protects freshly mapped zero pages, then wakes the threads waiting on them; on
+    /// EAGAIN both are retried at the next drain (the threads sleep until then).
+    fn protect_and_wake(&mut self, addr: u64, len: u64) -> Result<(), UffdError> {
+        match self.uffd.write_protect(addr, len, true)? {
+            Resolved::Mapped | Resolved::AlreadyMapped => {
+                if self.uffd.wake(addr, len)? == Resolved::Retry {
+                    self.pending_protect.push((addr, len));
+                }
+            }
+            Resolved::Retry | Resolved::NoMemory => self.pending_protect.push((addr, len)),
         }
-        let stats = &self.shared.stats;
-        stats.around_pages.fetch_sub(planned - mapped.max(1), Ordering::Relaxed);
-        if mapped == 0 {
+        Ok(())
+    }
+
+    /// Brings an evicted page back: claims it (so that no mover writes its copy back to
+    /// swap meanwhile), reads its copy from the stores, maps it, frees the copy. The claim
+    /// moves the page to Resident before the ioctl, as in [`fill`](Self::fill), and is
+    /// undone if the ioctl did not map.
+    fn restore(&mut self, page: u64, idx: u64, state: PageState) -> Result<Step, UffdError> {
+        let started = Instant::now();
+        let Some(backing) = self.core.backing.clone() else {
+            return Err(UffdError::Unrestorable { idx, state });
+        };
+        let table = Arc::clone(&self.core.table);
+        if table.begin(idx, StateSet::of(&[state]), Resident).is_err() {
+            return Ok(Step::Retry); // a mover took it meanwhile (written back to swap)
+        }
+        // A copy that cannot be read is lost: the VM ends rather than see zeros there.
+        let loc = match backing.load(idx, &mut self.page) {
+            Ok(loc) => loc,
+            Err(e) => {
+                table.abort(idx, state);
+                return Err(UffdError::Restore(e));
+            }
+        };
+        self.core.stats.copy.fetch_add(1, Ordering::Relaxed);
+        let step = match self.uffd.copy(page, &self.page[..], false) {
+            Ok((Resolved::Mapped, _)) => {
+                backing.free(idx, loc);
+                table.mark_referenced(idx);
+                table.finish(idx);
+                let (count, hist) = match state {
+                    Swapped => (&backing.stats.swapins_swap, &backing.stats.swapin_swap_ns),
+                    _ => (&backing.stats.swapins_cache, &backing.stats.swapin_cache_ns),
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                hist.record(elapsed_ns(started));
+                return Ok(Step::Done);
+            }
+            Ok((Resolved::NoMemory, _)) => Ok(Step::NoMemory),
+            Ok(_) => Ok(Step::Retry),
+            Err(e) => Err(e),
+        };
+        // Not mapped: the copy stays, and so does the page's state.
+        table.abort(idx, state);
+        self.core.stats.copy.fetch_sub(1, Ordering::Relaxed);
+        step
+    }
+
+    /// Moves the untouched pages after `idx` to `target`, as many as the window allows (none
+    /// unless `grow`); returns the pages to map, the faulting one included.
+    fn claim_neighbours(&mut self, idx: u64, grow: bool, target: PageState) -> u64 {
+        if !grow {
+            return 1;
+        }
+        let room = self.core.map.pages_left_in_region(idx).saturating_sub(1);
+        let extra = self.window.neighbours(idx).min(room);
+        let table = &self.core.table;
+        1 + (1..=extra)
+            .take_while(|&i| table.transition(idx + i, UNTOUCHED, target).is_ok())
+            .count() as u64
+    }
+
+    /// Undoes the early moves of [`fill`](Self::fill) for pages `idx + kept .. idx + planned`,
+    /// which the ioctl did not map (`first_was`: what the faulting page was, if it moved),
+    /// and the counters of what was not mapped.
+    fn undo(&self, idx: u64, kept: u64, planned: u64, first_was: Option<PageState>, write: bool) {
+        let table = &self.core.table;
+        let target = StateSet::of(&[if write { Resident } else { ZeroMapped }]);
+        for i in kept..planned {
+            let back = if i == 0 { first_was } else { Some(Untouched) };
+            if let Some(back) = back {
+                // Fails only if a mover took the page meanwhile: then its state is the mover's.
+                let _ = table.transition(idx + i, target, back);
+            }
+        }
+        let stats = &self.core.stats;
+        let neighbours_unmapped = (planned - 1) - kept.saturating_sub(1).min(planned - 1);
+        stats.around_pages.fetch_sub(neighbours_unmapped, Ordering::Relaxed);
+        if kept == 0 {
             let counter = if write { &stats.copy } else { &stats.zero };
             counter.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
-    /// `madvise` removed `[start, end)`: those pages are missing again. Ballooned pages stay
-    /// Ballooned (the balloon marks them before it calls `madvise`); others become Untouched.
+    /// `madvise` removed `[start, end)`. Pages in flight belong to the mover that released
+    /// them, which sets their state; any other mapped page (an `madvise` from outside `mm`)
+    /// is untouched again.
     fn remove(&mut self, start: u64, end: u64) {
-        let stats = &self.shared.stats;
+        let (table, stats) = (&self.core.table, &self.core.stats);
         stats.removes.fetch_add(1, Ordering::Relaxed);
-        let mut addr = start & !(PAGE - 1);
+        let mut addr = start & !(PAGE_SIZE - 1);
         while addr < end {
-            if let Some(pfn) = self.shared.map.pfn_of(addr) {
-                self.shared.table.set_flags(pfn, FLAG_SAMPLED, false);
-                if self.shared.table.get(pfn) != Some(PageState::Ballooned) {
-                    self.shared.table.set(pfn, PageState::Untouched);
+            if let Some(idx) = self.core.map.idx_of_hva(addr) {
+                if table.flags(idx) & FLAG_IN_FLIGHT == 0 {
+                    table.clear_sampled(idx);
+                    let _ = table.transition(idx, MAPPED, Untouched);
                 }
                 stats.removed_pages.fetch_add(1, Ordering::Relaxed);
             }
-            addr += PAGE;
+            addr += PAGE_SIZE;
         }
     }
+}
 
-    /// Closes the current Active sample and starts the next.
-    fn sample_tick(&mut self) -> Result<(), UffdError> {
-        let Some(s) = self.sampler.as_mut() else { return Ok(()) };
-        let _ = s.timer.wait();
-        let table = &self.shared.table;
-        let mut touched = 0u32;
-        for &pfn in &s.current {
-            // Still flagged: not written since it was protected. Lift the protection so a
-            // later sample starts clean.
-            if table.set_flags(pfn, FLAG_SAMPLED, false) & FLAG_SAMPLED == 0 {
-                touched += 1;
-            } else if let Some(hva) = self.shared.map.hva_of(pfn) {
-                if table.get(pfn) == Some(PageState::Resident) {
-                    self.uffd.write_protect(hva, PAGE, false)?;
-                }
-            }
-        }
-        let sampled = u32::try_from(s.current.len()).unwrap_or(u32::MAX);
-        s.estimator.update(touched, sampled);
-        let resident = table.count(PageState::Resident) * PAGE;
-        self.shared.active.publish(&s.estimator, resident);
-        s.current.clear();
-        let pages = self.shared.map.pages();
-        let attempts = u64::from(s.config.sample_pages) * 64;
-        for _ in 0..attempts {
-            if s.current.len() >= s.config.sample_pages as usize || pages == 0 {
-                break;
-            }
-            let pfn = s.rng.below(pages);
-            if table.get(pfn) != Some(PageState::Resident) || table.flags(pfn) & FLAG_SAMPLED != 0 {
-                continue;
-            }
-            let Some(hva) = self.shared.map.hva_of(pfn) else { continue };
-            table.set_flags(pfn, FLAG_SAMPLED, true);
-            self.uffd.write_protect(hva, PAGE, true)?;
-            s.current.push(pfn);
-        }
-        Ok(())
+fn retry_unless_done(r: Resolved) -> Step {
+    match r {
+        Resolved::Retry => Step::Retry,
+        Resolved::NoMemory => Step::NoMemory,
+        Resolved::Mapped | Resolved::AlreadyMapped => Step::Done,
     }
+}
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 fn elapsed_ns(since: Instant) -> u64 {

@@ -5,31 +5,41 @@
 //! - A fault is resolved by an ioctl that maps the page (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`);
 //!   the faulting thread then wakes. `EEXIST` means someone mapped the page first (a racing
 //!   fault on the same page, or fault-around): the fault is resolved all the same.
-//! - `EAGAIN` from those ioctls means the mm changed under us, typically a pending
-//!   `madvise(MADV_DONTNEED)` whose `UFFD_EVENT_REMOVE` we have not read yet. The fault must
-//!   not be retried blindly: read the pending events first, then retry (the removal may have
-//!   made the page missing again, which the retry handles).
+//! - `EAGAIN` from any of them (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`, `UFFDIO_WRITEPROTECT`,
+//!   `UFFDIO_WAKE`) means the address space is changing: a non-cooperative event, typically
+//!   the remove of a `madvise(MADV_DONTNEED)` on another thread, is pending. The kernel raises
+//!   `mmap_changing` before it queues the remove and lowers it only when the `madvise` caller
+//!   runs again, after the event was read, so a retry can fail again for a while. EAGAIN is
+//!   never fatal: read the pending events, then retry, for as long as it takes (the removal
+//!   may also have made the page missing again, which the retry handles).
 //! - With `UFFD_FEATURE_EVENT_REMOVE`, the thread calling `madvise` blocks until the monitor
 //!   has read the remove event. So the thread that reads events must never call `madvise` on
 //!   guest RAM itself, or it deadlocks.
+//! - Clearing write protection wakes the threads waiting on the range; a thread waiting on a
+//!   write-protect fault whose unprotect is dropped waits forever.
+//! - When the descriptor is closed, the kernel wakes every waiter, and their faults are then
+//!   served as if userfaultfd were not registered.
 
+pub mod around;
 pub mod handler;
 mod sys;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use sys::*;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+
+use crate::units::PAGE_SIZE;
 
 /// Errors of userfaultfd.
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
     /// Neither the syscall nor /dev/userfaultfd gave a descriptor.
     #[error(
-        "userfaultfd is unavailable: {syscall} (syscall), {dev} (/dev/userfaultfd). Run as root, set sysctl vm.unprivileged_userfaultfd=1, give your user access to /dev/userfaultfd, or run with --no-uffd"
+        "userfaultfd is unavailable: {syscall} (syscall), {dev} (/dev/userfaultfd); it needs root, sysctl vm.unprivileged_userfaultfd=1, or access to /dev/userfaultfd"
     )]
     Unavailable {
         /// Why the syscall failed.
@@ -37,9 +47,14 @@ pub enum UffdError {
         /// Why the device failed.
         dev: io::Error,
     },
-    /// The API handshake failed or lacks a feature ebb needs.
-    #[error("userfaultfd API handshake: {0}")]
-    Api(String),
+    /// The API handshake failed: the kernel refused the features ebb needs.
+    #[error("userfaultfd API handshake (features {features:#x}): {source}")]
+    Api {
+        /// Features asked for.
+        features: u64,
+        /// The error.
+        source: io::Error,
+    },
     /// Registering guest RAM failed.
     #[error("cannot register {len} bytes at {hva:#x} with userfaultfd: {source}")]
     Register {
@@ -66,12 +81,43 @@ pub enum UffdError {
     /// Reading events failed.
     #[error("reading userfaultfd events: {0}")]
     Read(io::Error),
+    /// An evicted page's copy could not be read back: its contents are lost, and the guest
+    /// must not see zeros in their place.
+    #[error("bringing an evicted page back: {0}")]
+    Restore(#[source] crate::mm::reclaim::store::StoreError),
+    /// Guest faults could not be served for this long because the host (or the VM's memory
+    /// cgroup) had no memory for them.
+    #[error("out of memory: the kernel refused guest pages for {waited:?} (host memory or the VM's memory cgroup limit is exhausted)")]
+    OutOfMemory {
+        /// How long ebb waited and retried.
+        waited: std::time::Duration,
+    },
+    /// A fault on a page whose contents this version cannot bring back.
+    #[error("fault on page {idx}, which is {state:?}: nothing here can restore it")]
+    Unrestorable {
+        /// Page index.
+        idx: u64,
+        /// Its state.
+        state: crate::mm::pages::PageState,
+    },
+    /// The memory manager keeps no page-state table (it was built for `--no-uffd`).
+    #[error("guest memory is not tracked: the lazy-RAM engine needs a page-state table")]
+    NotTracked,
+    /// Waiting for events failed.
+    #[error("waiting for userfaultfd events: {0}")]
+    Poll(io::Error),
+    /// A timer or eventfd of the handler could not be set up.
+    #[error("setting up the fault handler: {0}")]
+    Setup(io::Error),
+    /// The handler thread panicked.
+    #[error("the fault handler thread panicked")]
+    Panicked,
 }
 
-/// What a resolving ioctl did (with the bytes it mapped, returned beside it).
+/// What an ioctl on a range did (resolving ones return the bytes mapped beside it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolved {
-    /// It mapped the whole range (and woke the waiters).
+    /// It did the whole range (and woke the waiters).
     Mapped,
     /// A page in the range was already mapped (`EEXIST`); nothing was woken.
     AlreadyMapped,
@@ -79,7 +125,13 @@ pub enum Resolved {
     /// `EAGAIN` then, after waking the waiters on the part it mapped): read pending events,
     /// then retry what is left.
     Retry,
+    /// The kernel could not allocate memory (`ENOMEM`: the host, or the VM's memory cgroup,
+    /// is out of memory): nothing was done; wait for memory, then retry.
+    NoMemory,
 }
+
+/// The userfaultfd device node, tried when the syscall is refused.
+pub const DEFAULT_UFFD_DEV: &str = "/dev/userfaultfd";
 
 /// Most messages one read takes.
 pub const READ_BATCH: usize = 64;
@@ -108,46 +160,60 @@ pub enum Event {
 }
 
 /// A userfaultfd descriptor after the API handshake.
+#[derive(Debug)]
 pub struct Uffd {
     file: File,
     features: u64,
 }
 
-/// Features ebb asks for; write protection is optional (older kernels lack it for anon).
-const REQUIRED_FEATURES: u64 = UFFD_FEATURE_EVENT_REMOVE;
-const OPTIONAL_FEATURES: u64 = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_THREAD_ID;
+/// Features the fault handler's descriptor asks for, richest first: write protection and
+/// moves are optional (older kernels lack them), remove events are not.
+const HANDLER_FEATURES: [u64; 3] = [
+    UFFD_FEATURE_EVENT_REMOVE
+        | UFFD_FEATURE_PAGEFAULT_FLAG_WP
+        | UFFD_FEATURE_THREAD_ID
+        | UFFD_FEATURE_MOVE,
+    UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_THREAD_ID,
+    UFFD_FEATURE_EVENT_REMOVE,
+];
 
 impl Uffd {
     /// Opens a non-blocking descriptor, by syscall or through `dev` (normally
-    /// `/dev/userfaultfd`), and negotiates the API.
+    /// `/dev/userfaultfd`), and negotiates the fault handler's features.
     pub fn open(dev: &Path) -> Result<Self, UffdError> {
-        let file = match open_syscall() {
-            Ok(f) => f,
-            Err(syscall) => open_dev(dev).map_err(|dev| UffdError::Unavailable { syscall, dev })?,
-        };
-        let mut api =
-            UffdioApi { api: UFFD_API, features: REQUIRED_FEATURES | OPTIONAL_FEATURES, ioctls: 0 };
-        // SAFETY: UFFDIO_API reads and writes exactly a struct uffdio_api we own.
-        let ret = unsafe { ioctl_with_mut_ref(&file, UFFDIO_API(), &mut api) };
-        if ret != 0 {
-            // Some optional feature may be unknown to this kernel: ask for the required ones
-            // alone, on a fresh descriptor (UFFDIO_API may be called only once).
-            return Self::open_required_only(dev, io::Error::last_os_error());
-        }
-        Ok(Self { file, features: api.features })
+        Self::negotiate(dev, &HANDLER_FEATURES)
     }
 
-    fn open_required_only(dev: &Path, first: io::Error) -> Result<Self, UffdError> {
-        let file =
-            open_syscall().or_else(|_| open_dev(dev)).map_err(|e| UffdError::Api(e.to_string()))?;
-        let mut api = UffdioApi { api: UFFD_API, features: REQUIRED_FEATURES, ioctls: 0 };
-        // SAFETY: as above.
-        let ret = unsafe { ioctl_with_mut_ref(&file, UFFDIO_API(), &mut api) };
-        if ret != 0 {
-            let e = io::Error::last_os_error();
-            return Err(UffdError::Api(format!("{e} (and {first} with write protection)")));
+    /// A second descriptor for moving pages out of guest memory into a scratch range
+    /// registered on it: `UFFDIO_MOVE` only, and no remove events, so that dropping the
+    /// scratch pages never waits for the fault handler.
+    pub fn open_for_moves(dev: &Path) -> Result<Self, UffdError> {
+        Self::negotiate(dev, &[UFFD_FEATURE_MOVE])
+    }
+
+    /// Opens a descriptor and asks for each feature set of `sets` in turn until the kernel
+    /// takes one (`UFFDIO_API` may be called once per descriptor, so each try opens anew).
+    fn negotiate(dev: &Path, sets: &[u64]) -> Result<Self, UffdError> {
+        let mut last = None;
+        for &features in sets {
+            let file = match sys::open_syscall() {
+                Ok(f) => f,
+                Err(syscall) => {
+                    sys::open_dev(dev).map_err(|dev| UffdError::Unavailable { syscall, dev })?
+                }
+            };
+            let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+            // SAFETY: UFFDIO_API reads and writes exactly a struct uffdio_api we own.
+            let ret = unsafe { ioctl_with_mut_ref(&file, UFFDIO_API(), &mut api) };
+            if ret == 0 {
+                return Ok(Self { file, features: api.features });
+            }
+            last = Some(UffdError::Api { features, source: io::Error::last_os_error() });
         }
-        Ok(Self { file, features: api.features })
+        Err(last.unwrap_or(UffdError::Api {
+            features: 0,
+            source: io::Error::from(io::ErrorKind::Unsupported),
+        }))
     }
 
     /// True if write-protect faults are available.
@@ -155,74 +221,127 @@ impl Uffd {
         self.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP != 0
     }
 
+    /// True if `UFFDIO_MOVE` is available (Linux 6.8+), which eviction needs.
+    pub fn has_move(&self) -> bool {
+        self.features & UFFD_FEATURE_MOVE != 0
+    }
+
+    /// Moves the page(s) mapped at `[src, src + len)` to the unmapped, registered range at
+    /// `dst` without copying them; `src` is unmapped afterwards (its next access faults).
+    /// Returns [`Resolved::Mapped`] when all moved; `ENOENT` (nothing mapped at `src`),
+    /// `EEXIST` (`dst` is mapped), `EBUSY` (the page is pinned, shared or huge) and
+    /// `EAGAIN` come back as [`Resolved::Retry`] with the bytes moved: the caller gives up on
+    /// that page for now.
+    ///
+    /// `dst` must be unmapped and held by the caller: nothing else maps it during the call
+    /// (eviction's scratch range is its own; a guest page moved back is claimed, so its
+    /// faults wait). That makes a failed move checkable, and the kernel's answer is not
+    /// trusted when it says a page did not move (see [`moved_despite_error`]).
+    pub fn move_pages(&self, dst: u64, src: u64, len: u64) -> Result<(Resolved, u64), UffdError> {
+        let mode = UFFDIO_MOVE_MODE_DONTWAKE;
+        let mut m = UffdioMove { dst, src, len, mode, r#move: 0 };
+        // SAFETY: UFFDIO_MOVE reads and writes exactly a struct uffdio_move we own; the
+        // kernel checks both ranges (dst registered on this fd, src private anonymous).
+        let ret = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_MOVE(), &mut m) };
+        if ret == 0 {
+            return Ok((Resolved::Mapped, len));
+        }
+        let source = io::Error::last_os_error();
+        let reported = u64::try_from(m.r#move).unwrap_or(0).min(len);
+        let done = moved_despite_error(dst, reported, len);
+        if done > reported {
+            MOVES_CORRECTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if done == len {
+            log::debug!("UFFDIO_MOVE at {src:#x} said {source} but moved the page(s)");
+            return Ok((Resolved::Mapped, len));
+        }
+        match source.raw_os_error() {
+            Some(libc::ENOENT | libc::EEXIST | libc::EBUSY | libc::EAGAIN) => {
+                Ok((Resolved::Retry, done))
+            }
+            Some(libc::ENOMEM) => Ok((Resolved::NoMemory, done)),
+            _ => Err(UffdError::Resolve { what: "UFFDIO_MOVE", addr: src, source }),
+        }
+    }
+
     /// Registers `[hva, hva + len)` in missing mode, and write-protect mode if `wp`.
     pub fn register(&self, hva: u64, len: u64, wp: bool) -> Result<(), UffdError> {
         let mode = UFFDIO_REGISTER_MODE_MISSING | if wp { UFFDIO_REGISTER_MODE_WP } else { 0 };
+        let need = [(UFFDIO_COPY_BIT, "UFFDIO_COPY"), (UFFDIO_ZEROPAGE_BIT, "UFFDIO_ZEROPAGE")];
+        let wp_need = [(UFFDIO_WRITEPROTECT_BIT, "UFFDIO_WRITEPROTECT")];
+        self.register_mode(hva, len, mode, &[&need[..], if wp { &wp_need[..] } else { &[] }])
+    }
+
+    /// Registers the scratch range `[hva, hva + len)` in missing mode, as the destination
+    /// of moves.
+    pub fn register_for_moves(&self, hva: u64, len: u64) -> Result<(), UffdError> {
+        let need = [(UFFDIO_MOVE_BIT, "UFFDIO_MOVE")];
+        self.register_mode(hva, len, UFFDIO_REGISTER_MODE_MISSING, &[&need[..]])
+    }
+
+    /// Registers `[hva, hva + len)` with `mode`; every ioctl of `need` must be offered.
+    fn register_mode(
+        &self,
+        hva: u64,
+        len: u64,
+        mode: u64,
+        need: &[&[(u64, &'static str)]],
+    ) -> Result<(), UffdError> {
         let mut reg = UffdioRegister { range: UffdioRange { start: hva, len }, mode, ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER reads and writes exactly a struct uffdio_register we own.
         let ret = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_REGISTER(), &mut reg) };
         if ret != 0 {
             return Err(UffdError::Register { hva, len, source: io::Error::last_os_error() });
         }
-        let need = [(UFFDIO_COPY_BIT, "UFFDIO_COPY"), (UFFDIO_ZEROPAGE_BIT, "UFFDIO_ZEROPAGE")];
-        let wp_need = [(UFFDIO_WRITEPROTECT_BIT, "UFFDIO_WRITEPROTECT")];
-        for (bit, name) in need.iter().chain(if wp { &wp_need[..] } else { &[] }) {
-            if reg.ioctls & bit == 0 {
-                return Err(UffdError::MissingIoctl(name));
-            }
+        match need.iter().copied().flatten().find(|(bit, _)| reg.ioctls & bit == 0) {
+            Some(&(_, name)) => Err(UffdError::MissingIoctl(name)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    /// Copies `len` bytes from `src` to the missing range at `dst` (write-protected if `wp`).
+    /// Copies `src` (whole pages) to the missing range at `dst` (write-protected if `wp`).
     /// Returns what happened and the bytes mapped from `dst` on.
-    pub fn copy(
-        &self,
-        dst: u64,
-        src: *const u8,
-        len: u64,
-        wp: bool,
-    ) -> Result<(Resolved, u64), UffdError> {
+    pub fn copy(&self, dst: u64, src: &[u8], wp: bool) -> Result<(Resolved, u64), UffdError> {
         let mode = if wp { UFFDIO_COPY_MODE_WP } else { 0 };
-        let mut c = UffdioCopy { dst, src: src as u64, len, mode, copy: 0 };
-        // SAFETY: the kernel reads `len` bytes at `src`, which the caller guarantees are
-        // readable, and maps them at `dst`, which lies in a range registered on this fd.
+        let len = src.len() as u64;
+        let mut c = UffdioCopy { dst, src: src.as_ptr() as u64, len, mode, copy: 0 };
+        // SAFETY: the kernel reads `len` bytes from `src`, a live slice of that length, and
+        // maps them at `dst`; a `dst` outside the ranges registered on this fd is refused
+        // by the kernel (ENOENT), never written.
         let ret = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_COPY(), &mut c) };
         resolved("UFFDIO_COPY", dst, len, ret, c.copy)
     }
 
     /// Maps the shared zero page over the missing range at `dst`.
     /// Returns what happened and the bytes mapped from `dst` on.
-    pub fn zeropage(&self, dst: u64, len: u64) -> Result<(Resolved, u64), UffdError> {
-        let mut z = UffdioZeropage { range: UffdioRange { start: dst, len }, mode: 0, zeropage: 0 };
+    /// With `wake` false the faulting threads sleep on until [`wake`](Self::wake) (or an
+    /// unprotect) wakes them: time to write-protect the zero page first.
+    pub fn zeropage(&self, dst: u64, len: u64, wake: bool) -> Result<(Resolved, u64), UffdError> {
+        let mode = if wake { 0 } else { UFFDIO_ZEROPAGE_MODE_DONTWAKE };
+        let mut z = UffdioZeropage { range: UffdioRange { start: dst, len }, mode, zeropage: 0 };
         // SAFETY: UFFDIO_ZEROPAGE reads and writes exactly a struct uffdio_zeropage we own.
         let ret = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_ZEROPAGE(), &mut z) };
         resolved("UFFDIO_ZEROPAGE", dst, len, ret, z.zeropage)
     }
 
     /// Sets or clears write protection on `[addr, addr + len)`, waking waiters when clearing.
-    pub fn write_protect(&self, addr: u64, len: u64, protect: bool) -> Result<(), UffdError> {
+    /// [`Resolved::Retry`] (EAGAIN: a remove is pending) means nothing was done.
+    pub fn write_protect(&self, addr: u64, len: u64, protect: bool) -> Result<Resolved, UffdError> {
         let mode = if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
         let mut w = UffdioWriteprotect { range: UffdioRange { start: addr, len }, mode };
         // SAFETY: UFFDIO_WRITEPROTECT reads exactly a struct uffdio_writeprotect we own.
         let ret = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_WRITEPROTECT(), &mut w) };
-        if ret != 0 {
-            let source = io::Error::last_os_error();
-            return Err(UffdError::Resolve { what: "UFFDIO_WRITEPROTECT", addr, source });
-        }
-        Ok(())
+        done_or_retry("UFFDIO_WRITEPROTECT", addr, ret)
     }
 
-    /// Wakes threads waiting on faults in `[addr, addr + len)`.
-    pub fn wake(&self, addr: u64, len: u64) -> Result<(), UffdError> {
+    /// Wakes threads waiting on faults in `[addr, addr + len)`. [`Resolved::Retry`] (EAGAIN)
+    /// means nobody was woken.
+    pub fn wake(&self, addr: u64, len: u64) -> Result<Resolved, UffdError> {
         let mut r = UffdioRange { start: addr, len };
         // SAFETY: UFFDIO_WAKE reads exactly a struct uffdio_range we own.
         let ret = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_WAKE(), &mut r) };
-        if ret != 0 {
-            let source = io::Error::last_os_error();
-            return Err(UffdError::Resolve { what: "UFFDIO_WAKE", addr, source });
-        }
-        Ok(())
+        done_or_retry("UFFDIO_WAKE", addr, ret)
     }
 
     /// Reads pending events into `out` without blocking; returns how many.
@@ -264,6 +383,19 @@ fn decode(m: &UffdMsg) -> Event {
     }
 }
 
+/// Interprets an ioctl without a byte count: done, or EAGAIN to retry.
+fn done_or_retry(what: &'static str, addr: u64, ret: i32) -> Result<Resolved, UffdError> {
+    if ret == 0 {
+        return Ok(Resolved::Mapped);
+    }
+    let source = io::Error::last_os_error();
+    match source.raw_os_error() {
+        Some(libc::EAGAIN) => Ok(Resolved::Retry),
+        Some(libc::ENOMEM) => Ok(Resolved::NoMemory),
+        _ => Err(UffdError::Resolve { what, addr, source }),
+    }
+}
+
 /// Interprets a resolving ioctl: `result` is the kernel's byte count or negative errno.
 fn resolved(
     what: &'static str,
@@ -280,29 +412,35 @@ fn resolved(
     match err.raw_os_error() {
         Some(libc::EEXIST) => Ok((Resolved::AlreadyMapped, done)),
         Some(libc::EAGAIN) => Ok((Resolved::Retry, done)),
+        // A partial copy says EAGAIN, so ENOMEM means nothing was mapped.
+        Some(libc::ENOMEM) => Ok((Resolved::NoMemory, 0)),
         _ => Err(UffdError::Resolve { what, addr, source: err }),
     }
 }
 
-fn open_syscall() -> io::Result<File> {
-    // SAFETY: userfaultfd(2) takes flags only; a non-negative return is a new fd we own.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
-    // SAFETY: fd is a fresh descriptor owned by nobody else.
-    Ok(unsafe { File::from_raw_fd(fd) })
+static MOVES_CORRECTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Failed `UFFDIO_MOVE`s found to have moved pages after all, in this process so far (see
+/// [`moved_despite_error`]): a kernel quirk worked around, counted for tests and debugging.
+pub fn moves_corrected() -> u64 {
+    MOVES_CORRECTED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-fn open_dev(dev: &Path) -> io::Result<File> {
-    let ctl = OpenOptions::new().read(true).write(true).open(dev)?;
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-    // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument and returns a new fd.
-    let fd = unsafe { libc::ioctl(ctl.as_raw_fd(), USERFAULTFD_IOC_NEW() as _, flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor owned by nobody else.
-    Ok(unsafe { File::from_raw_fd(fd) })
+/// How many bytes of a failed `UFFDIO_MOVE` to `dst` really moved: the `reported` ones,
+/// and after them every page now mapped at `dst`.
+///
+/// Since Linux 6.17 (batched moves), a move that the kernel retries internally after a
+/// transient `EAGAIN` (the source page changed under it: a copy-on-write of the zero page,
+/// say) can complete and then report `EEXIST`: its retry loop keeps the old error, tries the
+/// same page again, and finds the destination it has just filled. Taken at its word,
+/// eviction would leave the page in its scratch range and the guest page unmapped while the
+/// table says Resident: the guest would next read zeros. The caller's destination was
+/// unmapped before the call and nothing else maps it, so a page mapped there now can only
+/// have been moved. `/proc/self/pagemap` is read only on this rare path; if it cannot be
+/// read, the kernel's count stands.
+fn moved_despite_error(dst: u64, reported: u64, len: u64) -> u64 {
+    let done = reported - reported % PAGE_SIZE;
+    let left = usize::try_from((len - done) / PAGE_SIZE).unwrap_or(0);
+    let more = crate::mm::sys::mapped_pages_from(dst + done, left).unwrap_or(0) as u64;
+    (done + more * PAGE_SIZE).min(len)
 }

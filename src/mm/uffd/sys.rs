@@ -1,4 +1,10 @@
-//! Raw userfaultfd ABI (`include/uapi/linux/userfaultfd.h`): structs, ioctl numbers, flags.
+//! Raw userfaultfd ABI (`include/uapi/linux/userfaultfd.h`): structs, ioctl numbers, flags,
+//! and the two ways to get a descriptor (the syscall, `/dev/userfaultfd`).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
 
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
@@ -14,6 +20,8 @@ pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 /// Faults report the faulting thread's id.
 pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+/// `UFFDIO_MOVE` (Linux 6.8): move a page between registered ranges without copying it.
+pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
 
 // Register modes.
 /// Trap accesses to pages with no PTE.
@@ -28,9 +36,15 @@ pub const UFFDIO_COPY_BIT: u64 = 1 << 0x03;
 pub const UFFDIO_ZEROPAGE_BIT: u64 = 1 << 0x04;
 /// `_UFFDIO_WRITEPROTECT`.
 pub const UFFDIO_WRITEPROTECT_BIT: u64 = 1 << 0x06;
+/// `_UFFDIO_MOVE`.
+pub const UFFDIO_MOVE_BIT: u64 = 1 << 0x05;
+/// Do not wake threads waiting on the destination after a move.
+pub const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1 << 0;
 
 /// Map the copied page write-protected.
 pub const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
+/// Do not wake the faulting threads after mapping the zero page.
+pub const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1 << 0;
 /// Set write protection (clear it when absent).
 pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
@@ -106,6 +120,22 @@ pub struct UffdioZeropage {
     pub zeropage: i64,
 }
 
+/// `struct uffdio_move`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioMove {
+    /// Destination (in a registered range, not mapped).
+    pub dst: u64,
+    /// Source (mapped, private anonymous, not shared).
+    pub src: u64,
+    /// Bytes.
+    pub len: u64,
+    /// `UFFDIO_MOVE_MODE_*`.
+    pub mode: u64,
+    /// Bytes moved, or a negative errno (output).
+    pub r#move: i64,
+}
+
 /// `struct uffdio_writeprotect`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -137,6 +167,7 @@ const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
 const _: () = assert!(std::mem::size_of::<UffdioZeropage>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);
+const _: () = assert!(std::mem::size_of::<UffdioMove>() == 40);
 const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
 
 ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
@@ -147,6 +178,33 @@ ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
 ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
+ioctl_iowr_nr!(UFFDIO_MOVE, UFFDIO, 0x05, UffdioMove);
+
+/// A non-blocking, close-on-exec descriptor from the `userfaultfd(2)` syscall.
+pub fn open_syscall() -> io::Result<File> {
+    // SAFETY: userfaultfd(2) takes flags only; a non-negative return is a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The same from `dev` (normally `/dev/userfaultfd`, whose permissions may allow users the
+/// syscall refuses).
+pub fn open_dev(dev: &Path) -> io::Result<File> {
+    let ctl = OpenOptions::new().read(true).write(true).open(dev)?;
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument and returns a new fd.
+    let fd = unsafe { libc::ioctl(ctl.as_raw_fd(), USERFAULTFD_IOC_NEW() as _, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
 
 #[cfg(test)]
 mod tests {
@@ -162,6 +220,7 @@ mod tests {
         assert_eq!(UFFDIO_COPY(), 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE(), 0xc020_aa04);
         assert_eq!(UFFDIO_WRITEPROTECT(), 0xc018_aa06);
+        assert_eq!(UFFDIO_MOVE(), 0xc028_aa05);
         assert_eq!(USERFAULTFD_IOC_NEW(), 0xaa00);
     }
 }

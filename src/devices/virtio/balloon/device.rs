@@ -3,41 +3,45 @@
 //!
 //! Every PFN, address, length and descriptor flag comes from the guest and is checked before
 //! use; a bad one is counted (and logged once) and skipped, never trusted.
+//!
+//! The device never changes guest memory itself: inflated pages, deflated pages and free
+//! page reports go to the memory manager (`mm`), which moves them in the page-state table
+//! and drops their backing. PFNs of one buffer are sorted and merged into runs first, so a
+//! run of contiguous pages costs one `madvise`.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::metrics::BalloonMetrics;
 use super::{
     config, BalloonError, F_DEFLATE_ON_OOM, F_PAGE_POISON, F_REPORTING, F_STATS_VQ,
     MAX_CHAIN_DESCRIPTORS, PFN_SHIFT, QUEUE_SIZE, STAT_ENTRY_BYTES, VIRTIO_ID_BALLOON,
 };
-use crate::devices::virtio::{irq, Activation, VirtioDevice, VirtioError, VirtioInterrupt};
-use crate::mm::layout::{RamMap, PAGE};
-use crate::mm::state::{PageState, PageTable};
+use crate::config::BalloonConfig;
+use crate::devices::virtio::{
+    irq, ActivateError, Activation, VirtioDevice, VirtioError, VirtioInterrupt,
+};
+use crate::mm::{MemoryManager, MmError, Release};
+use crate::units::{MIB_SHIFT, PAGE_SIZE};
 
-/// Most bytes of PFNs one descriptor may carry (Linux sends at most 256 PFNs = 1 KiB).
-const MAX_PFN_BYTES: u32 = 64 * 1024;
+/// Most bytes of PFNs one chain may carry: Linux sends at most `VIRTIO_BALLOON_ARRAY_PFNS_MAX`
+/// (256) PFNs of 4 bytes per buffer (`drivers/virtio/virtio_balloon.c`).
+const MAX_PFN_BYTES: u32 = 256 * 4;
+/// Most bytes one free page report descriptor may name: a free block of the largest buddy
+/// order, 2^10 pages on x86 (`MAX_ORDER`, what `page_reporting` reports at most).
+const MAX_REPORT_BYTES: u32 = 4 << 20;
+/// Chains of one queue served per event before other events get their turn.
+pub const CHAINS_PER_TURN: usize = 32;
+/// Pages of work (released, deflated or reported) after which a turn ends.
+pub const PAGES_PER_TURN: u64 = 64 * 1024;
 /// Most bytes of one statistics descriptor (Linux sends 10 entries of 10 bytes).
 const MAX_STATS_DESC_BYTES: u32 = 4096;
-
-/// The balloon as the user configures it (`--balloon ...`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BalloonConfig {
-    /// Initial balloon size in MiB.
-    pub target_mib: u64,
-    /// Statistics polling interval in seconds; 0 turns the statistics queue off.
-    pub stats_interval_s: u64,
-    /// Offer `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`.
-    pub deflate_on_oom: bool,
-    /// Offer `VIRTIO_BALLOON_F_REPORTING`.
-    pub free_page_reporting: bool,
-}
+/// Most bytes of statistics one chain may carry, all descriptors together.
+const MAX_STATS_BYTES: usize = 4096;
 
 /// What the queues are for, in Linux's order (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +65,7 @@ pub struct GuestStats {
     pub updated: Option<Instant>,
 }
 
+#[derive(Debug)]
 struct Running {
     mem: Arc<GuestMemoryMmap>,
     queues: Vec<(QueueRole, Queue)>,
@@ -68,11 +73,12 @@ struct Running {
 }
 
 /// The virtio-balloon device.
+#[derive(Debug)]
 pub struct Balloon {
     config: BalloonConfig,
     mem: Arc<GuestMemoryMmap>,
     mem_bytes: u64,
-    pages: Option<(RamMap, Arc<PageTable>)>,
+    mm: Arc<MemoryManager>,
     queue_sizes: Vec<u16>,
     acked_features: u64,
     num_pages: u32,
@@ -85,13 +91,15 @@ pub struct Balloon {
 }
 
 impl Balloon {
-    /// A balloon for `mem` (`mem_bytes` of guest RAM); `pages` is the lazy-RAM engine's view,
-    /// absent with `--no-uffd`.
+    /// A balloon for `mem` (`mem_bytes` of guest RAM) whose pages `mm` releases.
+    ///
+    /// # Errors
+    /// [`BalloonError::TargetTooLarge`] if the initial target exceeds guest RAM.
     pub fn new(
         config: BalloonConfig,
         mem: Arc<GuestMemoryMmap>,
         mem_bytes: u64,
-        pages: Option<(RamMap, Arc<PageTable>)>,
+        mm: Arc<MemoryManager>,
     ) -> Result<Self, BalloonError> {
         let slots =
             2 + usize::from(config.stats_interval_s > 0) + usize::from(config.free_page_reporting);
@@ -99,7 +107,7 @@ impl Balloon {
             config,
             mem,
             mem_bytes,
-            pages,
+            mm,
             queue_sizes: vec![QUEUE_SIZE; slots],
             acked_features: 0,
             num_pages: 0,
@@ -114,21 +122,20 @@ impl Balloon {
         Ok(balloon)
     }
 
-    /// Gives the balloon the lazy-RAM engine's page table (the engine starts after devices).
-    pub fn attach_pages(&mut self, map: RamMap, table: Arc<PageTable>) {
-        self.pages = Some((map, table));
-    }
-
     /// The metrics.
     pub fn metrics(&self) -> &Arc<BalloonMetrics> {
         &self.metrics
     }
 
     /// Sets the balloon size the guest should reach, and tells the driver.
+    ///
+    /// # Errors
+    /// [`BalloonError::TargetTooLarge`] for more than guest RAM (nothing changes).
     pub fn set_target_mib(&mut self, target_mib: u64) -> Result<(), BalloonError> {
-        let mem_mib = self.mem_bytes >> 20;
-        let pages =
-            target_mib.checked_mul(1 << (20 - PFN_SHIFT)).and_then(|p| u32::try_from(p).ok());
+        let mem_mib = self.mem_bytes >> MIB_SHIFT;
+        let pages = target_mib
+            .checked_mul(1 << (MIB_SHIFT - PFN_SHIFT))
+            .and_then(|p| u32::try_from(p).ok());
         let pages = match pages {
             Some(p) if target_mib <= mem_mib => p,
             _ => return Err(BalloonError::TargetTooLarge { target_mib, mem_mib }),
@@ -144,12 +151,12 @@ impl Balloon {
 
     /// The target in MiB (`num_pages`).
     pub fn target_mib(&self) -> u64 {
-        u64::from(self.num_pages) >> (20 - PFN_SHIFT)
+        u64::from(self.num_pages) >> (MIB_SHIFT - PFN_SHIFT)
     }
 
     /// The balloon size the driver reports (`actual`), in MiB.
     pub fn actual_mib(&self) -> u64 {
-        u64::from(self.actual) >> (20 - PFN_SHIFT)
+        u64::from(self.actual) >> (MIB_SHIFT - PFN_SHIFT)
     }
 
     /// The latest guest statistics.
@@ -174,24 +181,34 @@ impl Balloon {
         roles
     }
 
-    /// Processes what the driver queued on queue `index`.
-    pub fn process_queue(&mut self, index: usize) {
+    /// Processes a turn's worth of what the driver queued on queue `index`: at most
+    /// [`CHAINS_PER_TURN`] chains and about [`PAGES_PER_TURN`] pages. Returns true if more is
+    /// waiting, so that the event loop comes back after serving its other events.
+    pub fn process_queue(&mut self, index: usize) -> bool {
         let Some(running) = self.running.as_mut() else {
             // Linux primes the statistics queue and kicks it before DRIVER_OK (init_vqs);
             // the buffer is picked up at activation. Counted, not trusted.
-            self.metrics.early_notifies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return;
+            self.metrics.early_notifies.fetch_add(1, Ordering::Relaxed);
+            return false;
         };
         let Some((role, _)) = running.queues.get(index) else {
             self.metrics
                 .bad_notifies
                 .hit(|| format!("notification for queue {index}, which does not exist"));
-            return;
+            return false;
         };
         let role = *role;
-        let chains = pop_chains(running, index);
         let mut used = Vec::new();
-        for (head, descs) in chains {
+        let mut pages = 0u64;
+        let mut more = true;
+        for _ in 0..CHAINS_PER_TURN {
+            if pages >= PAGES_PER_TURN {
+                break;
+            }
+            let Some((head, descs)) = self.pop_chain(index) else {
+                more = false;
+                break;
+            };
             let Some(descs) = descs else {
                 self.metrics.bad_descriptors.hit(|| {
                     format!(
@@ -201,7 +218,7 @@ impl Balloon {
                 used.push((head, 0));
                 continue;
             };
-            let used_len = match role {
+            pages += match role {
                 QueueRole::Inflate => self.inflate(&descs),
                 QueueRole::Deflate => self.deflate(&descs),
                 QueueRole::Stats => {
@@ -210,9 +227,36 @@ impl Balloon {
                 }
                 QueueRole::Reporting => self.report(&descs),
             };
-            used.push((head, used_len));
+            // Nothing is written into these buffers: the used length is 0.
+            used.push((head, 0));
         }
         self.return_used(index, &used);
+        more && self.has_chains(index)
+    }
+
+    /// The next chain of queue `index` with its descriptors (None inside when it is longer
+    /// than `MAX_CHAIN_DESCRIPTORS` or loops), or None when the queue is empty or its
+    /// available ring is broken (counted: the guest must reset the device).
+    fn pop_chain(&mut self, index: usize) -> Option<(u16, Option<Vec<Desc>>)> {
+        let running = self.running.as_mut()?;
+        let mem = running.mem.clone();
+        let (_, queue) = running.queues.get_mut(index)?;
+        match queue.iter(&*mem) {
+            Ok(mut iter) => iter.next().map(|chain| (chain.head_index(), descriptors(chain))),
+            Err(e) => {
+                self.metrics.bad_descriptors.hit(|| format!("queue {index}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// True if queue `index` holds chains not taken yet.
+    fn has_chains(&self, index: usize) -> bool {
+        let Some(running) = self.running.as_ref() else { return false };
+        let Some((_, queue)) = running.queues.get(index) else { return false };
+        queue
+            .avail_idx(&*running.mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != queue.next_avail())
     }
 
     /// Returns the held statistics buffer so the driver sends fresh numbers.
@@ -263,9 +307,18 @@ impl Balloon {
     }
 
     /// PFNs from the device-readable descriptors of a chain.
+    /// The PFNs of a chain, at most `MAX_PFN_BYTES` of them in all; more is counted and
+    /// ignored.
     fn read_pfns(&self, descs: &[Desc]) -> Vec<u32> {
         let mut pfns = Vec::new();
         for d in descs {
+            let room = MAX_PFN_BYTES - u32::try_from(pfns.len() * 4).unwrap_or(MAX_PFN_BYTES);
+            if d.len > room {
+                self.metrics.bad_descriptors.hit(|| {
+                    format!("PFN chain longer than {MAX_PFN_BYTES} bytes (the Linux driver's most)")
+                });
+                break;
+            }
             if d.len % 4 != 0 {
                 self.metrics
                     .bad_descriptors
@@ -281,63 +334,74 @@ impl Balloon {
         pfns
     }
 
-    /// The host address of guest page `pfn`, if it is guest RAM.
-    fn page_hva(&self, pfn: u32) -> Option<u64> {
-        let gpa = u64::from(pfn) << PFN_SHIFT;
-        let ptr = self.mem.get_host_address(GuestAddress(gpa)).ok()?;
-        // The whole page must be RAM (regions are page-aligned, so this holds if the last byte is).
-        self.mem.get_host_address(GuestAddress(gpa + PAGE - 1)).ok()?;
-        Some(ptr as u64)
+    /// The valid PFNs of a chain as sorted runs `(first_gpa, pages)`; PFNs outside guest RAM
+    /// are counted and dropped, duplicates merged.
+    fn pfn_runs(&self, descs: &[Desc], what: &str) -> Vec<(u64, u64)> {
+        let map = self.mm.map();
+        let mut gpas: Vec<u64> = self
+            .read_pfns(descs)
+            .into_iter()
+            .filter_map(|pfn| {
+                let gpa = u64::from(pfn) << PFN_SHIFT;
+                if map.range_of_gpa(gpa, PAGE_SIZE).is_none() {
+                    self.metrics.bad_pfns.hit(|| format!("{what} PFN {pfn:#x} outside guest RAM"));
+                    return None;
+                }
+                Some(gpa)
+            })
+            .collect();
+        gpas.sort_unstable();
+        gpas.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for gpa in gpas {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n * PAGE_SIZE == gpa => *n += 1,
+                _ => runs.push((gpa, 1)),
+            }
+        }
+        runs
     }
 
-    /// The host address and engine page number (if the engine runs) of every valid PFN in
-    /// the chain; invalid ones are counted and skipped.
-    fn valid_pages(&self, descs: &[Desc], what: &str) -> Vec<(u64, Option<u64>)> {
-        let mut pages = Vec::new();
-        for pfn in self.read_pfns(descs) {
-            let Some(hva) = self.page_hva(pfn) else {
-                self.metrics.bad_pfns.hit(|| format!("{what} PFN {pfn:#x} outside guest RAM"));
-                continue;
-            };
-            pages.push((hva, self.pages.as_ref().and_then(|(map, _)| map.pfn_of(hva))));
+    /// Releases `[gpa, gpa + len)` through the memory manager; returns the pages released.
+    fn release(&self, gpa: u64, len: u64, how: Release) -> u64 {
+        match self.mm.release(gpa, len, how) {
+            Ok(r) => r.pages,
+            // Every page was checked, so a run the manager refuses straddles two regions:
+            // release it page by page.
+            Err(MmError::NotRam { .. }) if len > PAGE_SIZE => (0..len / PAGE_SIZE)
+                .map(|i| self.release(gpa + i * PAGE_SIZE, PAGE_SIZE, how))
+                .sum(),
+            Err(e) => {
+                self.metrics.madvise_errors.fetch_add(1, Ordering::Relaxed);
+                log::warn!("virtio-balloon: {e}");
+                0
+            }
         }
+    }
+
+    /// Inflates the PFNs of a chain; returns the pages it named (the work done).
+    fn inflate(&mut self, descs: &[Desc]) -> u64 {
+        let runs = self.pfn_runs(descs, "inflate");
+        let released: u64 =
+            runs.iter().map(|&(gpa, n)| self.release(gpa, n * PAGE_SIZE, Release::Balloon)).sum();
+        self.metrics.inflated_pages.fetch_add(released, Ordering::Relaxed);
+        runs.iter().map(|&(_, n)| n).sum()
+    }
+
+    /// Deflates the PFNs of a chain; returns the pages it named.
+    fn deflate(&mut self, descs: &[Desc]) -> u64 {
+        let runs = self.pfn_runs(descs, "deflate");
+        for &(gpa, n) in &runs {
+            // Checked PFNs within one region each; a straddling run is split by the map.
+            if self.mm.unballoon(gpa, n * PAGE_SIZE).is_err() {
+                (0..n).for_each(|i| {
+                    let _ = self.mm.unballoon(gpa + i * PAGE_SIZE, PAGE_SIZE);
+                });
+            }
+        }
+        let pages: u64 = runs.iter().map(|&(_, n)| n).sum();
+        self.metrics.deflated_pages.fetch_add(pages, Ordering::Relaxed);
         pages
-    }
-
-    fn table(&self) -> Option<&PageTable> {
-        self.pages.as_ref().map(|(_, t)| &**t)
-    }
-
-    fn inflate(&mut self, descs: &[Desc]) -> u32 {
-        let mut released = 0;
-        for (hva, pfn) in self.valid_pages(descs, "inflate") {
-            // Marked first: the fault handler sees the remove event and keeps the page
-            // Ballooned rather than Untouched.
-            if let (Some(table), Some(p)) = (self.table(), pfn) {
-                table.set(p, PageState::Ballooned);
-            }
-            if release(hva, PAGE) {
-                released += 1;
-            } else {
-                self.metrics.madvise_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        self.metrics.inflated_pages.fetch_add(released, std::sync::atomic::Ordering::Relaxed);
-        0
-    }
-
-    fn deflate(&mut self, descs: &[Desc]) -> u32 {
-        let pages = self.valid_pages(descs, "deflate");
-        for &(_, pfn) in &pages {
-            if let (Some(table), Some(p)) = (self.table(), pfn) {
-                // Still unbacked: the next touch faults and gets a zero page.
-                let _ = table.transition(p, PageState::Ballooned, PageState::Untouched);
-            }
-        }
-        self.metrics
-            .deflated_pages
-            .fetch_add(pages.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        0
     }
 
     fn receive_stats(&mut self, head: u16, descs: &[Desc]) {
@@ -350,6 +414,12 @@ impl Balloon {
         let mut bytes = Vec::new();
         for d in descs {
             let Some(buf) = self.read_desc(d, MAX_STATS_DESC_BYTES, "stats") else { return };
+            if bytes.len() + buf.len() > MAX_STATS_BYTES {
+                self.metrics
+                    .bad_stats
+                    .hit(|| format!("statistics chain of more than {MAX_STATS_BYTES} bytes"));
+                return;
+            }
             bytes.extend(buf);
         }
         let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
@@ -369,73 +439,42 @@ impl Balloon {
             })
             .collect();
         self.stats.updated = Some(Instant::now());
-        self.metrics.stats_updates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.stats_updates.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn report(&mut self, descs: &[Desc]) -> u32 {
+    /// Releases the free ranges a report names; returns the pages it named.
+    fn report(&mut self, descs: &[Desc]) -> u64 {
         // Released pages read back as zeros: only right if freed pages hold zeros. With a
         // non-zero poison value the guest expects the poison, so the pages are kept.
         if self.acked_features & (1 << F_PAGE_POISON) != 0 && self.poison_val != 0 {
-            self.metrics.reports_kept.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.reports_kept.fetch_add(1, Ordering::Relaxed);
             return 0;
         }
-        let mut pages = 0;
+        let (mut pages, mut named) = (0, 0);
         for d in descs {
-            // Reports are device-writable buffers (virtqueue_add_inbuf in page_reporting).
-            let aligned = d.addr % PAGE == 0 && u64::from(d.len) % PAGE == 0 && d.len > 0;
-            if !d.write_only || !aligned {
+            // Reports are device-writable buffers (virtqueue_add_inbuf in page_reporting),
+            // each a free block of at most MAX_REPORT_BYTES.
+            let aligned = d.addr % PAGE_SIZE == 0 && u64::from(d.len) % PAGE_SIZE == 0 && d.len > 0;
+            if !d.write_only || !aligned || d.len > MAX_REPORT_BYTES {
                 self.metrics
                     .bad_descriptors
                     .hit(|| format!("report descriptor at {:#x} len {}", d.addr, d.len));
                 continue;
             }
-            let Some(hva) = self.range_hva(d.addr, u64::from(d.len)) else {
+            let len = u64::from(d.len);
+            if self.mm.map().range_of_gpa(d.addr, len).is_none() {
                 self.metrics
                     .bad_pfns
                     .hit(|| format!("reported range {:#x}+{} outside guest RAM", d.addr, d.len));
                 continue;
-            };
-            // Free pages the guest may reuse at any time: released, not Ballooned. The table is
-            // updated here rather than left to the remove event, which this host's kernel
-            // does not always deliver while vCPUs fault concurrently.
-            if release(hva, u64::from(d.len)) {
-                let n = u64::from(d.len) / PAGE;
-                self.mark_untouched(hva, n);
-                pages += n;
             }
+            // Free pages the guest may reuse as soon as the report is returned.
+            pages += self.release(d.addr, len, Release::Free);
+            named += len / PAGE_SIZE;
         }
-        self.metrics.reported_pages.fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
-        0
+        self.metrics.reported_pages.fetch_add(pages, Ordering::Relaxed);
+        named
     }
-
-    /// Marks `n` released pages from `hva` as Untouched (Ballooned ones stay Ballooned).
-    fn mark_untouched(&self, hva: u64, n: u64) {
-        let Some((map, table)) = &self.pages else { return };
-        for i in 0..n {
-            if let Some(p) = map.pfn_of(hva + i * PAGE) {
-                if table.get(p) != Some(PageState::Ballooned) {
-                    table.set(p, PageState::Untouched);
-                }
-            }
-        }
-    }
-
-    /// The host address of `[gpa, gpa + len)` if it lies inside one RAM region.
-    fn range_hva(&self, gpa: u64, len: u64) -> Option<u64> {
-        let last = gpa.checked_add(len)?.checked_sub(1)?;
-        let region = self.mem.find_region(GuestAddress(gpa))?;
-        let end = region.start_addr().0.checked_add(region.len())?;
-        (last < end).then_some(())?;
-        self.mem.get_host_address(GuestAddress(gpa)).ok().map(|p| p as u64)
-    }
-}
-
-/// Releases host memory behind `[hva, hva + len)`; true on success.
-fn release(hva: u64, len: u64) -> bool {
-    let Ok(len) = usize::try_from(len) else { return false };
-    // SAFETY: the range was checked to lie inside guest RAM, which ebb maps privately and
-    // anonymously: MADV_DONTNEED only drops its contents (reads see zeros afterwards).
-    unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTNEED) == 0 }
 }
 
 /// One descriptor, copied out of the guest's table.
@@ -444,18 +483,6 @@ struct Desc {
     addr: u64,
     len: u32,
     write_only: bool,
-}
-
-/// Pops every available chain of queue `index` with its descriptors (at most
-/// `MAX_CHAIN_DESCRIPTORS`; longer or looping chains come back empty and are counted).
-fn pop_chains(running: &mut Running, index: usize) -> Vec<(u16, Option<Vec<Desc>>)> {
-    let mem = running.mem.clone();
-    let Some((_, queue)) = running.queues.get_mut(index) else { return Vec::new() };
-    let mut out = Vec::new();
-    while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-        out.push((chain.head_index(), descriptors(chain)));
-    }
-    out
 }
 
 /// The descriptors of a chain, or None if it is longer than `MAX_CHAIN_DESCRIPTORS` (a loop
@@ -524,23 +551,25 @@ impl VirtioDevice for Balloon {
 
     fn activate(&mut self, activation: Activation) -> Result<(), VirtioError> {
         let roles = Self::roles(activation.acked_features);
-        let err = |reason: String| VirtioError::Activate { device_type: VIRTIO_ID_BALLOON, reason };
-        if activation.queues.len() < roles.len() {
-            return Err(err(format!(
-                "{} queues for {} roles",
-                activation.queues.len(),
-                roles.len()
-            )));
+        let err = |reason| VirtioError::Activate { device_type: VIRTIO_ID_BALLOON, reason };
+        let (queues, needed) = (activation.queues.len(), roles.len());
+        if queues < needed {
+            return Err(err(ActivateError::TooFewQueues { queues, needed }));
         }
         let queues: Vec<(QueueRole, Queue)> = roles.into_iter().zip(activation.queues).collect();
-        if let Some((role, _)) = queues.iter().find(|(_, q)| !q.ready()) {
-            return Err(err(format!("the {role:?} queue is not ready")));
+        if let Some(index) = queues.iter().position(|(_, q)| !q.ready()) {
+            return Err(err(ActivateError::QueueNotReady { index }));
         }
         self.acked_features = activation.acked_features;
         let n = queues.len();
         self.running =
             Some(Running { mem: activation.mem, queues, interrupt: activation.interrupt });
-        log::info!("virtio-balloon: driver ready, features {:#x}", self.acked_features);
+        // A guest may reset and activate the device in a loop: only the first is logged.
+        if self.metrics.activations.fetch_add(1, Ordering::Relaxed) == 0 {
+            log::info!("virtio-balloon: driver ready, features {:#x}", self.acked_features);
+        } else {
+            log::debug!("virtio-balloon: driver ready, features {:#x}", self.acked_features);
+        }
         // Buffers the driver queued before DRIVER_OK (the primed statistics buffer).
         for index in 0..n {
             self.process_queue(index);
@@ -564,11 +593,12 @@ impl VirtioDevice for Balloon {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
+    use crate::mm::pages::PageState;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryBackend;
     use vmm_sys_util::eventfd::EventFd;
 
     const MEM: u64 = 16 << 20;
@@ -584,8 +614,7 @@ mod tests {
     struct Rig {
         mem: Arc<GuestMemoryMmap>,
         balloon: Balloon,
-        table: Arc<PageTable>,
-        map: RamMap,
+        mm: Arc<MemoryManager>,
         irq: Arc<VirtioInterrupt>,
         queues: Vec<MockSplitQueue<'static, GuestMemoryMmap>>,
     }
@@ -610,16 +639,15 @@ mod tests {
             Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap());
         let leaked: &'static GuestMemoryMmap = Box::leak(Box::new(mem.clone()));
         let hva = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-        let map = RamMap::new(&[crate::vstate::memory::RamRegion { gpa: 0, hva, len: MEM }]);
-        let table = Arc::new(PageTable::new(map.pages()));
-        let pages = Some((map.clone(), table.clone()));
-        let balloon = Balloon::new(all_features(), mem.clone(), MEM, pages).unwrap();
+        let region = crate::vstate::memory::RamRegion { gpa: 0, hva, len: MEM };
+        let mm = Arc::new(MemoryManager::new(&[region], true));
+        let balloon = Balloon::new(all_features(), mem.clone(), MEM, mm.clone()).unwrap();
         let irq = Arc::new(VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let queues = QUEUE_GPA
             .iter()
             .map(|&gpa| MockSplitQueue::create(leaked, GuestAddress(gpa), size))
             .collect();
-        Rig { mem, balloon, table, map, irq, queues }
+        Rig { mem, balloon, mm, irq, queues }
     }
 
     fn rig() -> Rig {
@@ -647,18 +675,14 @@ mod tests {
             u32::try_from(bytes.len()).unwrap()
         }
 
-        fn pfn(&self, guest_pfn: u32) -> u64 {
-            let gpa = GuestAddress(u64::from(guest_pfn) << 12);
-            self.map.pfn_of(self.mem.get_host_address(gpa).unwrap() as u64).unwrap()
-        }
-
+        /// Writes the first byte of a page. The table is `mm`'s: the page stays Untouched
+        /// there (these queues run without the fault handler).
         fn fill_page(&self, guest_pfn: u32) {
-            self.table.set(self.pfn(guest_pfn), PageState::Resident);
             self.mem.write_obj(0xabu8, GuestAddress(u64::from(guest_pfn) << 12)).unwrap();
         }
 
         fn state(&self, guest_pfn: u32) -> Option<PageState> {
-            self.table.get(self.pfn(guest_pfn))
+            self.mm.table().unwrap().get(u64::from(guest_pfn))
         }
 
         fn byte(&self, guest_pfn: u32) -> u8 {
@@ -691,6 +715,79 @@ mod tests {
     }
 
     #[test]
+    fn pfns_are_sorted_deduplicated_and_merged_into_runs() {
+        let mut r = rig();
+        r.activate(BASE_FEATURES);
+        let beyond = u32::try_from(MEM >> 12).unwrap();
+        let len = r.write_pfns(&[0x103, 0x101, 0x102, 0x101, beyond, 0x200, 0x100]);
+        let runs = r.balloon.pfn_runs(&[Desc { addr: BUF_GPA, len, write_only: false }], "test");
+        assert_eq!(runs, vec![(0x10_0000, 4), (0x20_0000, 1)]);
+        assert_eq!(r.balloon.metrics().bad_pfns.get(), 1);
+    }
+
+    #[test]
+    fn inflating_the_same_pfn_twice_keeps_one_ballooned_page() {
+        let mut r = rig();
+        r.activate(BASE_FEATURES);
+        let len = r.write_pfns(&[0x100, 0x100]);
+        r.queues[0].build_desc_chain(&[desc(BUF_GPA, len, 0, 0)]).unwrap();
+        r.balloon.process_queue(0);
+        r.queues[0].build_desc_chain(&[desc(BUF_GPA, len, 0, 0)]).unwrap();
+        r.balloon.process_queue(0);
+        let t = r.mm.table().unwrap();
+        assert_eq!(t.count(PageState::Ballooned), 1);
+        assert_eq!(r.state(0x100), Some(PageState::Ballooned));
+    }
+
+    #[test]
+    fn a_chain_carries_no_more_pfns_than_the_linux_driver_sends() {
+        let mut r = rig();
+        r.activate(BASE_FEATURES);
+        let pfns: Vec<u32> = (0x100..0x100 + 300).collect();
+        let len = r.write_pfns(&pfns);
+        // One descriptor of 300 PFNs: refused whole. Then 256 + 44 in two descriptors:
+        // the first is taken, the second refused.
+        r.queues[0].build_desc_chain(&[desc(BUF_GPA, len, 0, 0)]).unwrap();
+        r.balloon.process_queue(0);
+        assert_eq!(r.balloon.metrics().inflated_pages.load(Ordering::Relaxed), 0);
+        r.queues[0]
+            .build_desc_chain(&[desc(BUF_GPA, 1024, 0, 0), desc(BUF_GPA + 1024, len - 1024, 0, 0)])
+            .unwrap();
+        r.balloon.process_queue(0);
+        assert_eq!(r.balloon.metrics().inflated_pages.load(Ordering::Relaxed), 256);
+        assert_eq!(r.balloon.metrics().bad_descriptors.get(), 2);
+    }
+
+    #[test]
+    fn a_full_queue_is_served_in_turns() {
+        let mut r = rig_with_queue_size(256);
+        r.activate(BASE_FEATURES);
+        let len = r.write_pfns(&[0x100]);
+        let chains = CHAINS_PER_TURN + 8;
+        for i in 0..chains {
+            let i = u16::try_from(i).unwrap();
+            r.queues[0].add_desc_chains(&[desc(BUF_GPA, len, 0, 0)], i).unwrap();
+        }
+        assert!(r.balloon.process_queue(0), "more is waiting after one turn");
+        assert_eq!(usize::from(r.used_idx(0)), CHAINS_PER_TURN);
+        assert!(!r.balloon.process_queue(0), "the rest fits in the next turn");
+        assert_eq!(usize::from(r.used_idx(0)), chains);
+    }
+
+    #[test]
+    fn a_broken_available_index_is_counted_not_logged_each_time() {
+        let mut r = rig();
+        r.activate(BASE_FEATURES);
+        // The driver claims 1000 buffers in a queue of 16.
+        r.queues[0].avail().idx().store(1000);
+        for _ in 0..100 {
+            assert!(!r.balloon.process_queue(0));
+        }
+        assert_eq!(r.balloon.metrics().bad_descriptors.get(), 100);
+        assert_eq!(r.used_idx(0), 0);
+    }
+
+    #[test]
     fn inflate_with_out_of_range_pfn_is_ignored() {
         let mut r = rig();
         r.activate(BASE_FEATURES);
@@ -712,7 +809,7 @@ mod tests {
         r.queues[0].build_desc_chain(&[desc(BUF_GPA, len, WRITE, 0)]).unwrap();
         r.balloon.process_queue(0);
         assert_eq!(r.balloon.metrics().bad_descriptors.get(), 1);
-        assert_eq!(r.state(0x100), Some(PageState::Resident));
+        assert_eq!(r.state(0x100), Some(PageState::Untouched));
         assert_eq!(r.byte(0x100), 0xab);
     }
 
@@ -773,6 +870,20 @@ mod tests {
     }
 
     #[test]
+    fn a_statistics_chain_longer_than_4_kib_is_ignored() {
+        let mut r = rig_with_queue_size(256);
+        r.activate(BASE_FEATURES | STATS);
+        let len = r.stats_buffer(&[(4, 1000)]);
+        let d =
+            |i: u64| desc(BUF_GPA, 4090, VRING_DESC_F_NEXT as u16, u16::try_from(i + 1).unwrap());
+        let chain: Vec<_> = (0..3).map(d).chain([desc(BUF_GPA, len, 0, 0)]).collect();
+        r.queues[2].add_desc_chains(&chain, 0).unwrap();
+        r.balloon.process_queue(2);
+        assert_eq!(r.balloon.metrics().bad_stats.get(), 1);
+        assert!(r.balloon.guest_stats().values.is_empty());
+    }
+
+    #[test]
     fn a_stats_buffer_of_the_wrong_size_is_ignored() {
         let mut r = rig();
         r.activate(BASE_FEATURES | STATS);
@@ -808,12 +919,13 @@ mod tests {
         assert_eq!(r.balloon.metrics().reported_pages.load(Ordering::Relaxed), 2);
         assert_eq!(r.state(0x200), Some(PageState::Untouched));
         assert_eq!(r.byte(0x200), 0);
-        // Read-only, unaligned, and beyond RAM: all refused.
+        // Read-only, unaligned, beyond RAM, and larger than a free block: all refused.
         q.add_desc_chains(&[desc(0x300 << 12, 4096, 0, 0)], 1).unwrap();
         q.add_desc_chains(&[desc((0x300 << 12) + 8, 4096, WRITE, 0)], 2).unwrap();
         q.add_desc_chains(&[desc(MEM - 4096, 8192, WRITE, 0)], 3).unwrap();
+        q.add_desc_chains(&[desc(0, MAX_REPORT_BYTES + 4096, WRITE, 0)], 4).unwrap();
         r.balloon.process_queue(3);
-        assert_eq!(r.balloon.metrics().bad_descriptors.get(), 2);
+        assert_eq!(r.balloon.metrics().bad_descriptors.get(), 3);
         assert_eq!(r.balloon.metrics().bad_pfns.get(), 1);
         assert_eq!(r.balloon.metrics().reported_pages.load(Ordering::Relaxed), 2);
     }

@@ -50,11 +50,15 @@ impl MutEventSubscriber for BalloonEventHandler {
                 balloon.request_stats();
             }
             index => {
-                if let Some(evt) = usize::try_from(index).ok().and_then(|i| self.queue_evts.get(i))
-                {
+                let evt = usize::try_from(index).ok().and_then(|i| self.queue_evts.get(i));
+                if let Some(evt) = evt {
                     let _ = evt.read();
                 }
-                balloon.process_queue(usize::try_from(index).unwrap_or(usize::MAX));
+                let more = balloon.process_queue(usize::try_from(index).unwrap_or(usize::MAX));
+                if let (true, Some(evt)) = (more, evt) {
+                    // Come back after the loop has served its other events.
+                    let _ = evt.write(1);
+                }
             }
         }
     }

@@ -1,28 +1,8 @@
 //! Counters of the balloon device: what it did, and what the guest did wrong.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-/// One guest-misbehaviour counter that logs its first occurrence only.
-#[derive(Debug, Default)]
-pub struct GuestErrorCounter {
-    count: AtomicU64,
-    logged: AtomicBool,
-}
-
-impl GuestErrorCounter {
-    /// Counts one occurrence; logs `what` the first time.
-    pub fn hit(&self, what: impl FnOnce() -> String) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        if !self.logged.swap(true, Ordering::Relaxed) {
-            log::warn!("virtio-balloon: {} (logged once; see the device metrics)", what());
-        }
-    }
-
-    /// Occurrences so far.
-    pub fn get(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-}
+pub use crate::devices::guest_errors::GuestErrorCounter;
 
 /// The balloon's metrics.
 #[derive(Debug, Default)]
@@ -48,6 +28,8 @@ pub struct BalloonMetrics {
     /// Notifications before DRIVER_OK (Linux primes the statistics queue that way); the
     /// buffers are processed at activation.
     pub early_notifies: AtomicU64,
+    /// Times the driver activated the device (set DRIVER_OK); more than one means resets.
+    pub activations: AtomicU64,
     /// Configuration-space writes other than `actual`.
     pub bad_config_writes: GuestErrorCounter,
     /// `madvise` failures releasing guest pages.

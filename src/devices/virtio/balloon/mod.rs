@@ -10,7 +10,7 @@ pub mod device;
 pub mod event_handler;
 pub mod metrics;
 
-pub use device::{Balloon, BalloonConfig, GuestStats};
+pub use device::{Balloon, GuestStats};
 
 /// virtio device ID of the balloon.
 pub const VIRTIO_ID_BALLOON: u32 = 5;
@@ -87,7 +87,4 @@ pub enum BalloonError {
         /// Guest RAM.
         mem_mib: u64,
     },
-    /// The statistics queue was not negotiated.
-    #[error("balloon statistics are off: start the VM with --balloon stats=SECS")]
-    StatsDisabled,
 }

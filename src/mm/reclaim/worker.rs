@@ -1,0 +1,143 @@
+//! The reclaim worker thread: every tick (or when the lever moves) it ages the pages, then
+//! evicts the coldest in batches until the guest's resident memory is at most the target,
+//! writing the cache's oldest pages back to swap when the cache is full.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::evict::{Evictor, BATCH_PAGES};
+use super::store::Backing;
+use super::victims::Victims;
+use super::{DirtyLog, ReclaimControl, VictimPolicy};
+use crate::mm::pages::{PageState, PageTable};
+use crate::mm::sys::{poll_readable, prefault_stack, THREAD_STACK_RESERVE};
+use crate::units::PAGE_SIZE;
+
+/// How often the worker ages pages and checks the target.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Most pages evicted per tick: 32 MiB, so that a new target is reached at up to 320 MiB/s
+/// without the worker hogging a core the guest may need.
+pub const PAGES_PER_TICK: u64 = 8192;
+
+/// What the worker needs.
+struct Worker {
+    control: Arc<ReclaimControl>,
+    stop: EventFd,
+    timer: TimerFd,
+    table: Arc<PageTable>,
+    backing: Arc<Backing>,
+    evictor: Evictor,
+    victims: Victims,
+    dirty_log: Option<DirtyLog>,
+    bitmap: Vec<u64>,
+}
+
+/// Starts the worker; it stops when `stop` is written.
+///
+/// # Errors
+/// The timer or the thread could not be created.
+pub(crate) fn spawn(
+    control: Arc<ReclaimControl>,
+    stop: EventFd,
+    table: Arc<PageTable>,
+    backing: Arc<Backing>,
+    evictor: Evictor,
+    policy: VictimPolicy,
+    dirty_log: Option<DirtyLog>,
+) -> std::io::Result<JoinHandle<()>> {
+    let mut timer = TimerFd::new().map_err(std::io::Error::from)?;
+    timer.reset(TICK, Some(TICK)).map_err(std::io::Error::from)?;
+    let victims = Victims::new(policy, table.len());
+    let worker = Worker {
+        control,
+        stop,
+        timer,
+        table,
+        backing,
+        evictor,
+        victims,
+        dirty_log,
+        bitmap: Vec::new(),
+    };
+    std::thread::Builder::new().name("ebb-reclaim".into()).spawn(move || worker.run())
+}
+
+impl Worker {
+    fn run(mut self) {
+        prefault_stack(THREAD_STACK_RESERVE);
+        self.control.set_cpu_clock_of_current_thread();
+        let fds = [self.stop.as_raw_fd(), self.control.kick().as_raw_fd(), self.timer.as_raw_fd()];
+        loop {
+            match poll_readable(fds, -1) {
+                Ok([true, _, _]) => return,
+                Ok([_, kicked, ticked]) => {
+                    if kicked {
+                        let _ = self.control.kick().read();
+                    }
+                    if ticked {
+                        let _ = self.timer.wait();
+                        self.age();
+                    }
+                }
+                Err(e) => {
+                    log::error!("reclaim worker: {e}; reclaim stops");
+                    return;
+                }
+            }
+            if let Err(e) = self.reclaim() {
+                log::error!("reclaim worker: {e}; reclaim stops");
+                return;
+            }
+        }
+    }
+
+    /// Folds the dirty log (if any) and the refault marks into the pages' ages.
+    fn age(&mut self) {
+        if self.control.target().is_none() {
+            return;
+        }
+        self.bitmap.clear();
+        if let Some(log) = self.dirty_log.as_mut() {
+            if let Err(e) = log(&mut self.bitmap) {
+                log::warn!("reading KVM's dirty log: {e}; victims are picked without it");
+                self.dirty_log = None;
+                self.bitmap.clear();
+            }
+        }
+        self.victims.age(&self.table, &self.bitmap);
+    }
+
+    fn resident_pages(&self) -> u64 {
+        self.table.count(PageState::Resident)
+    }
+
+    /// Evicts until the target is met, this tick's budget is spent, or nothing moves.
+    fn reclaim(&mut self) -> Result<(), crate::mm::uffd::UffdError> {
+        let Some(target) = self.control.target() else { return Ok(()) };
+        let target_pages = target / PAGE_SIZE;
+        let mut budget = PAGES_PER_TICK;
+        while self.resident_pages() > target_pages && budget > 0 {
+            if self.backing.cache_is_full() {
+                self.evictor.write_back(BATCH_PAGES);
+            }
+            let excess = self.resident_pages() - target_pages;
+            let want = usize::try_from(excess.min(budget)).unwrap_or(BATCH_PAGES).min(BATCH_PAGES);
+            let picked = self.victims.pick(&self.table, want);
+            if picked.is_empty() {
+                break;
+            }
+            let done = self.evictor.evict(&picked)?;
+            if done.pages == 0 {
+                break;
+            }
+            budget = budget.saturating_sub(done.pages);
+        }
+        self.victims.reset_threshold();
+        Ok(())
+    }
+}

@@ -1,0 +1,167 @@
+//! The VM's two threads of control once it runs: the vCPU thread (`KVM_RUN`) and this
+//! thread's event loop (device queues, the control socket, the statistics timer, stop
+//! signals), until the vCPU ends, the fault handler fails, or SIGINT/SIGTERM arrives.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::signals::{kick_signal, StopSignals};
+use super::{RunOutcome, VmmError};
+use crate::metrics::StatsWriter;
+use crate::mm::engine::Engine;
+use crate::mm::uffd::UffdError;
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome, VcpuStopper};
+
+/// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
+const KICK_INTERVAL: Duration = Duration::from_millis(10);
+/// How long a stopping vCPU thread may take before ebb exits without it.
+const STOP_PATIENCE: Duration = Duration::from_secs(2);
+
+/// An event-loop subscriber.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Notes that an eventfd fired: the vCPU finished, or the fault handler failed.
+#[derive(Debug)]
+struct FlagWatcher {
+    evt: EventFd,
+    done: bool,
+}
+
+impl FlagWatcher {
+    fn new(evt: EventFd) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Self { evt, done: false }))
+    }
+
+    fn fired(w: &Arc<Mutex<Self>>) -> bool {
+        w.lock().unwrap_or_else(PoisonError::into_inner).done
+    }
+}
+
+impl MutEventSubscriber for FlagWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.done = true;
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("cannot watch an event: {e:?}");
+        }
+    }
+}
+
+/// Runs `vcpu` on its own thread while this thread runs the event loop with `subscribers`
+/// and the statistics writer; returns how the guest ended.
+pub fn run(
+    vcpu: Vcpu,
+    subscribers: Vec<Subscriber>,
+    stats: Option<Arc<Mutex<StatsWriter>>>,
+    engine: Option<&Engine>,
+) -> Result<RunOutcome, VmmError> {
+    let result = run_until_end(vcpu, subscribers, stats.clone(), engine);
+    if let Some(s) = &stats {
+        // The last line describes the VM as it ended, however it ended.
+        if let Err(e) = s.lock().unwrap_or_else(PoisonError::into_inner).write_final_line() {
+            log::warn!("writing statistics: {e}");
+        }
+    }
+    result
+}
+
+fn run_until_end(
+    mut vcpu: Vcpu,
+    subscribers: Vec<Subscriber>,
+    stats: Option<Arc<Mutex<StatsWriter>>>,
+    engine: Option<&Engine>,
+) -> Result<RunOutcome, VmmError> {
+    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventLoopSetup)?;
+    let signal = exit_evt.try_clone().map_err(VmmError::EventLoopSetup)?;
+    let watcher = FlagWatcher::new(exit_evt);
+    let mut events: EventManager<Subscriber> = EventManager::new().map_err(VmmError::EventLoop)?;
+    events.add_subscriber(watcher.clone());
+    let engine_failed = match engine {
+        Some(e) => {
+            let evt = e.failed_event().try_clone().map_err(VmmError::EventLoopSetup)?;
+            let w = FlagWatcher::new(evt);
+            events.add_subscriber(w.clone());
+            Some(w)
+        }
+        None => None,
+    };
+    for s in subscribers {
+        events.add_subscriber(s);
+    }
+    if let Some(s) = &stats {
+        events.add_subscriber(s.clone());
+    }
+    let signals = Arc::new(Mutex::new(StopSignals::install().map_err(VmmError::EventLoopSetup)?));
+    events.add_subscriber(signals.clone());
+    let stopper = vcpu.stopper();
+    let handle = thread::Builder::new()
+        .name("ebb-vcpu0".into())
+        .spawn(move || {
+            crate::mm::sys::prefault_stack(crate::mm::sys::THREAD_STACK_RESERVE);
+            let outcome = vcpu.run();
+            let _ = signal.write(1);
+            outcome
+        })
+        .map_err(VmmError::EventLoopSetup)?;
+    let mut stopped_by = None;
+    while !FlagWatcher::fired(&watcher) {
+        if engine_failed.as_ref().is_some_and(FlagWatcher::fired) {
+            // The kernel woke the faulting vCPU when the handler's descriptor closed, and it
+            // now runs on memory ebb no longer tracks: end the VM here. The vCPU thread is
+            // left behind (the process is about to exit) rather than joined, as it may be
+            // deep in guest code.
+            let why = engine.and_then(Engine::take_failure).unwrap_or(UffdError::Panicked);
+            return Err(VmmError::FaultHandler(why));
+        }
+        let received = signals.lock().unwrap_or_else(PoisonError::into_inner).received();
+        if let Some(signal) = received {
+            stop_vcpu(&stopper, &handle, signal);
+            stopped_by = Some(signal);
+            break;
+        }
+        events.run().map_err(VmmError::EventLoop)?;
+    }
+    if let Some(why) = engine.and_then(Engine::take_failure) {
+        // The handler failed while the vCPU was ending: its cause comes first (a guest whose
+        // memory the failing handler dropped crashes for that reason only).
+        return Err(VmmError::FaultHandler(why));
+    }
+    let outcome = match stopped_by {
+        // A vCPU that did not leave KVM_RUN in time: end the VM all the same.
+        Some(signal) if !handle.is_finished() => VcpuOutcome::Stopped(signal),
+        // The vCPU said it is done (or stopped): its thread ends at once.
+        _ => handle.join().map_err(|_| VmmError::VcpuPanic)??,
+    };
+    Ok(outcome)
+}
+
+/// Asks the vCPU to stop and kicks its thread until it leaves `KVM_RUN` (a kick that lands
+/// just before the thread enters `KVM_RUN` is lost, hence the repeats), for at most
+/// [`STOP_PATIENCE`].
+fn stop_vcpu(
+    stopper: &VcpuStopper,
+    handle: &JoinHandle<Result<VcpuOutcome, VcpuError>>,
+    signal: i32,
+) {
+    use vmm_sys_util::signal::Killable;
+    stopper.stop(signal);
+    let deadline = Instant::now() + STOP_PATIENCE;
+    while !handle.is_finished() && Instant::now() < deadline {
+        if let Err(e) = handle.kill(kick_signal()) {
+            log::warn!("cannot kick the vCPU thread: {e}");
+            break;
+        }
+        thread::sleep(KICK_INTERVAL);
+    }
+    if !handle.is_finished() {
+        log::warn!("the vCPU did not stop within {STOP_PATIENCE:?}; exiting without it");
+    }
+}

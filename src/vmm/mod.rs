@@ -1,0 +1,316 @@
+//! One VM from config to exit, as a [`Vm`] value: [`Vm::build`] sets up KVM, guest memory,
+//! the memory engine, devices and the boot state; [`Vm::run`] runs the vCPU and the event
+//! loop until the guest ends. A host process can hold several.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `mod.rs` | the `Vm`, its errors, the exit status |
+//! | `devices.rs` | the devices, their bus ranges, interrupt lines and MMIO slots |
+//! | `memory.rs` | the memory manager, the stores of evicted pages, the engine |
+//! | `event_loop.rs` | the vCPU thread and the event loop around it |
+//! | `signals.rs` | SIGINT and SIGTERM: an orderly stop |
+
+pub mod devices;
+pub mod event_loop;
+pub mod memory;
+pub mod signals;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use kvm_ioctls::VmFd;
+
+use crate::accel::Accelerator;
+use crate::api::server::ApiServer;
+use crate::api::ApiContext;
+use crate::boot::{self, cmdline::linux_cmdline, firmware, linux, BootCpu, BootError};
+use crate::config::{BootSource, ConfigError, VmConfig};
+use crate::devices::virtio::balloon::BalloonError;
+use crate::devices::BusError;
+use crate::metrics::{MemorySource, StatsSource, StatsWriter};
+use crate::mm::engine::Engine;
+use crate::mm::rss::RssProbe;
+use crate::mm::uffd::UffdError;
+use crate::vstate::cpuid::{self, CpuidError};
+use crate::vstate::kvm::{self, KvmError};
+use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome};
+use crate::vstate::vm::{self, VmError};
+use devices::Devices;
+use event_loop::Subscriber;
+
+/// How a VM ended.
+pub type RunOutcome = VcpuOutcome;
+
+/// Errors that stop a VM before or while it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM is unavailable or lacks something.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// CPUID could not be built.
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    /// Guest RAM could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The VM could not be set up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The kernel or payload could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU could not be set up or run.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Devices overlap on a bus.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// No virtio-mmio window or interrupt line is left for another device.
+    #[error("no virtio-mmio slot left for another device")]
+    NoMmioSlot,
+    /// The serial log could not be created.
+    #[error("cannot create serial log {path}: {source}")]
+    SerialLog {
+        /// The path given.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// userfaultfd could not be set up.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// The statistics file could not be created.
+    #[error("cannot create statistics file {path}: {source}")]
+    StatsJson {
+        /// The path given.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The balloon could not be created.
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
+    /// The control socket could not be created.
+    #[error("cannot listen on control socket {path}: {source}")]
+    ApiSock {
+        /// The path given.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The fault handler stopped, so the guest's faults can no longer be served.
+    #[error(
+        "the userfaultfd fault handler stopped: {0}. The guest cannot go on; {advice}",
+        advice = fault_handler_advice(.0)
+    )]
+    FaultHandler(#[source] UffdError),
+    /// The swap file could not be created.
+    #[error(transparent)]
+    Swap(#[from] crate::mm::swap::SwapError),
+    /// An eventfd, timer or thread of the event loop could not be created.
+    #[error("setting up the event loop: {0}")]
+    EventLoopSetup(#[source] std::io::Error),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(#[source] event_manager::Error),
+    /// The vCPU thread died.
+    #[error("vCPU thread panicked")]
+    VcpuPanic,
+}
+
+/// How much longer than the fault handler the vCPU waits for memory (see `Vm::build`).
+const VCPU_EXTRA_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Exit status base for a VM stopped by a signal: 128 + the signal number, as shells report.
+pub const SIGNAL_EXIT_BASE: u8 = 128;
+
+/// The exit status ebb gives for an outcome: the payload's status, 0 for reset or power-off,
+/// 2 for a crash, 128 + the signal number when SIGINT or SIGTERM stopped it.
+pub fn exit_status(outcome: &RunOutcome) -> u8 {
+    match outcome {
+        VcpuOutcome::Exited(code) => *code,
+        VcpuOutcome::Reset | VcpuOutcome::PowerOff => 0,
+        VcpuOutcome::Crashed(_) => 2,
+        VcpuOutcome::Stopped(signal) => {
+            SIGNAL_EXIT_BASE.saturating_add(u8::try_from(*signal).unwrap_or(u8::MAX))
+        }
+    }
+}
+
+/// One VM, built and ready to run.
+pub struct Vm {
+    started: Instant,
+    /// Kept open for the VM's lifetime (the vCPU and memory slots belong to it; the reclaim
+    /// worker reads its dirty log).
+    vm_fd: Arc<VmFd>,
+    /// Guest RAM; the mapping must outlive the vCPU and the engine.
+    _ram: GuestRam,
+    devices: Devices,
+    vcpu: Vcpu,
+    engine: Option<Arc<Engine>>,
+    subscribers: Vec<Subscriber>,
+    stats: Option<Arc<Mutex<StatsWriter>>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("devices", &self.devices)
+            .field("engine", &self.engine.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Sets up everything `config` describes, up to the first instruction.
+    ///
+    /// # Errors
+    /// Whatever stops the VM from being built, with its cause.
+    pub fn build(config: &VmConfig) -> Result<Self, VmmError> {
+        let started = Instant::now();
+        config.validate()?;
+        let accel = Accelerator::detect();
+        log::info!("accelerator: {accel}");
+        let kvm = kvm::open(&config.kvm_path)?;
+        let mut cpuid = cpuid::supported(&kvm)?;
+        let ram = GuestRam::new(config.mem_bytes, cpuid::phys_bits(cpuid.as_slice()))?;
+        let vm_fd = Arc::new(vm::create(&kvm, &ram)?);
+        let mm = Arc::new(memory::manager(config, &ram)?);
+        let mut devices = Devices::new(config, &vm_fd, &ram, &mm)?;
+        let mem = ram.memory().clone();
+        let mut vcpu = Vcpu::new(&vm_fd, 0, devices.pio.clone(), devices.mmio.clone(), mem)?;
+        // The fault handler gives up first: it frees guest RAM, so that ebb's threads (in the
+        // same memory cgroup) can allocate what reporting the cause takes.
+        vcpu.set_memory_patience(config.memory.oom_wait + VCPU_EXTRA_PATIENCE);
+        let boot = load_boot(config, &ram, accel, &devices.cmdline, vcpu.tsc_khz())?;
+        cpuid::normalize(cpuid.as_mut_slice(), 0, config.vcpus, accel);
+        vcpu.configure(&kvm, &cpuid, &boot)?;
+        // Registered after boot loading, so what ebb wrote into the guest starts out Resident.
+        let engine = memory::start_engine(config, &mm, &vm_fd, ram.regions())?;
+        let memory = match &engine {
+            Some(e) => MemorySource::Engine(e.clone()),
+            None => MemorySource::Plain(RssProbe::new(ram.regions())),
+        };
+        let source = match config.boot {
+            BootSource::Firmware { .. } => {
+                StatsSource::new(memory).with_progress(ram.memory().clone())
+            }
+            BootSource::Linux { .. } => StatsSource::new(memory),
+        };
+        let source = Arc::new(source);
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        if let Some(h) = devices.balloon_handler.take() {
+            subscribers.push(Arc::new(Mutex::new(h)));
+        }
+        if let Some(path) = &config.api_sock {
+            let (balloon, transport) = (devices.balloon.clone(), devices.balloon_transport.clone());
+            let reclaim =
+                engine.as_ref().and_then(|e| e.reclaim().cloned()).map(|r| (r, config.mem_bytes));
+            let stats = source.clone();
+            let ctx = ApiContext { balloon, transport, stats, reclaim, start: started };
+            let server = ApiServer::bind(path, ctx)
+                .map_err(|source| VmmError::ApiSock { path: path.clone(), source })?;
+            subscribers.push(Arc::new(Mutex::new(server)));
+        }
+        let stats = match &config.memory.stats_json {
+            Some(path) => Some(Arc::new(Mutex::new(
+                StatsWriter::new(path, config.memory.stats_interval, source, started)
+                    .map_err(|source| VmmError::StatsJson { path: path.clone(), source })?,
+            ))),
+            None => None,
+        };
+        Ok(Self { started, vm_fd, _ram: ram, devices, vcpu, engine, subscribers, stats })
+    }
+
+    /// Runs the guest to its end.
+    ///
+    /// # Errors
+    /// The event loop failed, the vCPU could not run, or the fault handler stopped.
+    pub fn run(self) -> Result<RunOutcome, VmmError> {
+        let Self { started, vm_fd, _ram, devices, vcpu, engine, subscribers, stats } = self;
+        crate::mm::sys::prefault_stack(crate::mm::sys::THREAD_STACK_RESERVE);
+        let outcome = event_loop::run(vcpu, subscribers, stats, engine.as_deref());
+        if let Err(e) = devices.serial.lock().unwrap_or_else(PoisonError::into_inner).flush() {
+            log::warn!("flushing serial output: {e}");
+        }
+        if let Some(engine) = engine {
+            let m = engine.snapshot(u64::try_from(started.elapsed().as_millis()).unwrap_or(0));
+            log::info!(
+                "guest memory: consumed {} MiB, {} faults (p50 {:.1} us, p99 {:.1} us), handler CPU {:.0} ms",
+                m.consumed_bytes >> 20,
+                m.faults,
+                m.fault_p50_us,
+                m.fault_p99_us,
+                m.handler_cpu_ms
+            );
+        }
+        drop(vm_fd);
+        outcome
+    }
+}
+
+/// Runs the VM described by `config` to its end.
+///
+/// # Errors
+/// See [`Vm::build`] and [`Vm::run`].
+pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
+    Vm::build(config)?.run()
+}
+
+fn load_boot(
+    config: &VmConfig,
+    ram: &GuestRam,
+    accel: Accelerator,
+    devices: &[String],
+    tsc_khz: u32,
+) -> Result<BootCpu, BootError> {
+    let mem = ram.memory();
+    match &config.boot {
+        BootSource::Linux { kernel, initrd, cmdline } => {
+            let full = linux_cmdline(accel, devices, cmdline);
+            log::info!("kernel command line: {full}");
+            linux::load(mem, ram.mem_bytes(), kernel, initrd.as_deref(), &full)
+        }
+        BootSource::Firmware { source, args, blob } => {
+            let blob = blob.as_deref().map(firmware::read_blob).transpose()?;
+            firmware::load(mem, ram.mem_bytes(), source, args, blob.as_deref(), tsc_khz)
+        }
+    }
+}
+
+/// Re-exported so `main.rs` can name the default payload.
+pub use boot::firmware::DEFAULT_PAYLOAD;
+
+/// What a user can do about the handler's failure `e`.
+fn fault_handler_advice(e: &UffdError) -> &'static str {
+    match e {
+        UffdError::Restore(_) | UffdError::Unrestorable { .. } => {
+            "a page's stored copy could not be read back, and ebb never gives the guest zeros \
+             instead: check the device under --swap-dir (kernel log), or run without \
+             --reclaim-target"
+        }
+        UffdError::OutOfMemory { .. } => {
+            "give the VM more memory (its memory cgroup limit), or a larger --oom-wait"
+        }
+        _ => "--no-uffd runs without it",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_status_follows_the_outcome() {
+        assert_eq!(exit_status(&VcpuOutcome::Exited(7)), 7);
+        assert_eq!(exit_status(&VcpuOutcome::Reset), 0);
+        assert_eq!(exit_status(&VcpuOutcome::PowerOff), 0);
+        assert_eq!(exit_status(&VcpuOutcome::Stopped(libc::SIGINT)), 130);
+        assert_eq!(exit_status(&VcpuOutcome::Stopped(libc::SIGTERM)), 143);
+    }
+}
