@@ -83,6 +83,14 @@ pub enum ConfigError {
     /// Options of the lazy-RAM engine given with `--no-uffd`.
     #[error("{0} needs userfaultfd: drop --no-uffd")]
     NeedsUffd(&'static str),
+    /// A sharing scan rate above the most the scanner takes.
+    #[error("--share-scan-rate {rate} is more than {max} pages per second")]
+    ScanRate {
+        /// What was asked.
+        rate: u64,
+        /// The most.
+        max: u64,
+    },
     /// A `--balloon` option that does not parse.
     #[error(
         "invalid --balloon {0:?}: expected target=SIZE,stats=SECS,deflate_on_oom=on|off,free_page_reporting=on|off"
@@ -211,7 +219,14 @@ pub struct MemoryConfig {
     pub oom_wait: Duration,
     /// Host-side reclaim: compression cache, swap file, target.
     pub reclaim: ReclaimOptions,
+    /// Pages the sharing scanner hashes per second from the start (0: off until the
+    /// control socket sets a rate).
+    pub share_scan_rate: u64,
 }
+
+/// Most pages per second the sharing scanner may be asked to scan (about 16 GiB/s: more
+/// than one core can hash; the scanner also stops each tick's work at half a core).
+pub const MAX_SHARE_SCAN_RATE: u64 = 1 << 22;
 
 /// The compression cache's capacity: bytes, or a share of guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,6 +328,7 @@ impl Default for MemoryConfig {
             stats_interval: DEFAULT_STATS_INTERVAL,
             oom_wait: DEFAULT_OOM_WAIT,
             reclaim: ReclaimOptions::default(),
+            share_scan_rate: 0,
         }
     }
 }
@@ -353,6 +369,15 @@ impl MemoryConfig {
         }
         if !self.uffd && self.reclaim.target_bytes.is_some() {
             return Err(ConfigError::NeedsUffd("--reclaim-target"));
+        }
+        if self.share_scan_rate > MAX_SHARE_SCAN_RATE {
+            return Err(ConfigError::ScanRate {
+                rate: self.share_scan_rate,
+                max: MAX_SHARE_SCAN_RATE,
+            });
+        }
+        if !self.uffd && self.share_scan_rate > 0 {
+            return Err(ConfigError::NeedsUffd("--share-scan-rate"));
         }
         Ok(())
     }

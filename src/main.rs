@@ -63,6 +63,11 @@ enum CtlRequest {
         /// Size, e.g. 64M, or off.
         size: String,
     },
+    /// Scan RATE pages per second for identical pages to share, or `off`.
+    Sharing {
+        /// Pages per second, or off.
+        rate: String,
+    },
 }
 
 #[derive(Args)]
@@ -133,6 +138,10 @@ struct RunArgs {
     /// How reclaim picks pages to evict: cold (the least recently written first) or random.
     #[arg(long, value_name = "cold|random", default_value = "cold")]
     reclaim_victims: String,
+    /// Pages per second the sharing scanner hashes, looking for identical pages to back
+    /// once (0: off; the control socket can turn it on later).
+    #[arg(long, value_name = "PAGES/S", default_value_t = 0)]
+    share_scan_rate: u64,
     /// Milliseconds between Active-memory samples.
     #[arg(long, value_name = "MS", default_value_t = DEFAULT_INTERVAL_MS)]
     active_interval_ms: u64,
@@ -219,6 +228,7 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
                 .parse()
                 .map_err(|e: String| anyhow::anyhow!("--reclaim-victims: {e}"))?,
         },
+        share_scan_rate: args.share_scan_rate,
     };
     config.balloon = args.balloon.as_deref().map(parse_balloon).transpose()?;
     config.api_sock = args.api_sock;
@@ -336,6 +346,17 @@ fn ctl(args: CtlArgs) -> ExitCode {
                 Err(e) => return usage_error(&e),
             }
         }
+        CtlRequest::Sharing { rate } if rate == "off" => {
+            serde_json::json!({ "sharing": { "off": true } })
+        }
+        CtlRequest::Sharing { rate } => match rate.parse::<u64>() {
+            Ok(n) => serde_json::json!({ "sharing": { "scan_rate": n } }),
+            Err(_) => {
+                return usage_error(&format!(
+                    "sharing rate {rate} is not a number of pages per second, nor off"
+                ))
+            }
+        },
     };
     match ebb::api::client::request(&args.api_sock, &request) {
         Ok(reply) => {

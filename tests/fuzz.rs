@@ -267,11 +267,14 @@ fn control_requests_always_get_one_reply_object() {
         balloon: Some(Arc::new(std::sync::Mutex::new(balloon))),
         transport: None,
         reclaim: None,
+        sharing: Some(Arc::new(ebb::mm::sharing::SharingControl::new(0).unwrap())),
         stats: Arc::new(StatsSource::new(MemorySource::Plain(probe))),
         start: Instant::now(),
     };
-    const CORPUS: [&str; 6] = [
+    const CORPUS: [&str; 8] = [
         r#"{"balloon": {"target_mib": 8}}"#,
+        r#"{"sharing": {"scan_rate": 1000}}"#,
+        r#"{"sharing": {"off": true}}"#,
         r#"{"balloon_stats": {}}"#,
         r#"{"stats": {}}"#,
         r#"{"balloon": {"target_mib": 18446744073709551615}}"#,

@@ -7,6 +7,8 @@
 //! | `{"stats": {}}` | the `--stats-json` object |
 //! | `{"reclaim": {"target_mib": N}}` | `{"ok": true}`: keep at most N MiB resident (0: off) |
 //! | `{"reclaim": {"off": true}}` | `{"ok": true}`: stop reclaiming |
+//! | `{"sharing": {"scan_rate": N}}` | `{"ok": true}`: hash N pages per second looking for identical pages (0: off) |
+//! | `{"sharing": {"off": true}}` | `{"ok": true}`: stop scanning (shared pages stay shared) |
 //!
 //! Errors come back as `{"error": "..."}`. The device never sees JSON: this module turns
 //! requests into calls on it.
@@ -20,10 +22,12 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::config::MAX_SHARE_SCAN_RATE;
 use crate::devices::virtio::balloon::{Balloon, STAT_NAMES};
 use crate::devices::virtio::mmio::MmioMetrics;
 use crate::metrics::StatsSource;
 use crate::mm::reclaim::ReclaimControl;
+use crate::mm::sharing::SharingControl;
 
 /// What requests act on.
 #[derive(Debug)]
@@ -36,6 +40,8 @@ pub struct ApiContext {
     pub stats: Arc<StatsSource>,
     /// The reclaim lever and the guest's RAM in bytes, if reclaim is available.
     pub reclaim: Option<(Arc<ReclaimControl>, u64)>,
+    /// The sharing lever, if page sharing is available.
+    pub sharing: Option<Arc<SharingControl>>,
     /// When the VM started.
     pub start: Instant,
 }
@@ -58,19 +64,20 @@ impl ApiContext {
             request.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next())
         else {
             return error(
-                "a request is an object with one key: balloon, balloon_stats, reclaim or stats",
+                "a request is an object with one key: balloon, balloon_stats, reclaim, sharing or stats",
             );
         };
         match verb.as_str() {
             "balloon" => self.balloon_target(args),
             "balloon_stats" => self.balloon_stats(),
             "reclaim" => self.reclaim_target(args),
+            "sharing" => self.sharing_rate(args),
             "stats" => {
                 let t_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
                 serde_json::to_value(self.stats.snapshot(t_ms)).unwrap_or_else(error)
             }
             other => error(format!(
-                "unknown request {other:?}: use balloon, balloon_stats, reclaim or stats"
+                "unknown request {other:?}: use balloon, balloon_stats, reclaim, sharing or stats"
             )),
         }
     }
@@ -125,6 +132,30 @@ impl ApiContext {
                 "reclaim target of {mib} MiB is more than the guest's {} MiB",
                 mem_bytes >> 20
             )),
+        }
+    }
+
+    fn sharing_rate(&self, args: &Value) -> Value {
+        let Some(control) = &self.sharing else {
+            return error(
+                "page sharing is unavailable in this VM (--no-uffd, or a kernel without UFFDIO_MOVE and memfd write protection)",
+            );
+        };
+        if args.get("off").and_then(Value::as_bool) == Some(true) {
+            control.set_scan_rate(0);
+            return json!({ "ok": true });
+        }
+        match args.get("scan_rate").and_then(Value::as_u64) {
+            Some(rate) if rate <= MAX_SHARE_SCAN_RATE => {
+                control.set_scan_rate(rate);
+                json!({ "ok": true })
+            }
+            Some(rate) => error(format!(
+                "sharing scan rate {rate} is more than {MAX_SHARE_SCAN_RATE} pages per second"
+            )),
+            None => error(
+                "sharing needs {\"scan_rate\": N} (pages per second, 0: off) or {\"off\": true}",
+            ),
         }
     }
 

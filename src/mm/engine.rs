@@ -15,7 +15,9 @@ use super::pages::{PageState, PageTable, StateSet};
 use super::reclaim::evict::Evictor;
 use super::reclaim::{self, DirtyLog, ReclaimControl, VictimPolicy};
 use super::rss::RssProbe;
-use super::stats::{FaultStats, Histogram, MemStats, ReclaimStats};
+use super::sharing::pool::Pool;
+use super::sharing::{Merger, ShareHash, SharedPages, SharingControl, SharingStats};
+use super::stats::{FaultStats, Histogram, MemStats, ReclaimStats, ShareStats};
 use super::sys::resident_pages;
 use super::uffd::handler::{EngineCore, FaultHandler, HandlerConfig, DEFAULT_OOM_WAIT};
 use super::uffd::{Uffd, UffdError, DEFAULT_UFFD_DEV};
@@ -33,6 +35,11 @@ pub struct EngineConfig {
     pub reclaim_target: Option<u64>,
     /// How the reclaim worker picks victims.
     pub victims: VictimPolicy,
+    /// Pages the sharing scanner hashes per second from the start (0: off until the lever
+    /// sets a rate).
+    pub share_scan_rate: u64,
+    /// How the sharing scanner hashes pages.
+    pub share_hash: ShareHash,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +53,8 @@ impl Default for EngineConfig {
             },
             reclaim_target: None,
             victims: VictimPolicy::default(),
+            share_scan_rate: 0,
+            share_hash: ShareHash::default(),
         }
     }
 }
@@ -66,6 +75,36 @@ impl Reclaim {
     }
 }
 
+/// The sharing scanner as the engine holds it.
+#[derive(Debug)]
+struct Sharing {
+    control: Arc<SharingControl>,
+    pages: Arc<SharedPages>,
+    stop: EventFd,
+    thread: JoinHandle<()>,
+}
+
+impl Sharing {
+    /// How long [`stop`](Self::stop) waits for the scanner.
+    const STOP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+    /// Stops the scanner and waits for it, while the fault handler still reads events: the
+    /// scanner's `mremap` waits for the handler to read its remap event. If the handler is
+    /// gone the scanner may never return; it is left to end with the process.
+    fn stop(self) {
+        let _ = self.stop.write(1);
+        let started = std::time::Instant::now();
+        while !self.thread.is_finished() && started.elapsed() < Self::STOP_PATIENCE {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if self.thread.is_finished() {
+            let _ = self.thread.join();
+        } else {
+            log::warn!("page sharing: the scanner did not stop; it ends with the process");
+        }
+    }
+}
+
 /// A running engine; dropping it stops the handler thread.
 #[derive(Debug)]
 pub struct Engine {
@@ -77,6 +116,8 @@ pub struct Engine {
     wp: bool,
     rss: RssProbe,
     reclaim: Option<Arc<ReclaimControl>>,
+    sharing: Option<Sharing>,
+    sharing_control: Option<Arc<SharingControl>>,
 }
 
 impl Engine {
@@ -103,15 +144,25 @@ impl Engine {
             uffd.register(s.region.hva, s.region.len, wp)?;
         }
         mark_resident(&map, &table);
+        let shared = shared_pages(&uffd, &table, config)?;
         let core = EngineCore {
             map,
             table,
             stats: Arc::new(FaultStats::default()),
             active: Arc::new(ActiveStats::default()),
             backing: mm.backing().cloned(),
+            sharing: shared.clone(),
         };
         let handler = FaultHandler::new(uffd.clone(), core.clone(), config.handler)?;
         let worker = start_reclaim(&core, &uffd, config, dirty_log)?;
+        let sharing = match shared {
+            Some(pages) => Some(start_sharing(&core, &uffd, config, pages)?),
+            None => None,
+        };
+        if let Some(s) = &sharing {
+            mm.set_sharing(s.pages.clone());
+        }
+        let sharing_control = sharing.as_ref().map(|s| s.control.clone());
         // From here the handler, the evictor and the handler's thread hold the descriptor:
         // it closes when all are gone, which wakes every faulting thread.
         let held = uffd;
@@ -155,7 +206,23 @@ impl Engine {
             })
             .map_err(UffdError::Setup)?;
         let rss = RssProbe::new(core.map.spans().iter().map(|s| s.region).collect());
-        Ok(Self { core, stop, failed, failure, thread: Some(thread), wp, rss, reclaim })
+        Ok(Self {
+            core,
+            stop,
+            failed,
+            failure,
+            thread: Some(thread),
+            wp,
+            rss,
+            reclaim,
+            sharing,
+            sharing_control,
+        })
+    }
+
+    /// The sharing lever, if the kernel can share pages (see `mm::sharing`).
+    pub fn sharing(&self) -> Option<&Arc<SharingControl>> {
+        self.sharing_control.as_ref()
     }
 
     /// The reclaim lever, if the engine has stores and the kernel can move pages.
@@ -192,6 +259,8 @@ impl Engine {
     pub fn metadata_bytes(&self) -> u64 {
         self.core.table.metadata_bytes()
             + self.core.backing.as_ref().map_or(0, |b| b.metadata_bytes())
+            // The pool's tables, and the scanner's 4 bytes of hash per page.
+            + self.sharing.as_ref().map_or(0, |s| s.pages.pool.metadata_bytes() + 4 * self.core.table.len())
             + std::mem::size_of::<FaultStats>() as u64
             + std::mem::size_of::<ActiveStats>() as u64
     }
@@ -207,6 +276,7 @@ impl Engine {
         let stats = &self.core.stats;
         let resident = table.count(PageState::Resident) * PAGE_SIZE;
         let reclaim = self.reclaim_stats(resident);
+        let sharing = self.sharing_stats();
         let active = if self.core.active.intervals.load(Ordering::Relaxed) == 0 {
             resident // no sample yet: assume everything resident is active
         } else {
@@ -214,7 +284,10 @@ impl Engine {
         };
         MemStats {
             t_ms,
-            consumed_bytes: resident + reclaim.zcache_bytes + reclaim.held_pages * PAGE_SIZE,
+            consumed_bytes: resident
+                + reclaim.zcache_bytes
+                + reclaim.held_pages * PAGE_SIZE
+                + sharing.sharing_pool_bytes,
             active_bytes: active,
             touched_bytes: (resident + table.count(PageState::ZeroMapped) * PAGE_SIZE),
             zero_mapped_bytes: table.count(PageState::ZeroMapped) * PAGE_SIZE,
@@ -237,6 +310,31 @@ impl Engine {
             metadata_bytes: self.metadata_bytes(),
             guest_progress: None,
             reclaim,
+            sharing,
+        }
+    }
+
+    /// The sharing figures (all zero without sharing).
+    fn sharing_stats(&self) -> ShareStats {
+        let Some(s) = &self.sharing else { return ShareStats::default() };
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let st = &s.pages.stats;
+        let shared = self.core.table.count(PageState::Shared) * PAGE_SIZE;
+        let pool = s.pages.pool.live_pages() * PAGE_SIZE;
+        ShareStats {
+            share_scan_rate: s.control.scan_rate(),
+            shared_bytes: shared,
+            sharing_pool_bytes: pool,
+            sharing_saved_bytes: shared.saturating_sub(pool),
+            zero_pages_shared: get(&st.zero_pages),
+            share_scanned: get(&st.scanned),
+            share_passes: get(&st.passes),
+            share_merged: get(&st.merged),
+            share_collisions: get(&st.collisions),
+            cow_breaks: get(&st.cow_breaks),
+            share_map_failures: get(&st.map_failures),
+            share_map_limited: get(&st.map_limited),
+            sharing_cpu_ms: s.control.cpu_ns() as f64 / 1e6,
         }
     }
 
@@ -282,6 +380,10 @@ impl Engine {
     }
 
     fn stop_thread(&mut self) -> Result<(), UffdError> {
+        // The scanner first, while the handler still reads its remap events.
+        if let Some(s) = self.sharing.take() {
+            s.stop();
+        }
         let _ = self.stop.write(1);
         match self.thread.take().map(JoinHandle::join) {
             Some(Err(_)) => Err(UffdError::Panicked),
@@ -332,6 +434,58 @@ fn start_reclaim(
     )
     .map_err(UffdError::Setup)?;
     Ok(Some(Reclaim { control, stop, thread }))
+}
+
+/// The shared pages of the VM, if the kernel can share them (otherwise a scan rate asked
+/// for by name is an error, and sharing is just unavailable).
+fn shared_pages(
+    uffd: &Arc<Uffd>,
+    table: &PageTable,
+    config: &EngineConfig,
+) -> Result<Option<Arc<SharedPages>>, UffdError> {
+    if !uffd.has_sharing() {
+        let need = "UFFDIO_MOVE and write protection of memfd mappings (Linux 6.8+), which page sharing needs";
+        if config.share_scan_rate > 0 {
+            return Err(UffdError::MissingIoctl(need));
+        }
+        log::info!("page sharing is unavailable: this kernel lacks {need}");
+        return Ok(None);
+    }
+    // Hints: at most one per two pages, so that the index stays within 10 bytes a page.
+    let hints = usize::try_from(table.len() / 2).unwrap_or(usize::MAX);
+    let pool =
+        Pool::new(table.len(), hints).map_err(|e| UffdError::Setup(std::io::Error::other(e)))?;
+    let stats = Arc::new(SharingStats::default());
+    Ok(Some(Arc::new(SharedPages::new(Arc::new(pool), stats, uffd.clone()))))
+}
+
+/// Starts the sharing scanner (idle until a scan rate is set).
+fn start_sharing(
+    core: &EngineCore,
+    uffd: &Arc<Uffd>,
+    config: &EngineConfig,
+    pages: Arc<SharedPages>,
+) -> Result<Sharing, UffdError> {
+    let merger = Merger::new(
+        &config.uffd_dev,
+        uffd.clone(),
+        core.map.clone(),
+        core.table.clone(),
+        pages.pool.clone(),
+        pages.stats.clone(),
+    )?;
+    let control = Arc::new(SharingControl::new(config.share_scan_rate).map_err(UffdError::Setup)?);
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
+    let stop_scanner = stop.try_clone().map_err(UffdError::Setup)?;
+    let thread = super::sharing::spawn(
+        control.clone(),
+        pages.stats.clone(),
+        stop_scanner,
+        merger,
+        config.share_hash,
+    )
+    .map_err(UffdError::Setup)?;
+    Ok(Sharing { control, pages, stop, thread })
 }
 
 /// Drops all of guest RAM, after the handler gave up for lack of memory (its descriptor is

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use super::layout::{PageRange, RamMap};
 use super::pages::{PageError, PageState, PageTable, StateSet};
 use super::reclaim::store::Backing;
+use super::sharing::SharedPages;
 use super::sys::madvise_dontneed;
 use crate::units::PAGE_SIZE;
 use crate::vstate::memory::RamRegion;
@@ -101,6 +102,8 @@ pub struct MemoryManager {
     map: RamMap,
     table: Option<Arc<PageTable>>,
     backing: Option<Arc<Backing>>,
+    /// Shared pages, once the engine has set sharing up.
+    sharing: std::sync::OnceLock<Arc<SharedPages>>,
 }
 
 impl MemoryManager {
@@ -109,13 +112,18 @@ impl MemoryManager {
     pub fn new(regions: &[RamRegion], tracked: bool) -> Self {
         let map = RamMap::new(regions);
         let table = tracked.then(|| Arc::new(PageTable::new(map.pages())));
-        Self { map, table, backing: None }
+        Self { map, table, backing: None, sharing: std::sync::OnceLock::new() }
     }
 
     /// Adds the stores where evicted pages go (host-side reclaim).
     pub fn with_backing(mut self, backing: Arc<Backing>) -> Self {
         self.backing = Some(backing);
         self
+    }
+
+    /// Releases of Shared pages go through `sharing` from now on (the engine sets it once).
+    pub fn set_sharing(&self, sharing: Arc<SharedPages>) {
+        let _ = self.sharing.set(sharing);
     }
 
     /// The stores of evicted pages, if reclaim is set up.
@@ -176,8 +184,13 @@ impl MemoryManager {
         let Some(&(first, _)) = run.first() else { return Ok(0) };
         let hva = range.hva + (first - range.first_idx) * PAGE_SIZE;
         let pages = run.len() as u64;
+        let kept_shared = self.release_shared(range, run);
         let result = drop_backing(hva, pages * PAGE_SIZE);
         for &(idx, old) in run.iter() {
+            if kept_shared.contains(&idx) {
+                table.abort(idx, old);
+                continue;
+            }
             match result {
                 Ok(()) => {
                     // An evicted page's copy goes with it: the guest gave the page up.
@@ -192,7 +205,23 @@ impl MemoryManager {
             }
         }
         run.clear();
-        result.map(|()| pages)
+        result.map(|()| pages - kept_shared.len() as u64)
+    }
+
+    /// Gives the Shared pages of `run` fresh memory instead of their pool page
+    /// (`MADV_DONTNEED` would bring the pool page back); returns those that could not be,
+    /// which stay shared.
+    fn release_shared(&self, range: &PageRange, run: &[(u64, PageState)]) -> Vec<u64> {
+        let Some(sharing) = self.sharing.get() else { return Vec::new() };
+        let shared = run.iter().filter(|&&(_, old)| old == Shared);
+        shared
+            .filter_map(|&(idx, _)| {
+                let hva = range.hva + (idx - range.first_idx) * PAGE_SIZE;
+                let e = sharing.release(idx, hva).err()?;
+                log::warn!("releasing shared page {idx}: {e}; it stays shared");
+                Some(idx)
+            })
+            .collect()
     }
 
     /// Deflate: ballooned pages of `[gpa, gpa + len)` become untouched pages the guest may use

@@ -14,6 +14,7 @@
 //! | [`active`] | Active memory: the write-protect sampler and its averages |
 //! | [`layout`] | page indices of guest RAM, and their host and guest-physical addresses |
 //! | [`rss`] | the host's RSS of guest RAM, read at most every 100 ms |
+//! | [`sharing`] | page sharing: the scanner, the pool of canonical pages, unsharing |
 //! | [`stats`] | fault counters, the latency histogram, the statistics line |
 //! | [`swap`] | the per-VM swap file (unnamed from the start) and its slot allocator |
 //! | [`zcache`] | the compression cache: compressed guest pages in size-classed slabs |
@@ -26,6 +27,7 @@ pub mod manager;
 pub mod pages;
 pub mod reclaim;
 pub mod rss;
+pub mod sharing;
 pub mod stats;
 pub mod swap;
 pub(crate) mod sys;

@@ -246,6 +246,40 @@ pub struct MemStats {
     /// Host-side reclaim (all zero when it never ran).
     #[serde(flatten)]
     pub reclaim: ReclaimStats,
+    /// Page sharing (all zero when it never ran).
+    #[serde(flatten)]
+    pub sharing: ShareStats,
+}
+
+/// The page-sharing part of a statistics line.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ShareStats {
+    /// The lever: pages hashed per second (0: off).
+    pub share_scan_rate: u64,
+    /// Guest memory backed by shared pool pages (Shared pages).
+    pub shared_bytes: u64,
+    /// Host memory of the pool pages those map (counted in Consumed).
+    pub sharing_pool_bytes: u64,
+    /// Host memory sharing saves now: shared bytes less the pool's.
+    pub sharing_saved_bytes: u64,
+    /// Zero pages the scanner dropped (they read as the zero page again).
+    pub zero_pages_shared: u64,
+    /// Pages hashed so far.
+    pub share_scanned: u64,
+    /// Passes over guest RAM completed.
+    pub share_passes: u64,
+    /// Pages made to map a pool page so far.
+    pub share_merged: u64,
+    /// Candidates whose hash matched but whose contents did not (left private).
+    pub share_collisions: u64,
+    /// Shared pages the guest wrote, each given a private copy.
+    pub cow_breaks: u64,
+    /// Candidates left private because the pool page could not be mapped over them.
+    pub share_map_failures: u64,
+    /// Candidates skipped because shared pages use their share of `vm.max_map_count`.
+    pub share_map_limited: u64,
+    /// CPU time of the sharing scanner, milliseconds.
+    pub sharing_cpu_ms: f64,
 }
 
 /// The reclaim part of a statistics line.

@@ -77,6 +77,8 @@ pub fn start_engine(
         },
         reclaim_target: config.memory.reclaim.target_bytes,
         victims: config.memory.reclaim.victims,
+        share_scan_rate: config.memory.share_scan_rate,
+        share_hash: Default::default(),
     };
     let engine = Engine::start(mm, &engine_config, Some(dirty_log(vm.clone(), regions)))?;
     log::debug!("userfaultfd engine: write protection {}", engine.write_protect());

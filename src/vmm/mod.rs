@@ -211,8 +211,9 @@ impl Vm {
             let (balloon, transport) = (devices.balloon.clone(), devices.balloon_transport.clone());
             let reclaim =
                 engine.as_ref().and_then(|e| e.reclaim().cloned()).map(|r| (r, config.mem_bytes));
+            let sharing = engine.as_ref().and_then(|e| e.sharing().cloned());
             let stats = source.clone();
-            let ctx = ApiContext { balloon, transport, stats, reclaim, start: started };
+            let ctx = ApiContext { balloon, transport, stats, reclaim, sharing, start: started };
             let server = ApiServer::bind(path, ctx)
                 .map_err(|source| VmmError::ApiSock { path: path.clone(), source })?;
             subscribers.push(Arc::new(Mutex::new(server)));

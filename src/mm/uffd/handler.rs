@@ -39,6 +39,7 @@ use crate::mm::active::{ActiveConfig, ActiveStats, Sampler};
 use crate::mm::layout::RamMap;
 use crate::mm::pages::{PageState, PageTable, StateSet, FLAG_IN_FLIGHT};
 use crate::mm::reclaim::store::Backing;
+use crate::mm::sharing::{SharedPages, Unshared};
 use crate::mm::stats::FaultStats;
 use crate::mm::sys::poll_readable;
 use crate::mm::zcache::{Page, PAGE_BYTES};
@@ -87,6 +88,8 @@ pub struct EngineCore {
     pub active: Arc<ActiveStats>,
     /// Where evicted pages are (None: reclaim is not set up).
     pub backing: Option<Arc<Backing>>,
+    /// Shared pages (None: sharing is not set up).
+    pub sharing: Option<Arc<SharedPages>>,
 }
 
 /// Outcome of one attempt at a fault.
@@ -113,6 +116,8 @@ pub struct FaultHandler {
     retrying: Vec<Event>,
     /// Zero pages mapped but not yet write-protected (EAGAIN): their threads sleep.
     pending_protect: Vec<(u64, u64)>,
+    /// Unshared pages (index, address) whose copy said EAGAIN: their writers sleep.
+    pending_unshare: Vec<(u64, u64)>,
     oom_wait: std::time::Duration,
     /// Since when the kernel refuses pages (None: it does not).
     short_of_memory: Option<Instant>,
@@ -156,6 +161,7 @@ impl FaultHandler {
             retry,
             retrying,
             pending_protect: Vec::new(),
+            pending_unshare: Vec::new(),
             oom_wait,
             short_of_memory,
         })
@@ -172,7 +178,9 @@ impl FaultHandler {
         let timer_fd = self.sampler.as_ref().map_or(-1, |s| s.timer().as_raw_fd());
         let fds = [self.uffd.as_raw_fd(), stop.as_raw_fd(), timer_fd];
         loop {
-            let idle = self.retry.is_empty() && self.pending_protect.is_empty();
+            let idle = self.retry.is_empty()
+                && self.pending_protect.is_empty()
+                && self.pending_unshare.is_empty();
             let timeout = match (idle, self.short_of_memory) {
                 (true, _) => -1,
                 (false, None) => RETRY_POLL_MS,
@@ -248,6 +256,11 @@ impl FaultHandler {
         for (addr, len) in std::mem::take(&mut self.pending_protect) {
             self.protect_and_wake(addr, len)?;
         }
+        if let Some(sharing) = &self.core.sharing {
+            sharing
+                .retry(&self.core.table, &mut self.pending_unshare)
+                .map_err(|e| UffdError::Sharing(e.into()))?;
+        }
         Ok(())
     }
 
@@ -308,6 +321,9 @@ impl FaultHandler {
         if table.flags(idx) & FLAG_IN_FLIGHT != 0 {
             return Ok(Step::Retry);
         }
+        if table.get(idx) == Some(Shared) {
+            return self.unshare(page, idx);
+        }
         if table.transition(idx, StateSet::of(&[ZeroMapped]), Resident).is_err() {
             table.clear_sampled(idx);
         }
@@ -316,6 +332,23 @@ impl FaultHandler {
             self.core.stats.wp.fetch_add(1, Ordering::Relaxed);
         }
         Ok(step)
+    }
+
+    /// The first write to a shared page: it gets a private copy (`mm::sharing`).
+    fn unshare(&mut self, page: u64, idx: u64) -> Result<Step, UffdError> {
+        let Some(sharing) = self.core.sharing.clone() else {
+            return Err(UffdError::Unrestorable { idx, state: Shared });
+        };
+        let result = sharing.unshare(&self.core.table, idx, page, &mut self.pending_unshare);
+        match result.map_err(|e| UffdError::Sharing(e.into()))? {
+            // A copy left pending wakes the writer when it succeeds.
+            Unshared::Done => Ok(Step::Done),
+            Unshared::Later if self.pending_unshare.iter().any(|&(i, _)| i == idx) => {
+                Ok(Step::Done)
+            }
+            Unshared::Later => Ok(Step::Retry),
+            Unshared::NoMemory => Ok(Step::NoMemory),
+        }
     }
 
     /// A missing page: map a private zeroed page (`write`) or the zero page, plus untouched
@@ -339,7 +372,9 @@ impl FaultHandler {
             // the waiter is woken below.
             Some(Resident | ZeroMapped) | None => None,
             Some(state @ (Compressed | Swapped)) => return self.restore(page, idx, state),
-            Some(other) => return Err(UffdError::Unrestorable { idx, state: other }),
+            // A fault that waited while the page was being shared: its pool page is mapped
+            // now, and the woken thread finds it (or write-faults to unshare it).
+            Some(Shared) => return Ok(retry_unless_done(self.uffd.wake(page, PAGE_SIZE)?)),
         };
         let pages = self.claim_neighbours(idx, first_was.is_some(), target);
         let stats = &self.core.stats;

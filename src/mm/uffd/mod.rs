@@ -92,6 +92,10 @@ pub enum UffdError {
         /// How long ebb waited and retried.
         waited: std::time::Duration,
     },
+    /// A shared page could not be given a private copy on a guest write (`mm::sharing`
+    /// says why; held as a boxed error so that `uffd` does not depend on `sharing`).
+    #[error("unsharing a page: {0}")]
+    Sharing(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A fault on a page whose contents this version cannot bring back.
     #[error("fault on page {idx}, which is {state:?}: nothing here can restore it")]
     Unrestorable {
@@ -166,9 +170,16 @@ pub struct Uffd {
     features: u64,
 }
 
-/// Features the fault handler's descriptor asks for, richest first: write protection and
-/// moves are optional (older kernels lack them), remove events are not.
-const HANDLER_FEATURES: [u64; 3] = [
+/// Features the fault handler's descriptor asks for, richest first: write protection, moves
+/// and what page sharing needs (remap events, write protection of memfd mappings) are
+/// optional (older kernels lack them), remove events are not.
+const HANDLER_FEATURES: [u64; 4] = [
+    UFFD_FEATURE_EVENT_REMOVE
+        | UFFD_FEATURE_PAGEFAULT_FLAG_WP
+        | UFFD_FEATURE_THREAD_ID
+        | UFFD_FEATURE_MOVE
+        | UFFD_FEATURE_EVENT_REMAP
+        | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
     UFFD_FEATURE_EVENT_REMOVE
         | UFFD_FEATURE_PAGEFAULT_FLAG_WP
         | UFFD_FEATURE_THREAD_ID
@@ -226,6 +237,17 @@ impl Uffd {
         self.features & UFFD_FEATURE_MOVE != 0
     }
 
+    /// True if identical pages can be shared through a memfd pool: write protection of memfd
+    /// mappings, remap events (so that a prepared mapping keeps its registration when
+    /// `mremap` puts it over a guest page) and moves (to freeze a page while it is compared).
+    pub fn has_sharing(&self) -> bool {
+        let need = UFFD_FEATURE_PAGEFAULT_FLAG_WP
+            | UFFD_FEATURE_EVENT_REMAP
+            | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+            | UFFD_FEATURE_MOVE;
+        self.features & need == need
+    }
+
     /// Moves the page(s) mapped at `[src, src + len)` to the unmapped, registered range at
     /// `dst` without copying them; `src` is unmapped afterwards (its next access faults).
     /// Returns [`Resolved::Mapped`] when all moved; `ENOENT` (nothing mapped at `src`),
@@ -271,6 +293,13 @@ impl Uffd {
         let need = [(UFFDIO_COPY_BIT, "UFFDIO_COPY"), (UFFDIO_ZEROPAGE_BIT, "UFFDIO_ZEROPAGE")];
         let wp_need = [(UFFDIO_WRITEPROTECT_BIT, "UFFDIO_WRITEPROTECT")];
         self.register_mode(hva, len, mode, &[&need[..], if wp { &wp_need[..] } else { &[] }])
+    }
+
+    /// Registers `[hva, hva + len)`, a memfd mapping of a shared page, in write-protect mode
+    /// only (its pages are always in the file, so nothing there is ever missing).
+    pub fn register_wp_only(&self, hva: u64, len: u64) -> Result<(), UffdError> {
+        let need = [(UFFDIO_WRITEPROTECT_BIT, "UFFDIO_WRITEPROTECT")];
+        self.register_mode(hva, len, UFFDIO_REGISTER_MODE_WP, &[&need[..]])
     }
 
     /// Registers the scratch range `[hva, hva + len)` in missing mode, as the destination

@@ -16,10 +16,15 @@ const UFFDIO: u32 = 0xaa;
 // Features (uffdio_api.features).
 /// Page faults report `UFFD_PAGEFAULT_FLAG_WP`.
 pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+/// `mremap` of a registered range keeps its registration (and write protection) and
+/// produces `UFFD_EVENT_REMAP`, which the `mremap` caller waits to see read.
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 /// `madvise(MADV_DONTNEED/REMOVE)` on the range produces `UFFD_EVENT_REMOVE`.
 pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 /// Faults report the faulting thread's id.
 pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+/// Write protection of shared-memory (memfd) and hugetlbfs mappings.
+pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// `UFFDIO_MOVE` (Linux 6.8): move a page between registered ranges without copying it.
 pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
 

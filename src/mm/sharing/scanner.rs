@@ -1,0 +1,254 @@
+//! The sharing scanner thread: walks guest RAM at the rate the lever sets, hashes each
+//! Resident page, and merges the ones whose contents it has seen before.
+//!
+//! For each page, in order, wrapping around (a pass):
+//! 1. skip it unless it is Resident and neither claimed by a mover nor in the Active sample;
+//! 2. hash a copy of it (claimed for the instant of the copy, so that no mover takes it
+//!    away meanwhile); keep 32 bits of the hash per page, and go on only if they are what the
+//!    last pass saw: a page written between two visits is volatile, and sharing it would buy
+//!    a copy-on-write fault soon (KSM's rule);
+//! 3. an all-zero page is frozen, checked, and dropped: it reads as the zero page afterwards;
+//! 4. a page whose hash names a canonical slot is frozen and compared with the slot byte by
+//!    byte; equal, it maps the slot (see `merge.rs`);
+//! 5. a page whose hash names another page seen this pass (a hint) is frozen with that page;
+//!    equal, their contents become a new canonical slot that both map;
+//! 6. anything else becomes a hint.
+//!
+//! A hash match alone never shares: a candidate that differs (a collision) is put back
+//! unchanged and counted.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::merge::Merger;
+use super::pool::Found;
+use super::sys::{max_map_count, read_page_racy};
+use super::{ShareHash, SharingControl, SharingStats};
+use crate::mm::pages::{PageState, StateSet, FLAG_IN_FLIGHT, FLAG_SAMPLED};
+use crate::mm::sys::{poll_readable, prefault_stack, THREAD_STACK_RESERVE};
+use crate::mm::zcache::{Page, PAGE_BYTES};
+
+/// How often the scanner wakes.
+pub const TICK: Duration = Duration::from_millis(20);
+/// Most wall time of work per tick: half a core at most, whatever the rate asks.
+pub const MAX_WORK_PER_TICK: Duration = Duration::from_millis(10);
+/// Share of `vm.max_map_count` that shared pages may use: each costs up to two mappings
+/// (the pool page and the split of guest RAM around it).
+const MAP_COUNT_SHARE: u64 = 4;
+
+struct Scanner {
+    control: Arc<SharingControl>,
+    stats: Arc<SharingStats>,
+    stop: EventFd,
+    timer: TimerFd,
+    merger: Merger,
+    hash: ShareHash,
+    /// 32 bits of each page's hash at the last visit (0: not seen).
+    seen: Vec<u32>,
+    cursor: u64,
+    max_shared: u64,
+    buf: Box<Page>,
+}
+
+/// Starts the scanner; it stops when `stop` is written.
+///
+/// # Errors
+/// The timer or the thread could not be created.
+pub(crate) fn spawn(
+    control: Arc<SharingControl>,
+    stats: Arc<SharingStats>,
+    stop: EventFd,
+    merger: Merger,
+    hash: ShareHash,
+) -> std::io::Result<JoinHandle<()>> {
+    let mut timer = TimerFd::new().map_err(std::io::Error::from)?;
+    timer.reset(TICK, Some(TICK)).map_err(std::io::Error::from)?;
+    let pages = usize::try_from(merger.table().len()).unwrap_or(0);
+    let scanner = Scanner {
+        control,
+        stats,
+        stop,
+        timer,
+        merger,
+        hash,
+        seen: vec![0; pages],
+        cursor: 0,
+        max_shared: max_map_count() / MAP_COUNT_SHARE,
+        buf: Box::new([0; PAGE_BYTES]),
+    };
+    std::thread::Builder::new().name("ebb-share".into()).spawn(move || scanner.run())
+}
+
+impl Scanner {
+    fn run(mut self) {
+        prefault_stack(THREAD_STACK_RESERVE);
+        self.control.set_cpu_clock_of_current_thread();
+        let fds = [self.stop.as_raw_fd(), self.control.kick().as_raw_fd(), self.timer.as_raw_fd()];
+        loop {
+            match poll_readable(fds, -1) {
+                Ok([true, _, _]) => return,
+                Ok([_, kicked, ticked]) => {
+                    if kicked {
+                        let _ = self.control.kick().read();
+                    }
+                    if ticked {
+                        let _ = self.timer.wait();
+                        self.tick();
+                    }
+                }
+                Err(e) => {
+                    log::error!("page sharing: {e}; the scanner stops");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Scans this tick's share of the rate, within the tick's work budget.
+    fn tick(&mut self) {
+        let rate = self.control.scan_rate();
+        let pages = self.seen.len() as u64;
+        if rate == 0 || pages == 0 {
+            return;
+        }
+        let tick_ms = u64::try_from(TICK.as_millis()).unwrap_or(20);
+        let budget = (rate.saturating_mul(tick_ms) / 1000).max(1);
+        let started = Instant::now();
+        for _ in 0..budget {
+            let idx = self.cursor;
+            self.cursor = (self.cursor + 1) % pages;
+            if self.cursor == 0 {
+                self.merger.pool().clear_hints();
+                self.stats.passes.fetch_add(1, Ordering::Relaxed);
+            }
+            self.visit(idx);
+            if started.elapsed() > MAX_WORK_PER_TICK {
+                break;
+            }
+        }
+    }
+
+    fn visit(&mut self, idx: u64) {
+        let table = self.merger.table();
+        if table.get(idx) != Some(PageState::Resident)
+            || table.flags(idx) & (FLAG_IN_FLIGHT | FLAG_SAMPLED) != 0
+        {
+            return;
+        }
+        let Some(hash) = self.hash_of(idx) else { return };
+        self.stats.scanned.fetch_add(1, Ordering::Relaxed);
+        let Some(seen) = usize::try_from(idx).ok().and_then(|i| self.seen.get_mut(i)) else {
+            return;
+        };
+        let short = u32::try_from(hash >> 32).unwrap_or(u32::MAX).max(1);
+        let stable = *seen == short;
+        *seen = short;
+        if !stable {
+            return;
+        }
+        if self.buf.iter().all(|&b| b == 0) {
+            self.share_zero(idx);
+        } else if self.merger.table().count(PageState::Shared) < self.max_shared {
+            self.share(idx, hash);
+        } else {
+            self.stats.map_limited.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Hashes a copy of page `idx`, claimed for the copy; None if a mover has it.
+    fn hash_of(&mut self, idx: u64) -> Option<u64> {
+        let table = self.merger.table();
+        let hva = self.merger.map().hva_of_idx(idx)?;
+        let resident = StateSet::of(&[PageState::Resident]);
+        table.begin(idx, resident, PageState::Resident).ok()?;
+        // SAFETY: the page is Resident and claimed, so it stays mapped during the copy.
+        unsafe { read_page_racy(hva, &mut self.buf) };
+        table.abort(idx, PageState::Resident);
+        Some(self.hash.of(&self.buf[..]))
+    }
+
+    fn share_zero(&mut self, idx: u64) {
+        if !self.merger.freeze(idx, 0) {
+            return;
+        }
+        if self.merger.frozen(0).is_some_and(|p| p.iter().all(|&b| b == 0)) {
+            self.merger.drop_zero(idx, 0);
+            self.stats.zero_pages.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.merger.thaw(idx, 0); // written since the copy
+        }
+    }
+
+    fn share(&mut self, idx: u64, hash: u64) {
+        match self.merger.pool().find(hash) {
+            Found::Canonical(slot) => self.join(idx, slot),
+            Found::Hint(other) if other != idx => self.pair(other, idx, hash),
+            Found::Hint(_) => {}
+            Found::Nothing => self.merger.pool().hint(hash, idx),
+        }
+    }
+
+    /// Maps page `idx` to canonical `slot` (pinned by `find`) if they are equal.
+    fn join(&mut self, idx: u64, slot: u64) {
+        let pool = self.merger.pool();
+        if !self.merger.freeze(idx, 0) {
+            pool.unpin(slot);
+            return;
+        }
+        let equal = match (self.merger.frozen(0), pool.page(slot)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        };
+        if !equal {
+            self.stats.collisions.fetch_add(1, Ordering::Relaxed);
+            pool.unpin(slot);
+            self.merger.thaw(idx, 0);
+            return;
+        }
+        if self.merger.install(idx, 0, slot) {
+            self.stats.merged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Merges page `idx` with `hint`, a page seen with the same hash this pass, if equal.
+    fn pair(&mut self, hint: u64, idx: u64, hash: u64) {
+        let pool = self.merger.pool();
+        pool.forget_hint(hash, hint);
+        if !self.merger.freeze(hint, 1) {
+            pool.hint(hash, idx); // the hint went away: this page takes its place
+            return;
+        }
+        if !self.merger.freeze(idx, 0) {
+            self.merger.thaw(hint, 1);
+            return;
+        }
+        let equal = match (self.merger.frozen(0), self.merger.frozen(1)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        };
+        let frozen_hash = self.merger.frozen(0).map(|p| self.hash.of(p));
+        let slot = match (equal, frozen_hash) {
+            (true, Some(h)) => self.merger.frozen(0).map(|p| pool.create(h, p)),
+            _ => None,
+        };
+        let Some(Ok(slot)) = slot else {
+            if !equal {
+                self.stats.collisions.fetch_add(1, Ordering::Relaxed);
+                pool.hint(hash, idx);
+            }
+            self.merger.thaw(idx, 0);
+            self.merger.thaw(hint, 1);
+            return;
+        };
+        pool.pin(slot);
+        let merged = u64::from(self.merger.install(hint, 1, slot))
+            + u64::from(self.merger.install(idx, 0, slot));
+        self.stats.merged.fetch_add(merged, Ordering::Relaxed);
+    }
+}
