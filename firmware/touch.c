@@ -29,6 +29,9 @@
  *   zipf_s=X      the Zipf exponent s times 100 (default 100: s = 1.0; 0..1000; needs
  *                 dist=zipf)
  *   idle_ms=T     then spin for T ms touching no guest page but the stack: an idle phase
+ *   rewrite=1     then write every page once more with the last pass's values (in logical
+ *                 order): the first write to each page after the idle phase, which breaks
+ *                 page sharing copy-on-write
  *   The pages are verified once more after these phases (bad= counts that too).
  *
  * The word at index w (0..511) of page p in pass n is, for seed s:
@@ -443,6 +446,7 @@ int ebb_main(const struct ebb_boot_info *bi)
 {
 	u64 pages = 16384, passes = 1, corrupt = 0, skip = 0, high = 0, stride = 1;
 	u64 loop_ms = 0, idle_ms = 0, hot = 0, zipf_s = DEFAULT_ZIPF_S, local_progress = 0;
+	u64 rewrite = 0;
 	u64 bad = 0, sum = FNV_OFFSET, t_write = 0, t_verify = 0;
 	struct cfg c = { .pat = SEQ, .dup_groups = 1 };
 	enum order order = ORDER_SEQ;
@@ -458,9 +462,9 @@ int ebb_main(const struct ebb_boot_info *bi)
 	    arg_u64(bi, "idle_ms", &idle_ms) < 0 || arg_u64(bi, "stride", &stride) < 0 ||
 	    (has_hot = arg_u64(bi, "hot", &hot)) < 0 ||
 	    (has_zipf_s = arg_u64(bi, "zipf_s", &zipf_s)) < 0 ||
-	    arg_u64(bi, "dup_groups", &c.dup_groups) < 0)
+	    arg_u64(bi, "dup_groups", &c.dup_groups) < 0 || arg_u64(bi, "rewrite", &rewrite) < 0)
 		return fail("pages, passes, seed, corrupt, skip, stride, loop_ms, idle_ms, hot, "
-			    "zipf_s and dup_groups take a number");
+			    "zipf_s, dup_groups and rewrite take a number");
 	if ((loop_ms || idle_ms) && bi->tsc_khz == 0)
 		return fail("loop_ms and idle_ms need the TSC frequency, which ebb did not provide");
 	if (arg_str(bi, "pattern", name, sizeof(name))) {
@@ -620,7 +624,15 @@ int ebb_main(const struct ebb_boot_info *bi)
 		while (rdtsc() < end)
 			__asm__ volatile("pause");
 	}
-	if (loop_ms || idle_ms) {
+	if (rewrite) {
+		put_str("touch: rewrite\n");
+		for (u64 p = 0; p < pages; p++) {
+			struct content ct;
+			page_content(&c, passes - 1, p, &ct);
+			write_words(page_addr(bi, skip + p * stride), &ct, 0, WORDS);
+		}
+	}
+	if (loop_ms || idle_ms || rewrite) {
 		u64 late_bad = 0;
 		for (u64 p = corrupt; p < pages; p++) {
 			const volatile u64 *pg = page_addr(bi, skip + p * stride);

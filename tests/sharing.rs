@@ -2,6 +2,8 @@
 //! scanner, and host threads playing vCPUs that write and verify every page.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -299,4 +301,80 @@ fn verify_range(ram: &GuestRam, pfns: std::ops::Range<u64>) {
             assert_eq!(read_word(ram, pfn, w), expected(pfn, w, u64::MAX, u64::MAX), "page {pfn}");
         }
     }
+}
+
+/// A real guest: touch writes a content mix with groups of duplicate pages, idles while the
+/// scanner shares, then writes every page once more and verifies it. The figures are what
+/// the mix implies, and no page reads back wrong.
+#[test]
+fn a_guest_s_duplicates_are_shared_and_its_writes_unshare_them() {
+    use common::{kvm_or_skip, temp_file, Running, TouchMix};
+    use std::collections::HashMap;
+    let test = "a_guest_s_duplicates_are_shared";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    const PAGES: u64 = 4096;
+    let (spec, groups, seed) = ("zero:20,dup:50,random:30", 8, 1);
+    let model = TouchMix::new(spec, groups, &[]);
+    let mut sizes: HashMap<Vec<u64>, u64> = HashMap::new();
+    let mut zero = 0;
+    for p in 0..PAGES {
+        match common::TOUCH_KINDS[model.kind(seed, p)] {
+            "dup" => *sizes.entry(model.page(seed, 0, p)).or_default() += 1,
+            "zero" => zero += 1,
+            _ => {}
+        }
+    }
+    let shareable: u64 = sizes.values().filter(|&&n| n >= 2).sum();
+    let pool: u64 = sizes.values().filter(|&&n| n >= 2).count() as u64;
+    let stats = temp_file("sharing-guest.json", b"");
+    let args = [
+        "run",
+        "--firmware",
+        "touch",
+        "--mem",
+        "64M",
+        "--firmware-arg",
+        "pages=4096",
+        "--firmware-arg",
+        &format!("mix={spec}"),
+        "--firmware-arg",
+        &format!("dup_groups={groups}"),
+        "--firmware-arg",
+        &format!("seed={seed}"),
+        "--firmware-arg",
+        "idle_ms=8000",
+        "--firmware-arg",
+        "rewrite=1",
+        "--share-scan-rate",
+        "1000000",
+        "--stats-json",
+        stats.to_str().unwrap(),
+        "--stats-interval",
+        "0.2",
+    ];
+    let mut vm = Running::start(&args);
+    assert_eq!(vm.wait_exit(Duration::from_secs(60)), Some(0), "{}", vm.tail(5));
+    let done = vm.seen.iter().find(|l| l.contains("touch: done")).unwrap().clone();
+    assert!(done.contains(" bad=0 "), "{done}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&stats)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let get = |l: &serde_json::Value, k: &str| l[k].as_u64().unwrap();
+    let best = lines.iter().max_by_key(|l| get(l, "shared_bytes")).unwrap();
+    eprintln!(
+        "{test}: {shareable} shareable pages in {pool} groups, {zero} zero pages; best line {best}"
+    );
+    assert_eq!(get(best, "shared_bytes"), shareable * PAGE, "{best}");
+    assert_eq!(get(best, "sharing_pool_bytes"), pool * PAGE, "{best}");
+    assert!(get(best, "zero_pages_shared") >= zero, "{best}");
+    assert!(get(best, "consumed_bytes") < (PAGES - shareable - zero + pool + 64) * PAGE, "{best}");
+    // The rewrite wrote every shared page; the scanner, still running, may have shared
+    // some of them again since (their contents are still duplicates).
+    let last = lines.last().unwrap();
+    assert!(get(last, "cow_breaks") >= shareable, "every shared page was written: {last}");
+    assert!(get(last, "sharing_pool_bytes") <= pool * PAGE, "{last}");
 }
