@@ -235,7 +235,16 @@ impl FaultHandler {
             }
             let read_at = Instant::now();
             let events = std::mem::take(&mut self.events);
-            for ev in &events {
+            // Removes before faults. A remove read in this batch may already be done (its
+            // `madvise` went on once the event was read), and a fault in the same batch may
+            // be a first touch after it: resolving that fault first and then applying the
+            // stale remove would mark a freshly mapped page Untouched. The kernel hands out
+            // pending faults before events, so a batch's order says nothing of which came
+            // first. Applied first, a remove finds its pages still claimed by their mover
+            // (mm's releases) or already in the mover's final state, and changes nothing.
+            let is_remove = |e: &&Event| matches!(e, Event::Remove { .. });
+            for ev in events.iter().filter(is_remove).chain(events.iter().filter(|e| !is_remove(e)))
+            {
                 self.handle(*ev, read_at)?;
             }
             self.events = events;
