@@ -83,6 +83,9 @@ pub enum ConfigError {
     /// Options of the lazy-RAM engine given with `--no-uffd`.
     #[error("{0} needs userfaultfd: drop --no-uffd")]
     NeedsUffd(&'static str),
+    /// Both ebb's page sharing and KSM asked for.
+    #[error("--ksm and --share-scan-rate both share pages: pick one (--ksm is the kernel's, for comparison)")]
+    TwoSharers,
     /// A sharing scan rate above the most the scanner takes.
     #[error("--share-scan-rate {rate} is more than {max} pages per second")]
     ScanRate {
@@ -222,6 +225,8 @@ pub struct MemoryConfig {
     /// Pages the sharing scanner hashes per second from the start (0: off until the
     /// control socket sets a rate).
     pub share_scan_rate: u64,
+    /// Hand guest RAM to the kernel's KSM instead (`--ksm`), as a baseline.
+    pub ksm: bool,
 }
 
 /// Most pages per second the sharing scanner may be asked to scan (about 16 GiB/s: more
@@ -329,6 +334,7 @@ impl Default for MemoryConfig {
             oom_wait: DEFAULT_OOM_WAIT,
             reclaim: ReclaimOptions::default(),
             share_scan_rate: 0,
+            ksm: false,
         }
     }
 }
@@ -378,6 +384,9 @@ impl MemoryConfig {
         }
         if !self.uffd && self.share_scan_rate > 0 {
             return Err(ConfigError::NeedsUffd("--share-scan-rate"));
+        }
+        if self.ksm && self.share_scan_rate > 0 {
+            return Err(ConfigError::TwoSharers);
         }
         Ok(())
     }

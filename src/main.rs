@@ -142,6 +142,10 @@ struct RunArgs {
     /// once (0: off; the control socket can turn it on later).
     #[arg(long, value_name = "PAGES/S", default_value_t = 0)]
     share_scan_rate: u64,
+    /// Mark guest RAM mergeable for the kernel's KSM instead (the baseline ebb's sharing is
+    /// measured against; KSM merges across every process that asks it to).
+    #[arg(long)]
+    ksm: bool,
     /// Milliseconds between Active-memory samples.
     #[arg(long, value_name = "MS", default_value_t = DEFAULT_INTERVAL_MS)]
     active_interval_ms: u64,
@@ -229,6 +233,7 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
                 .map_err(|e: String| anyhow::anyhow!("--reclaim-victims: {e}"))?,
         },
         share_scan_rate: args.share_scan_rate,
+        ksm: args.ksm,
     };
     config.balloon = args.balloon.as_deref().map(parse_balloon).transpose()?;
     config.api_sock = args.api_sock;

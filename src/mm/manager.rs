@@ -1,16 +1,16 @@
-//! The one door through which anything outside the fault handler changes what backs guest
-//! pages: the balloon today; the reclaimers and the sharing scanner next. They ask here, by
-//! guest-physical range; only this module (with the fault handler) moves pages in the
-//! page-state table and calls `madvise` on guest RAM.
+//! The one door through which devices change what backs guest pages: the balloon and free
+//! page reporting ask here, by guest-physical range. (The reclaim worker and the sharing
+//! scanner are `mm`'s own threads and move pages through the same claims.)
 //!
 //! # Releasing a range
 //!
 //! [`MemoryManager::release`] walks the range once:
 //! 1. claims each page with [`PageTable::begin`]: it moves to the destination state with the
 //!    in-flight flag set, so the fault handler defers faults on it and no other mover takes it;
-//! 2. drops the backing of each run of claimed pages with one `madvise(MADV_DONTNEED)`
-//!    (a page's compressed copy or swap slot will be freed at the same point, once those
-//!    stores exist);
+//! 2. drops the backing of each run of claimed pages with one `madvise(MADV_DONTNEED)`;
+//!    a page's compressed copy or swap slot is freed at the same point, and a shared page
+//!    gets fresh memory mapped over it instead (on its private file mapping `madvise`
+//!    would bring the pool page back) and drops its pool reference;
 //! 3. ends the claims ([`PageTable::finish`]), or undoes them if `madvise` failed.
 //!
 //! Pages the caller may not release (in flight with another mover, or ballooned when the
@@ -222,6 +222,19 @@ impl MemoryManager {
                 Some(idx)
             })
             .collect()
+    }
+
+    /// Hands guest RAM to the kernel's KSM (`--ksm`): the baseline ebb's own sharing is
+    /// measured against. KSM's merges and copy-on-write breaks happen behind ebb's back, so
+    /// the page-state table does not see them (the host's PSS does).
+    ///
+    /// # Errors
+    /// The kernel refused (it has no KSM).
+    pub fn merge_with_ksm(&self) -> std::io::Result<()> {
+        for s in self.map.spans() {
+            super::sys::madvise_mergeable(s.region.hva, s.region.len)?;
+        }
+        Ok(())
     }
 
     /// Deflate: ballooned pages of `[gpa, gpa + len)` become untouched pages the guest may use

@@ -1,9 +1,10 @@
 //! The overcommit engine: what backs each guest page, and every change to it.
 //!
-//! `mm` owns the page-state table ([`pages`]): only the fault handler ([`uffd::handler`])
-//! and the memory manager ([`manager`]) move pages between states, and only they call
-//! `madvise` on guest RAM. Devices, the control API and (later) reclaimers and the sharing
-//! scanner ask the [`manager::MemoryManager`]; the stats path only reads.
+//! `mm` owns the page-state table ([`pages`]): only the fault handler ([`uffd::handler`]),
+//! the memory manager ([`manager`]), eviction ([`reclaim`]) and the sharing scanner
+//! ([`sharing`]) move pages between states, each under a claim, and only `mm` changes what
+//! maps guest RAM (`madvise`, moves, remaps). Devices and the control API ask the
+//! [`manager::MemoryManager`] or pull a lever; the stats path only reads.
 //!
 //! | module | owns |
 //! |---|---|

@@ -30,6 +30,21 @@ pub unsafe fn madvise_dontneed(hva: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Marks `[hva, hva + len)` mergeable for the kernel's KSM (`MADV_MERGEABLE`): `ksmd` then
+/// merges identical pages there with those of every other mergeable range on the host.
+///
+/// # Errors
+/// The `madvise` error (`EINVAL` where the kernel has no KSM).
+pub fn madvise_mergeable(hva: u64, len: u64) -> io::Result<()> {
+    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: MADV_MERGEABLE changes no contents and no mapping, only a flag ksmd reads.
+    let ret = unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_MERGEABLE) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A private anonymous mapping of `len` bytes (no swap reservation), unmapped when dropped.
 #[derive(Debug)]
 pub struct Mapping {

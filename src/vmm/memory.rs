@@ -25,6 +25,9 @@ use crate::vstate::vm;
 /// The swap file cannot be created in a directory the user named.
 pub fn manager(config: &VmConfig, ram: &GuestRam) -> Result<MemoryManager, VmmError> {
     let mm = MemoryManager::new(&ram.regions(), config.memory.uffd);
+    if config.memory.ksm {
+        mm.merge_with_ksm().map_err(VmmError::Ksm)?;
+    }
     if !config.memory.uffd {
         return Ok(mm);
     }

@@ -58,6 +58,9 @@ pub enum VmmError {
     /// Guest RAM could not be mapped.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The kernel refused to take guest RAM into KSM (`--ksm`).
+    #[error("--ksm: the kernel refused MADV_MERGEABLE on guest RAM ({0}); is it built with KSM?")]
+    Ksm(std::io::Error),
     /// The VM could not be set up.
     #[error(transparent)]
     Vm(#[from] VmError),

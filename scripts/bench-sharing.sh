@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Page sharing: ebb's scanner against the kernel's KSM on the same guest workload, in one
+# run, and what a copy-on-write break costs:
+#  1. host threads (cargo bench --bench sharing): the first write to a shared page against a
+#     first-touch fault, and the scanner's CPU per page shared;
+#  2. a real guest: touch writes PAGES pages of a content mix (zero, groups of duplicates,
+#     random), then idles; the guest runs under ebb with --share-scan-rate, then under
+#     --ksm with KSM at its defaults, then with KSM scanning as fast as it takes to spend
+#     about ebb's CPU. Memory saved is the fall of the ebb process's PSS from the start of
+#     the idle phase; CPU is ebb's scanner thread, or ksmd's.
+# KSM's knobs are set for the run and restored afterwards (needs root). Prints a table;
+# timings are never asserted: the machines are noisy.
+#
+#   scripts/bench-sharing.sh [PAGES] [IDLE_S]   (default 16384 pages = 64 MiB, 30 s)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PAGES=${1:-16384}
+IDLE_S=${2:-30}
+
+echo "== host threads (4096 pages, medians of 5)"
+cargo bench --locked -q --bench sharing -- 4096 5 2>/dev/null | grep -v '^$'
+
+echo
+echo "== guest: touch pages=$PAGES mix=zero:20,dup:60,random:20 dup_groups=64, idle ${IDLE_S}s"
+cargo build --release --locked -q
+KSM=/sys/kernel/mm/ksm
+if [[ ! -w $KSM/run ]]; then
+    echo "*** KSM is not writable here ($KSM): only ebb is measured ***" >&2
+fi
+saved_knobs=()
+for k in run pages_to_scan sleep_millisecs; do
+    [[ -r $KSM/$k ]] && saved_knobs+=("$k=$(cat $KSM/$k)")
+done
+restore() {
+    for kv in "${saved_knobs[@]}"; do echo "${kv#*=}" > "$KSM/${kv%%=*}" 2>/dev/null || true; done
+}
+trap restore EXIT
+
+exec python3 - "$PAGES" "$IDLE_S" <<'PY'
+import json, os, re, subprocess, sys, tempfile, time
+pages, idle_s = int(sys.argv[1]), int(sys.argv[2])
+KSM = "/sys/kernel/mm/ksm"
+mem_mib = max(128, pages * 4 // 1024 * 2)
+
+def ksm_write(knob, value):
+    with open(f"{KSM}/{knob}", "w") as f:
+        f.write(str(value))
+
+def ksmd_cpu_ms():
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            if "(ksmd)" in stat:
+                f = stat.rsplit(")", 1)[1].split()
+                return (int(f[11]) + int(f[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+def pss_kib(pid):
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+def ebb_scanner_cpu_ms(stats):
+    # The scanner's CPU, from the newest statistics line ebb wrote.
+    try:
+        return json.loads(open(stats).read().strip().splitlines()[-1])["sharing_cpu_ms"]
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+def run(name, extra, cpu_of):
+    stats = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+    cpu = lambda: cpu_of(stats)
+    args = ["./target/release/ebb", "run", "--mem", f"{mem_mib}M", "--firmware", "touch",
+            "--stats-json", stats, "--stats-interval", "0.25", *extra]
+    for kv in [f"pages={pages}", "mix=zero:20,dup:60,random:20", "dup_groups=64",
+               f"idle_ms={idle_s * 1000}"]:
+        args += ["--firmware-arg", kv]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:
+        if "touch: idle" in line:
+            break
+    t0, pss0, cpu0 = time.time(), pss_kib(p.pid), cpu()
+    samples = []
+    while p.poll() is None and time.time() - t0 < idle_s - 0.5:
+        time.sleep(0.1)
+        try:
+            samples.append((time.time() - t0, pss0 - pss_kib(p.pid), cpu() - cpu0))
+        except OSError:
+            break
+    out = p.communicate()[0]
+    os.unlink(stats)
+    ok = " bad=0 " in out
+    final = max(s[1] for s in samples[-10:]) if samples else 0
+    t90 = next((t for t, s, _ in samples if s >= 0.9 * final), float("nan")) if final > 0 else float("nan")
+    cpu90 = next((c for t, s, c in samples if s >= 0.9 * final), float("nan")) if final > 0 else float("nan")
+    cpu_end = samples[-1][2] if samples else 0.0
+    return dict(name=name, saved_mib=final / 1024, t90=t90, cpu90=cpu90, cpu_end=cpu_end, ok=ok,
+                cpu_rate=cpu_end / samples[-1][0] if samples else 0.0)
+
+results = [run("ebb --share-scan-rate 100000", ["--share-scan-rate", "100000"], ebb_scanner_cpu_ms)]
+ksm_ok = os.access(f"{KSM}/run", os.W_OK)
+if ksm_ok:
+    ksm_write("run", 1)
+    ksm_write("sleep_millisecs", 20)
+    ksm_write("pages_to_scan", 100)
+    results.append(run("KSM defaults (100 pages / 20 ms)", ["--ksm"], lambda _: ksmd_cpu_ms()))
+    # Scale KSM's scan rate so that ksmd spends about ebb's CPU per second of convergence.
+    ebb_rate = results[0]["cpu90"] / max(results[0]["t90"], 0.1)
+    ksm_rate = results[1]["cpu_rate"] or 1e-3
+    n = int(min(20000, max(100, 100 * ebb_rate / ksm_rate)))
+    ksm_write("pages_to_scan", n)
+    results.append(run(f"KSM at ebb's CPU ({n} pages / 20 ms)", ["--ksm"], lambda _: ksmd_cpu_ms()))
+    ksm_write("run", 2)  # unmerge what this run merged
+    time.sleep(1)
+
+print(f"{'':44} {'saved MiB':>9} {'to 90%':>8} {'CPU to 90%':>11} {'CPU, all':>9}  pages ok")
+for r in results:
+    print(f"{r['name']:44} {r['saved_mib']:9.1f} {r['t90']:7.2f}s {r['cpu90']:9.0f}ms {r['cpu_end']:7.0f}ms  {r['ok']}")
+if ksm_ok and len(results) == 3:
+    e, d, f = results
+    print(f"ebb reaches 90% {d['t90'] / e['t90']:.1f}x sooner than KSM's defaults and "
+          f"{f['t90'] / e['t90']:.1f}x sooner than KSM at about the same CPU; "
+          f"saving ebb/KSM = {e['saved_mib'] / max(d['saved_mib'], 1e-9):.2f}")
+PY
