@@ -7,7 +7,9 @@
 #     random), then idles; the guest runs under ebb with --share-scan-rate, then under
 #     --ksm with KSM at its defaults, then with KSM scanning as fast as it takes to spend
 #     about ebb's CPU. Memory saved is the fall of the ebb process's PSS from the start of
-#     the idle phase; CPU is ebb's scanner thread, or ksmd's.
+#     the idle phase; CPU is ebb's scanner thread, or ksmd's. Both start at the idle phase
+#     (ebb's scan rate is set through its control socket, KSM is switched on then), so
+#     neither gets a head start during the writes.
 # KSM's knobs are set for the run and restored afterwards (needs root). Prints a table;
 # timings are never asserted: the machines are noisy.
 #
@@ -71,11 +73,19 @@ def ebb_scanner_cpu_ms(stats):
     except (OSError, IndexError, ValueError):
         return 0.0
 
-def run(name, extra, cpu_of):
+def ask(sock, request):
+    import socket
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(sock)
+        c.sendall((json.dumps(request) + "\n").encode())
+        return json.loads(c.makefile().readline())
+
+def run(name, extra, cpu_of, start):
     stats = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+    sock = stats + ".sock"
     cpu = lambda: cpu_of(stats)
     args = ["./target/release/ebb", "run", "--mem", f"{mem_mib}M", "--firmware", "touch",
-            "--stats-json", stats, "--stats-interval", "0.25", *extra]
+            "--stats-json", stats, "--stats-interval", "0.25", "--api-sock", sock, *extra]
     for kv in [f"pages={pages}", "mix=zero:20,dup:60,random:20", "dup_groups=64",
                f"idle_ms={idle_s * 1000}"]:
         args += ["--firmware-arg", kv]
@@ -84,6 +94,7 @@ def run(name, extra, cpu_of):
         if "touch: idle" in line:
             break
     t0, pss0, cpu0 = time.time(), pss_kib(p.pid), cpu()
+    start(sock)
     samples = []
     while p.poll() is None and time.time() - t0 < idle_s - 0.5:
         time.sleep(0.1)
@@ -101,19 +112,23 @@ def run(name, extra, cpu_of):
     return dict(name=name, saved_mib=final / 1024, t90=t90, cpu90=cpu90, cpu_end=cpu_end, ok=ok,
                 cpu_rate=cpu_end / samples[-1][0] if samples else 0.0)
 
-results = [run("ebb --share-scan-rate 100000", ["--share-scan-rate", "100000"], ebb_scanner_cpu_ms)]
+rate = 100000
+results = [run(f"ebb, scan rate {rate} pages/s", [], ebb_scanner_cpu_ms,
+               lambda sock: ask(sock, {"sharing": {"scan_rate": rate}}))]
 ksm_ok = os.access(f"{KSM}/run", os.W_OK)
 if ksm_ok:
-    ksm_write("run", 1)
+    ksm_on = lambda _sock: ksm_write("run", 1)
+    ksm_write("run", 2)  # nothing merged from before
     ksm_write("sleep_millisecs", 20)
     ksm_write("pages_to_scan", 100)
-    results.append(run("KSM defaults (100 pages / 20 ms)", ["--ksm"], lambda _: ksmd_cpu_ms()))
+    results.append(run("KSM defaults (100 pages / 20 ms)", ["--ksm"], lambda _: ksmd_cpu_ms(), ksm_on))
+    ksm_write("run", 2)
     # Scale KSM's scan rate so that ksmd spends about ebb's CPU per second of convergence.
     ebb_rate = results[0]["cpu90"] / max(results[0]["t90"], 0.1)
     ksm_rate = results[1]["cpu_rate"] or 1e-3
     n = int(min(20000, max(100, 100 * ebb_rate / ksm_rate)))
     ksm_write("pages_to_scan", n)
-    results.append(run(f"KSM at ebb's CPU ({n} pages / 20 ms)", ["--ksm"], lambda _: ksmd_cpu_ms()))
+    results.append(run(f"KSM at ebb's CPU ({n} pages / 20 ms)", ["--ksm"], lambda _: ksmd_cpu_ms(), ksm_on))
     ksm_write("run", 2)  # unmerge what this run merged
     time.sleep(1)
 

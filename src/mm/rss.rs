@@ -45,28 +45,31 @@ impl RssProbe {
     }
 }
 
-/// Resident bytes of `regions`, from `/proc/self/smaps` (0 if unreadable).
+/// Resident bytes of `regions`, from `/proc/self/smaps` (0 if unreadable). Read a line at a
+/// time: with page sharing, guest RAM may be split into tens of thousands of mappings, and
+/// the whole file is then tens of MiB, which a single read would hold in memory at once.
 fn rss_of(regions: &[RamRegion]) -> u64 {
+    use std::io::BufRead;
     let wanted: Vec<(u64, u64)> = regions.iter().map(|r| (r.hva, r.hva + r.len)).collect();
-    let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else { return 0 };
-    let mut total = 0;
-    let mut current = false;
-    for line in text.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((lo, hi)) = range.split_once('-') {
-                if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16))
-                {
-                    current = wanted.iter().any(|&(a, b)| lo >= a && hi <= b);
-                    continue;
-                }
-            }
+    let Ok(file) = std::fs::File::open("/proc/self/smaps") else { return 0 };
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
+    let (mut total, mut current, mut line) = (0, false, String::new());
+    while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+        if let Some(inside) = mapping_inside(&line, &wanted) {
+            current = inside;
+        } else if let Some(kb) = line.strip_prefix("Rss:").filter(|_| current) {
+            total += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
         }
-        if current {
-            if let Some(kb) = line.strip_prefix("Rss:") {
-                total +=
-                    kb.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0) * 1024;
-            }
-        }
+        line.clear();
     }
     total
+}
+
+/// For a mapping's header line of smaps (`lo-hi perms ...`), whether it lies inside one of
+/// `wanted`; None for any other line.
+fn mapping_inside(line: &str, wanted: &[(u64, u64)]) -> Option<bool> {
+    let (range, _) = line.split_once(' ')?;
+    let (lo, hi) = range.split_once('-')?;
+    let (lo, hi) = (u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?);
+    Some(wanted.iter().any(|&(a, b)| lo >= a && hi <= b))
 }

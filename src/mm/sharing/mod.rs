@@ -283,17 +283,20 @@ impl SharedPages {
         let Some(page) = self.pool.slot_of(idx).and_then(|s| self.pool.page(s)) else {
             return Err(SharingError::NoPoolPage { idx });
         };
-        match self.uffd.copy(hva, &page[..], false) {
+        // Counted before the copy, which wakes the writer: it may read the statistics at once.
+        self.stats.cow_breaks.fetch_add(1, Ordering::Relaxed);
+        let outcome = match self.uffd.copy(hva, &page[..], false) {
             Ok((Resolved::Mapped | Resolved::AlreadyMapped, _)) => {
                 self.pool.detach(idx);
                 table.finish(idx);
-                self.stats.cow_breaks.fetch_add(1, Ordering::Relaxed);
-                Ok(Unshared::Done)
+                return Ok(Unshared::Done);
             }
             Ok((Resolved::NoMemory, _)) => Ok(Unshared::NoMemory),
             Ok((Resolved::Retry, _)) => Ok(Unshared::Later),
             Err(source) => Err(SharingError::Copy { idx, source }),
-        }
+        };
+        self.stats.cow_breaks.fetch_sub(1, Ordering::Relaxed);
+        outcome
     }
 
     /// Releases shared page `idx` at `hva`, claimed by the caller on its way to a state
