@@ -19,6 +19,7 @@
 //! | [`stats`] | fault counters, the latency histogram, the statistics line |
 //! | [`swap`] | the per-VM swap file (unnamed from the start) and its slot allocator |
 //! | [`zcache`] | the compression cache: compressed guest pages in size-classed slabs |
+//! | [`thread`] | a thread's CPU clock, and the wait loop of a lever-driven worker |
 //! | `sys` | the raw system calls (`madvise`, `mincore`, `poll`, thread CPU clocks) |
 
 pub mod active;
@@ -32,6 +33,7 @@ pub mod sharing;
 pub mod stats;
 pub mod swap;
 pub(crate) mod sys;
+pub mod thread;
 pub mod uffd;
 pub mod zcache;
 

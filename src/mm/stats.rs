@@ -110,9 +110,8 @@ pub struct FaultStats {
     pub removed_pages: AtomicU64,
     /// Handler service time per fault, from reading the event to the resolving ioctl's return.
     pub latency: Histogram,
-    /// The handler thread's CPU-time clock id (`pthread_getcpuclockid`), read from other
-    /// threads so the hot path pays nothing for it; i64::MIN until the handler starts.
-    cpu_clock: std::sync::atomic::AtomicI64,
+    /// The handler thread's CPU-time clock.
+    clock: super::thread::ThreadClock,
 }
 
 impl Default for FaultStats {
@@ -128,7 +127,7 @@ impl Default for FaultStats {
             removes: AtomicU64::new(0),
             removed_pages: AtomicU64::new(0),
             latency: Histogram::default(),
-            cpu_clock: std::sync::atomic::AtomicI64::new(i64::MIN),
+            clock: super::thread::ThreadClock::default(),
         }
     }
 }
@@ -136,17 +135,13 @@ impl Default for FaultStats {
 impl FaultStats {
     /// Records the calling thread as the handler whose CPU time [`cpu_ns`](Self::cpu_ns) reports.
     pub fn set_cpu_clock_of_current_thread(&self) {
-        if let Some(clock) = super::sys::current_thread_cpu_clock() {
-            self.cpu_clock.store(i64::from(clock), Ordering::Relaxed);
-        }
+        self.clock.start_here();
     }
 
     /// CPU time the handler thread has used so far, in nanoseconds (0 before it starts and,
     /// as the clock dies with the thread, after it exits: read it while the VM runs).
     pub fn cpu_ns(&self) -> u64 {
-        let clock = self.cpu_clock.load(Ordering::Relaxed);
-        let Ok(clock) = libc::clockid_t::try_from(clock) else { return 0 };
-        super::sys::clock_ns(clock)
+        self.clock.ns()
     }
 
     /// Faults resolved (zero + copy + wp).

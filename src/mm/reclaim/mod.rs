@@ -20,7 +20,7 @@ pub mod store;
 pub mod victims;
 mod worker;
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,7 +39,7 @@ pub const DEFAULT_CACHE_PERCENT: u64 = 10;
 pub struct ReclaimControl {
     target: AtomicU64,
     kick: EventFd,
-    cpu_clock: AtomicI64,
+    clock: crate::mm::thread::ThreadClock,
 }
 
 /// [`ReclaimControl`]'s target when reclaim is off.
@@ -52,8 +52,8 @@ impl ReclaimControl {
     /// The eventfd that wakes the worker could not be created.
     pub fn new(target: Option<u64>) -> std::io::Result<Self> {
         let kick = EventFd::new(libc::EFD_NONBLOCK)?;
-        let cpu_clock = AtomicI64::new(i64::MIN);
-        Ok(Self { target: AtomicU64::new(target.unwrap_or(OFF)), kick, cpu_clock })
+        let clock = crate::mm::thread::ThreadClock::default();
+        Ok(Self { target: AtomicU64::new(target.unwrap_or(OFF)), kick, clock })
     }
 
     /// Keep at most `bytes` of the guest's memory resident (None: stop reclaiming).
@@ -68,19 +68,8 @@ impl ReclaimControl {
         (t != OFF).then_some(t)
     }
 
-    fn kick(&self) -> &EventFd {
-        &self.kick
-    }
-
     /// CPU time of the reclaim worker thread so far, nanoseconds (0 before it starts).
     pub fn cpu_ns(&self) -> u64 {
-        let clock = self.cpu_clock.load(Ordering::Relaxed);
-        libc::clockid_t::try_from(clock).map_or(0, super::sys::clock_ns)
-    }
-
-    fn set_cpu_clock_of_current_thread(&self) {
-        if let Some(clock) = super::sys::current_thread_cpu_clock() {
-            self.cpu_clock.store(i64::from(clock), Ordering::Relaxed);
-        }
+        self.clock.ns()
     }
 }

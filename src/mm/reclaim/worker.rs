@@ -2,7 +2,6 @@
 //! evicts the coldest in batches until the guest's resident memory is at most the target,
 //! writing the cache's oldest pages back to swap when the cache is full.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use super::store::Backing;
 use super::victims::Victims;
 use super::{DirtyLog, ReclaimControl, VictimPolicy};
 use crate::mm::pages::{PageState, PageTable};
-use crate::mm::sys::{poll_readable, prefault_stack, THREAD_STACK_RESERVE};
+use crate::mm::thread::serve_lever;
 use crate::units::PAGE_SIZE;
 
 /// How often the worker ages pages and checks the target.
@@ -27,8 +26,6 @@ pub const PAGES_PER_TICK: u64 = 8192;
 /// What the worker needs.
 struct Worker {
     control: Arc<ReclaimControl>,
-    stop: EventFd,
-    timer: TimerFd,
     table: Arc<PageTable>,
     backing: Arc<Backing>,
     evictor: Evictor,
@@ -53,10 +50,8 @@ pub(crate) fn spawn(
     let mut timer = TimerFd::new().map_err(std::io::Error::from)?;
     timer.reset(TICK, Some(TICK)).map_err(std::io::Error::from)?;
     let victims = Victims::new(policy, table.len());
-    let worker = Worker {
-        control,
-        stop,
-        timer,
+    let mut worker = Worker {
+        control: control.clone(),
         table,
         backing,
         evictor,
@@ -64,36 +59,21 @@ pub(crate) fn spawn(
         dirty_log,
         bitmap: Vec::new(),
     };
-    std::thread::Builder::new().name("ebb-reclaim".into()).spawn(move || worker.run())
+    std::thread::Builder::new().name("ebb-reclaim".into()).spawn(move || {
+        let fds = [&stop, &control.kick];
+        serve_lever("reclaim worker", &control.clock, fds, &mut timer, |ticked| {
+            worker.wake(ticked)
+        });
+    })
 }
 
 impl Worker {
-    fn run(mut self) {
-        prefault_stack(THREAD_STACK_RESERVE);
-        self.control.set_cpu_clock_of_current_thread();
-        let fds = [self.stop.as_raw_fd(), self.control.kick().as_raw_fd(), self.timer.as_raw_fd()];
-        loop {
-            match poll_readable(fds, -1) {
-                Ok([true, _, _]) => return,
-                Ok([_, kicked, ticked]) => {
-                    if kicked {
-                        let _ = self.control.kick().read();
-                    }
-                    if ticked {
-                        let _ = self.timer.wait();
-                        self.age();
-                    }
-                }
-                Err(e) => {
-                    log::error!("reclaim worker: {e}; reclaim stops");
-                    return;
-                }
-            }
-            if let Err(e) = self.reclaim() {
-                log::error!("reclaim worker: {e}; reclaim stops");
-                return;
-            }
+    /// One wake-up: age the pages on a tick, then evict toward the target.
+    fn wake(&mut self, ticked: bool) -> Result<(), crate::mm::uffd::UffdError> {
+        if ticked {
+            self.age();
         }
+        self.reclaim()
     }
 
     /// Folds the dirty log (if any) and the refault marks into the pages' ages.

@@ -49,7 +49,7 @@ pub mod pool;
 mod scanner;
 mod sys;
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -88,7 +88,7 @@ impl ShareHash {
 pub struct SharingControl {
     rate: AtomicU64,
     kick: EventFd,
-    cpu_clock: AtomicI64,
+    clock: crate::mm::thread::ThreadClock,
 }
 
 impl SharingControl {
@@ -98,7 +98,7 @@ impl SharingControl {
     /// The eventfd that wakes the scanner could not be created.
     pub fn new(rate: u64) -> std::io::Result<Self> {
         let kick = EventFd::new(libc::EFD_NONBLOCK)?;
-        Ok(Self { rate: AtomicU64::new(rate), kick, cpu_clock: AtomicI64::new(i64::MIN) })
+        Ok(Self { rate: AtomicU64::new(rate), kick, clock: Default::default() })
     }
 
     /// Scan `rate` pages per second (0 stops scanning; shared pages stay shared).
@@ -112,20 +112,9 @@ impl SharingControl {
         self.rate.load(Ordering::Relaxed)
     }
 
-    fn kick(&self) -> &EventFd {
-        &self.kick
-    }
-
     /// CPU time of the scanner thread so far, nanoseconds (0 before it starts).
     pub fn cpu_ns(&self) -> u64 {
-        let clock = self.cpu_clock.load(Ordering::Relaxed);
-        libc::clockid_t::try_from(clock).map_or(0, super::sys::clock_ns)
-    }
-
-    fn set_cpu_clock_of_current_thread(&self) {
-        if let Some(clock) = super::sys::current_thread_cpu_clock() {
-            self.cpu_clock.store(i64::from(clock), Ordering::Relaxed);
-        }
+        self.clock.ns()
     }
 }
 

@@ -17,7 +17,6 @@
 //! A hash match alone never shares: a candidate that differs (a collision) is put back
 //! unchanged and counted.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -31,7 +30,7 @@ use super::pool::Found;
 use super::sys::{max_map_count, read_page_racy};
 use super::{ShareHash, SharingControl, SharingStats};
 use crate::mm::pages::{PageState, StateSet, FLAG_IN_FLIGHT, FLAG_SAMPLED};
-use crate::mm::sys::{poll_readable, prefault_stack, THREAD_STACK_RESERVE};
+use crate::mm::thread::serve_lever;
 use crate::mm::zcache::{Page, PAGE_BYTES};
 
 /// How often the scanner wakes.
@@ -45,8 +44,6 @@ const MAP_COUNT_SHARE: u64 = 4;
 struct Scanner {
     control: Arc<SharingControl>,
     stats: Arc<SharingStats>,
-    stop: EventFd,
-    timer: TimerFd,
     merger: Merger,
     hash: ShareHash,
     /// 32 bits of each page's hash at the last visit (0: not seen).
@@ -70,11 +67,9 @@ pub(crate) fn spawn(
     let mut timer = TimerFd::new().map_err(std::io::Error::from)?;
     timer.reset(TICK, Some(TICK)).map_err(std::io::Error::from)?;
     let pages = usize::try_from(merger.table().len()).unwrap_or(0);
-    let scanner = Scanner {
-        control,
+    let mut scanner = Scanner {
+        control: control.clone(),
         stats,
-        stop,
-        timer,
         merger,
         hash,
         seen: vec![0; pages],
@@ -82,34 +77,18 @@ pub(crate) fn spawn(
         max_shared: max_map_count() / MAP_COUNT_SHARE,
         buf: Box::new([0; PAGE_BYTES]),
     };
-    std::thread::Builder::new().name("ebb-share".into()).spawn(move || scanner.run())
+    std::thread::Builder::new().name("ebb-share".into()).spawn(move || {
+        let fds = [&stop, &control.kick];
+        serve_lever("page sharing scanner", &control.clock, fds, &mut timer, |ticked| {
+            if ticked {
+                scanner.tick();
+            }
+            Ok::<(), std::convert::Infallible>(())
+        });
+    })
 }
 
 impl Scanner {
-    fn run(mut self) {
-        prefault_stack(THREAD_STACK_RESERVE);
-        self.control.set_cpu_clock_of_current_thread();
-        let fds = [self.stop.as_raw_fd(), self.control.kick().as_raw_fd(), self.timer.as_raw_fd()];
-        loop {
-            match poll_readable(fds, -1) {
-                Ok([true, _, _]) => return,
-                Ok([_, kicked, ticked]) => {
-                    if kicked {
-                        let _ = self.control.kick().read();
-                    }
-                    if ticked {
-                        let _ = self.timer.wait();
-                        self.tick();
-                    }
-                }
-                Err(e) => {
-                    log::error!("page sharing: {e}; the scanner stops");
-                    return;
-                }
-            }
-        }
-    }
-
     /// Scans this tick's share of the rate, within the tick's work budget.
     fn tick(&mut self) {
         let rate = self.control.scan_rate();
