@@ -171,3 +171,10 @@ fn sampling_that_would_starve_the_fault_handler_is_refused() {
 fn a_balloon_size_that_is_not_whole_mib_is_refused() {
     expect_error(&["run", "--balloon", "target=1536K"], "not a whole number of MiB");
 }
+
+#[test]
+fn sharing_options_that_cannot_work_are_refused() {
+    expect_error(&["run", "--share-scan-rate", "99999999"], "more than 4194304 pages per second");
+    expect_error(&["run", "--share-scan-rate", "1000", "--ksm"], "pick one");
+    expect_error(&["run", "--share-scan-rate", "1000", "--no-uffd"], "--share-scan-rate");
+}
