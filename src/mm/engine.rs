@@ -197,8 +197,16 @@ impl Engine {
                     std::mem::forget(held);
                     return;
                 }
-                // Closed before guest RAM is dropped: an `madvise` of registered memory
-                // waits for this very thread to read its remove event.
+                // Unregistered before guest RAM is dropped: an `madvise` of registered memory
+                // would wait for this very thread to read its remove event. (Dropping our
+                // reference is not enough: the sharing scanner and the shared pages hold the
+                // descriptor too, so it stays open.) Unregistering also wakes every faulting
+                // thread, as closing the descriptor would.
+                for s in map_thread.spans() {
+                    if let Err(e) = held.unregister(s.region.hva, s.region.len) {
+                        log::warn!("unregistering guest RAM after the handler stopped: {e}");
+                    }
+                }
                 drop(held);
                 if out_of_memory {
                     drop_guest_memory(&map_thread);

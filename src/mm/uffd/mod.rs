@@ -295,6 +295,22 @@ impl Uffd {
         self.register_mode(hva, len, mode, &[&need[..], if wp { &wp_need[..] } else { &[] }])
     }
 
+    /// Unregisters `[hva, hva + len)`: threads waiting on faults there wake, later faults
+    /// are served as plain memory, and an `madvise` there no longer waits for a remove event
+    /// to be read.
+    ///
+    /// # Errors
+    /// The ioctl failed.
+    pub fn unregister(&self, hva: u64, len: u64) -> Result<(), UffdError> {
+        let mut r = UffdioRange { start: hva, len };
+        // SAFETY: UFFDIO_UNREGISTER reads exactly a struct uffdio_range we own.
+        let ret = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_UNREGISTER(), &mut r) };
+        if ret != 0 {
+            return Err(UffdError::Register { hva, len, source: io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+
     /// Registers `[hva, hva + len)`, a memfd mapping of a shared page, in write-protect mode
     /// only (its pages are always in the file, so nothing there is ever missing).
     pub fn register_wp_only(&self, hva: u64, len: u64) -> Result<(), UffdError> {
