@@ -117,7 +117,6 @@ pub struct Engine {
     rss: RssProbe,
     reclaim: Option<Arc<ReclaimControl>>,
     sharing: Option<Sharing>,
-    sharing_control: Option<Arc<SharingControl>>,
 }
 
 impl Engine {
@@ -162,9 +161,9 @@ impl Engine {
         if let Some(s) = &sharing {
             mm.set_sharing(s.pages.clone());
         }
-        let sharing_control = sharing.as_ref().map(|s| s.control.clone());
-        // From here the handler, the evictor and the handler's thread hold the descriptor:
-        // it closes when all are gone, which wakes every faulting thread.
+        // From here the handler, the evictor, the sharing scanner, the shared pages and the
+        // handler's thread hold the descriptor: it closes when all are gone, which wakes
+        // every faulting thread.
         let held = uffd;
         let reclaim = worker.as_ref().map(|w| w.control.clone());
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
@@ -214,23 +213,12 @@ impl Engine {
             })
             .map_err(UffdError::Setup)?;
         let rss = RssProbe::new(core.map.spans().iter().map(|s| s.region).collect());
-        Ok(Self {
-            core,
-            stop,
-            failed,
-            failure,
-            thread: Some(thread),
-            wp,
-            rss,
-            reclaim,
-            sharing,
-            sharing_control,
-        })
+        Ok(Self { core, stop, failed, failure, thread: Some(thread), wp, rss, reclaim, sharing })
     }
 
     /// The sharing lever, if the kernel can share pages (see `mm::sharing`).
     pub fn sharing(&self) -> Option<&Arc<SharingControl>> {
-        self.sharing_control.as_ref()
+        self.sharing.as_ref().map(|s| &s.control)
     }
 
     /// The reclaim lever, if the engine has stores and the kernel can move pages.

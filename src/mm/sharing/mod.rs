@@ -179,9 +179,13 @@ pub enum SharingError {
 pub enum Unshared {
     /// The page is private and the writer woken.
     Done,
-    /// Not now (a mover holds the page, or the copy said EAGAIN): try again later.
+    /// The page has its fresh memory, and its copy is on the pending list (it said
+    /// EAGAIN): [`SharedPages::retry`] finishes it and wakes the writer.
+    Pending,
+    /// Not now (a mover holds the page): try the fault again later.
     Later,
-    /// The kernel had no memory for the copy: try again later.
+    /// The kernel had no memory (for the fresh mapping: the page stays shared; or for the
+    /// copy: it is on the pending list too): try again later.
     NoMemory,
 }
 
@@ -281,7 +285,7 @@ impl SharedPages {
                 return Ok(Unshared::Done);
             }
             Ok((Resolved::NoMemory, _)) => Ok(Unshared::NoMemory),
-            Ok((Resolved::Retry, _)) => Ok(Unshared::Later),
+            Ok((Resolved::Retry, _)) => Ok(Unshared::Pending),
             Err(source) => Err(SharingError::Copy { idx, source }),
         };
         self.stats.cow_breaks.fetch_sub(1, Ordering::Relaxed);

@@ -10,7 +10,7 @@
 //!   in the memfd), its index entry goes, and the slot is free for reuse;
 //! - the index maps a content hash to a live slot (canonical) or to a guest page seen with
 //!   that hash in this pass of the scanner (a hint, KSM's unstable tree); hints are dropped
-//!   at each new pass and kept to at most [`Pool::hint_capacity`].
+//!   at each new pass and kept to at most the pool's hint capacity.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -86,11 +86,6 @@ impl Pool {
     /// The memfd (mapped privately over shared guest pages).
     pub fn file(&self) -> &File {
         &self.file
-    }
-
-    /// Most hints the index keeps.
-    pub fn hint_capacity(&self) -> usize {
-        self.hint_capacity
     }
 
     /// The content of live slot `slot` (unchanged while the caller holds a reference).
@@ -223,11 +218,6 @@ impl Pool {
     /// Slots in use: host pages backing shared guest pages.
     pub fn live_pages(&self) -> u64 {
         self.lock().live
-    }
-
-    /// Guest pages mapping a slot.
-    pub fn mapped_pages(&self) -> u64 {
-        self.lock().of_page.len() as u64
     }
 
     /// Bytes of metadata: per slot, per shared page, per index entry.

@@ -351,10 +351,7 @@ impl FaultHandler {
         let result = sharing.unshare(&self.core.table, idx, page, &mut self.pending_unshare);
         match result.map_err(|e| UffdError::Sharing(e.into()))? {
             // A copy left pending wakes the writer when it succeeds.
-            Unshared::Done => Ok(Step::Done),
-            Unshared::Later if self.pending_unshare.iter().any(|&(i, _)| i == idx) => {
-                Ok(Step::Done)
-            }
+            Unshared::Done | Unshared::Pending => Ok(Step::Done),
             Unshared::Later => Ok(Step::Retry),
             Unshared::NoMemory => Ok(Step::NoMemory),
         }
