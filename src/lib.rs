@@ -11,6 +11,7 @@
 //! | [`boot`] | kernels and payloads placed in guest memory, the kernel command line |
 //! | [`devices`] | what the guest talks to: buses, UART, i8042, virtio-mmio, the balloon |
 //! | [`mm`] | the overcommit engine: page states, userfaultfd, Active memory |
+//! | [`host`] | `ebb host`: many VM processes under one budget, the memory states, policies, `ebb top` |
 //! | [`api`] | the control socket and its client |
 //! | [`metrics`] | the `--stats-json` writer |
 //! | [`accel`] | which accelerator backs `/dev/kvm` |
@@ -24,6 +25,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod devices;
+pub mod host;
 pub mod metrics;
 pub mod mm;
 pub mod units;

@@ -34,8 +34,52 @@ struct Cli {
 enum Command {
     /// Boot a VM: a Linux kernel, a firmware payload, or (with neither) the built-in `hello`.
     Run(Box<RunArgs>),
-    /// Talk to a running VM through its control socket.
+    /// Talk to a running VM, or a host, through its control socket.
     Ctl(CtlArgs),
+    /// Run many VMs under one memory budget: each VM its own `ebb run` process, steered
+    /// by the memory states and a policy.
+    Host(HostArgs),
+    /// A live view of a running host (q quits).
+    Top(TopArgs),
+}
+
+#[derive(Args)]
+struct HostArgs {
+    /// The host's description (TOML): budget, policy, [[vm]] tables.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Memory the VMs may consume together, e.g. 768M or 8G (overrides the file's).
+    #[arg(long, value_name = "SIZE")]
+    budget: Option<String>,
+    /// A VM as an inline TOML table (repeatable), e.g.
+    /// '{name = "a", memory = "512M", firmware = "touch"}'.
+    #[arg(long = "vm", value_name = "TABLE")]
+    vms: Vec<String>,
+    /// The reclamation policy.
+    #[arg(long, value_name = "NAME")]
+    policy: Option<String>,
+    /// Milliseconds between policy ticks (overrides the file's; default 1000).
+    #[arg(long, value_name = "MS")]
+    tick_ms: Option<u64>,
+    /// Listen for control requests (JSON lines) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Write the host and every VM as one JSON line per tick to this file.
+    #[arg(long, value_name = "PATH")]
+    stats_json: Option<PathBuf>,
+    /// Directory for the VMs' control sockets [default: a fresh one in $TMPDIR].
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TopArgs {
+    /// The host's control socket (its --api-sock).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Seconds between refreshes.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    interval: f64,
 }
 
 #[derive(Args)]
@@ -67,6 +111,24 @@ enum CtlRequest {
     Sharing {
         /// Pages per second, or off.
         rate: String,
+    },
+    /// A host's VMs: name, pid, running or how it ended, control socket.
+    Vms,
+    /// A host's report: budget, free, minFree, state, every VM's figures and targets.
+    HostStats,
+    /// A host's report in Prometheus's text format.
+    Metrics,
+    /// Set a host's memory budget (e.g. 512M).
+    Budget {
+        /// Size, e.g. 512M or 2G.
+        size: String,
+    },
+    /// Send a request to one of a host's VMs, e.g. `vm a '{"stats":{}}'`.
+    Vm {
+        /// The VM's name.
+        name: String,
+        /// The request, as JSON.
+        request: String,
     },
 }
 
@@ -267,6 +329,8 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Run(args) => *args,
         Command::Ctl(args) => return ctl(args),
+        Command::Host(args) => return host(args),
+        Command::Top(args) => return top(&args),
     };
     let result = build_config(args).and_then(|c| Ok(ebb::run(&c)?));
     match result {
@@ -354,6 +418,26 @@ fn ctl(args: CtlArgs) -> ExitCode {
         CtlRequest::Sharing { rate } if rate == "off" => {
             serde_json::json!({ "sharing": { "off": true } })
         }
+        CtlRequest::Vms => serde_json::json!({ "vms": {} }),
+        CtlRequest::HostStats => serde_json::json!({ "host_stats": {} }),
+        CtlRequest::Metrics => serde_json::json!({ "metrics": {} }),
+        CtlRequest::Budget { size } => {
+            let mib = |b| {
+                ebb::units::exact_mib(b)
+                    .filter(|&m| m > 0)
+                    .ok_or_else(|| format!("budget {size} is not a whole number of MiB above 0"))
+            };
+            match target_request("budget", size, mib) {
+                Ok(r) => serde_json::json!({ "budget": { "mib": r["budget"]["target_mib"] } }),
+                Err(e) => return usage_error(&e),
+            }
+        }
+        CtlRequest::Vm { name, request } => {
+            match serde_json::from_str::<serde_json::Value>(request) {
+                Ok(r) => serde_json::json!({ "vm": { "name": name, "request": r } }),
+                Err(e) => return usage_error(&format!("the request is not JSON: {e}")),
+            }
+        }
         CtlRequest::Sharing { rate } => match rate.parse::<u64>() {
             Ok(n) => serde_json::json!({ "sharing": { "scan_rate": n } }),
             Err(_) => {
@@ -363,9 +447,13 @@ fn ctl(args: CtlArgs) -> ExitCode {
             }
         },
     };
+    let metrics = matches!(args.request, CtlRequest::Metrics);
     match ebb::api::client::request(&args.api_sock, &request) {
         Ok(reply) => {
-            println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+            match reply.get("text").and_then(serde_json::Value::as_str) {
+                Some(text) if metrics => print!("{text}"),
+                _ => println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default()),
+            }
             if let Some(e) = reply.get("error") {
                 eprintln!("error: {}", e.as_str().unwrap_or_default());
                 return ExitCode::from(1);
@@ -376,5 +464,61 @@ fn ctl(args: CtlArgs) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Prints `e` and its causes as `ebb run` does, and gives status 1.
+fn report_error(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {e}");
+    for cause in e.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    ExitCode::from(1)
+}
+
+/// `ebb host`: load and admit the description, run the VMs, exit as the host's outcome says.
+fn host(args: HostArgs) -> ExitCode {
+    let over = ebb::host::config::HostOverrides {
+        budget: args.budget,
+        policy: args.policy,
+        tick_ms: args.tick_ms,
+        vms: args.vms,
+    };
+    let run = || -> anyhow::Result<ebb::host::HostOutcome> {
+        let config = ebb::host::config::HostConfig::load(args.config.as_deref(), &over)?;
+        let exe = std::env::current_exe()
+            .map_err(|e| anyhow::anyhow!("cannot find the ebb executable to run VMs with: {e}"))?;
+        let opts = ebb::host::HostOptions {
+            config,
+            exe,
+            api_sock: args.api_sock,
+            stats_json: args.stats_json,
+            run_dir: args.run_dir,
+        };
+        Ok(ebb::host::run(&opts)?)
+    };
+    match run() {
+        Ok(outcome) => {
+            if let ebb::host::HostOutcome::Ended(vms) = &outcome {
+                for (name, status) in vms {
+                    let how =
+                        status.map_or_else(|| "still running".into(), ebb::host::child::describe);
+                    eprintln!("vm {name}: {how}");
+                }
+            }
+            ExitCode::from(outcome.exit_status())
+        }
+        Err(e) => report_error(&e),
+    }
+}
+
+/// `ebb top`: the live view until q.
+fn top(args: &TopArgs) -> ExitCode {
+    let Ok(interval) = Duration::try_from_secs_f64(args.interval) else {
+        return usage_error(&format!("--interval {} is not a number of seconds", args.interval));
+    };
+    match ebb::host::top::run(&args.api_sock, interval) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report_error(&anyhow::anyhow!("ebb top: {e}")),
     }
 }

@@ -29,6 +29,18 @@ use crate::metrics::StatsSource;
 use crate::mm::reclaim::ReclaimControl;
 use crate::mm::sharing::SharingControl;
 
+/// Answers one request line of a control socket.
+pub trait Handler: std::fmt::Debug {
+    /// The reply to `line` (always one object; errors are `{"error": ...}`).
+    fn handle(&self, line: &str) -> Value;
+}
+
+impl Handler for ApiContext {
+    fn handle(&self, line: &str) -> Value {
+        ApiContext::handle(self, line)
+    }
+}
+
 /// What requests act on.
 #[derive(Debug)]
 pub struct ApiContext {

@@ -32,7 +32,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ApiContext, MAX_REQUEST_BYTES};
+use super::{ApiContext, Handler, MAX_REQUEST_BYTES};
 
 /// Most clients connected at once.
 pub const MAX_CONNECTIONS: usize = 128;
@@ -162,27 +162,28 @@ impl Conn {
     }
 }
 
-/// Accepts connections and answers requests line by line.
+/// Accepts connections and answers requests line by line, each with `H` (a VM's
+/// [`ApiContext`], or the host's).
 #[derive(Debug)]
-pub struct ApiServer {
+pub struct ApiServer<H: Handler = ApiContext> {
     path: PathBuf,
     /// Device and inode of the socket file this server created, to remove only that.
     created: (u64, u64),
     listener: UnixListener,
     kick: EventFd,
     conns: HashMap<u32, Conn>,
-    ctx: ApiContext,
+    ctx: H,
     /// Clients refused or dropped (too many, too slow, line too long).
     dropped: u64,
 }
 
-impl ApiServer {
+impl<H: Handler> ApiServer<H> {
     /// Listens on `path`, mode 0600.
     ///
     /// # Errors
     /// `AddrInUse` if another process answers on `path`, `AlreadyExists` if something other
     /// than a socket is there, or the error of `bind`.
-    pub fn bind(path: &Path, ctx: ApiContext) -> std::io::Result<Self> {
+    pub fn bind(path: &Path, ctx: H) -> std::io::Result<Self> {
         remove_stale_socket(path)?;
         let listener = {
             // The mode is set by bind from the umask: a tighter one for the call leaves no
@@ -340,7 +341,7 @@ fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     }
 }
 
-impl MutEventSubscriber for ApiServer {
+impl<H: Handler> MutEventSubscriber for ApiServer<H> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             LISTENER => self.accept(ops),
@@ -364,7 +365,7 @@ impl MutEventSubscriber for ApiServer {
     }
 }
 
-impl Drop for ApiServer {
+impl<H: Handler> Drop for ApiServer<H> {
     fn drop(&mut self) {
         // Only our own socket: another VM may have bound this path since (after ours was
         // removed by hand, say).

@@ -69,6 +69,22 @@ impl StopSignals {
     pub fn received(&self) -> Option<i32> {
         self.received
     }
+
+    /// For a caller without an event loop: consumes the notification, if any, and returns
+    /// the stop signal received so far.
+    pub fn take(&mut self) -> Option<i32> {
+        let _ = self.evt.read();
+        let num = RECEIVED.load(Ordering::SeqCst);
+        if num != 0 {
+            self.received = Some(num);
+        }
+        self.received
+    }
+
+    /// The eventfd that turns readable when a stop signal arrives.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.evt.as_raw_fd()
+    }
 }
 
 impl Drop for StopSignals {

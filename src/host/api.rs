@@ -1,0 +1,108 @@
+//! The host's control socket: the same JSON-lines server as a VM's, with the host's requests.
+//!
+//! | request | reply |
+//! |---|---|
+//! | `{"vms": {}}` | `{"vms": [{"name", "pid", "running", "exit", "sock"}]}` |
+//! | `{"host_stats": {}}` | the host's report: budget, free, minFree, state, time in each state, transitions, every VM's figures and targets |
+//! | `{"metrics": {}}` | `{"text": "..."}`: the report in Prometheus's text format |
+//! | `{"budget": {"mib": N}}` | `{"ok": true}`: the new budget (not below the reservations) |
+//! | `{"vm": {"name": "a", "request": {...}}}` | VM `a`'s reply to the request |
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::{json, Value};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::child::{request_with_timeout, REPLY_TIMEOUT};
+use super::supervisor::Shared;
+use crate::api::Handler;
+
+/// What the host's requests act on.
+#[derive(Debug)]
+pub struct HostApi {
+    shared: Arc<Mutex<Shared>>,
+    /// Written when the budget changes, so that the supervisor ticks at once.
+    wake: EventFd,
+}
+
+fn error(msg: impl std::fmt::Display) -> Value {
+    json!({ "error": msg.to_string() })
+}
+
+const VERBS: &str = "vms, host_stats, metrics, budget or vm";
+
+impl HostApi {
+    /// Requests on `shared`; `wake` is written on a budget change.
+    pub fn new(shared: Arc<Mutex<Shared>>, wake: EventFd) -> Self {
+        Self { shared, wake }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn vms(&self) -> Value {
+        let shared = self.lock();
+        let vms: Vec<Value> = (shared.vms.iter().enumerate())
+            .map(|(i, (name, sock, pid))| {
+                // Before the first tick there is no report yet: the VMs are running.
+                let (running, exit) =
+                    shared.report.vms.get(i).map_or((true, None), |v| (v.running, v.exit.clone()));
+                json!({ "name": name, "pid": pid, "running": running, "exit": exit, "sock": sock })
+            })
+            .collect();
+        json!({ "vms": vms })
+    }
+
+    fn budget(&self, args: &Value) -> Value {
+        let Some(mib) = args.get("mib").and_then(Value::as_u64) else {
+            return error("budget needs {\"mib\": N} with N a whole number of MiB");
+        };
+        let Some(bytes) = mib.checked_mul(1 << 20) else {
+            return error(format!("a budget of {mib} MiB is too large"));
+        };
+        match self.lock().set_budget(bytes) {
+            Ok(()) => {
+                let _ = self.wake.write(1);
+                json!({ "ok": true })
+            }
+            Err(e) => error(e),
+        }
+    }
+
+    fn pass_through(&self, args: &Value) -> Value {
+        let (Some(name), Some(request)) =
+            (args.get("name").and_then(Value::as_str), args.get("request"))
+        else {
+            return error("vm needs {\"name\": \"NAME\", \"request\": {...}}");
+        };
+        let sock = self.lock().vms.iter().find(|(n, _, _)| n == name).map(|(_, s, _)| s.clone());
+        let Some(sock) = sock else {
+            return error(format!("no VM named {name:?}"));
+        };
+        request_with_timeout(&sock, request, REPLY_TIMEOUT)
+            .unwrap_or_else(|e| error(format!("vm {name:?}: {e}")))
+    }
+}
+
+impl Handler for HostApi {
+    fn handle(&self, line: &str) -> Value {
+        let request: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => return error(format!("invalid JSON: {e}")),
+        };
+        let Some((verb, args)) =
+            request.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next())
+        else {
+            return error(format!("a request is an object with one key: {VERBS}"));
+        };
+        match verb.as_str() {
+            "vms" => self.vms(),
+            "host_stats" => serde_json::to_value(&self.lock().report).unwrap_or_else(error),
+            "metrics" => json!({ "text": self.lock().report.prometheus() }),
+            "budget" => self.budget(args),
+            "vm" => self.pass_through(args),
+            other => error(format!("unknown request {other:?}: use {VERBS}")),
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! One VM's process: `ebb run` spawned from a [`VmSpec`], its control socket, its exit.
+//!
+//! Each child is put in its own process group (a terminal's Ctrl-C reaches the host, which
+//! stops the children in order) and asks the kernel for `SIGKILL` when the host dies
+//! (`PR_SET_PDEATHSIG`), so that a host killed with `kill -9` leaves no VM behind. The
+//! death signal fires when the *thread* that forked exits, so children are spawned from the
+//! host's main thread, which lives as long as the host.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::config::VmSpec;
+
+/// How long a child's control socket may take to appear.
+pub const SOCKET_WAIT: Duration = Duration::from_secs(20);
+/// How long the host waits for one reply from a child.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Errors starting or talking to a child.
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    /// `ebb run` could not be started.
+    #[error("cannot start vm {name:?}: {source}")]
+    Spawn {
+        /// The VM.
+        name: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The child ended before its control socket answered.
+    #[error("vm {name:?} ended before its control socket came up ({status})")]
+    EndedEarly {
+        /// The VM.
+        name: String,
+        /// How it ended.
+        status: String,
+    },
+    /// The control socket did not come up in time.
+    #[error("vm {name:?}: no control socket at {path} after {secs} s")]
+    NoSocket {
+        /// The VM.
+        name: String,
+        /// The socket.
+        path: PathBuf,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// A request failed.
+    #[error("vm {name:?}: {msg}")]
+    Request {
+        /// The VM.
+        name: String,
+        /// What went wrong.
+        msg: String,
+    },
+}
+
+/// A running (or ended) VM process.
+#[derive(Debug)]
+pub struct VmProcess {
+    /// The VM's name.
+    pub name: String,
+    /// Its control socket.
+    pub sock: PathBuf,
+    child: Child,
+    exit: Option<ExitStatus>,
+}
+
+/// `status` as a person reads it: `exit status 3` or `killed by signal 9`.
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => status.to_string(),
+    }
+}
+
+/// The `ebb run` arguments for `vm`, with its socket at `sock`.
+pub fn run_args(vm: &VmSpec, sock: &Path) -> Vec<String> {
+    let e = &vm.entry;
+    let mut a: Vec<String> =
+        vec!["run".into(), "--mem".into(), format!("{}M", vm.memory_bytes >> 20)];
+    a.extend(["--api-sock".into(), sock.display().to_string()]);
+    let mut opt = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            a.push(k.into());
+            a.push(v);
+        }
+    };
+    opt("--vcpus", e.vcpus.map(|n| n.to_string()));
+    opt("--kernel", e.kernel.as_ref().map(|p| p.display().to_string()));
+    opt("--initrd", e.initrd.as_ref().map(|p| p.display().to_string()));
+    opt("--cmdline", e.cmdline.clone());
+    opt("--firmware", e.firmware.clone());
+    opt("--firmware-blob", e.firmware_blob.as_ref().map(|p| p.display().to_string()));
+    opt("--serial-log", e.serial_log.as_ref().map(|p| p.display().to_string()));
+    for fa in &e.firmware_args {
+        a.extend(["--firmware-arg".into(), fa.clone()]);
+    }
+    if let Some(b) = &vm.balloon {
+        a.push(format!("--balloon={b}"));
+    }
+    a.extend(e.args.iter().cloned());
+    a
+}
+
+impl VmProcess {
+    /// Starts `exe run ...` for `vm` with its socket in `dir`, and waits for the socket.
+    ///
+    /// # Errors
+    /// The process cannot start, ends first, or its socket does not come up.
+    pub fn spawn(exe: &Path, vm: &VmSpec, dir: &Path) -> Result<Self, ChildError> {
+        let name = vm.entry.name.clone();
+        let sock = dir.join(format!("{name}.sock"));
+        let parent = std::process::id();
+        let mut cmd = Command::new(exe);
+        cmd.args(run_args(vm, &sock)).stdin(Stdio::null()).stdout(Stdio::null());
+        // SAFETY: the closure runs in the child between fork and exec and calls only
+        // async-signal-safe functions (prctl, getppid, setpgid, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The host may have died before the prctl: then no signal would come.
+                if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                    libc::_exit(1);
+                }
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        let child =
+            cmd.spawn().map_err(|source| ChildError::Spawn { name: name.clone(), source })?;
+        let mut p = Self { name, sock, child, exit: None };
+        p.wait_for_socket()?;
+        Ok(p)
+    }
+
+    fn wait_for_socket(&mut self) -> Result<(), ChildError> {
+        let start = Instant::now();
+        loop {
+            if UnixStream::connect(&self.sock).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.poll_exit() {
+                return Err(ChildError::EndedEarly {
+                    name: self.name.clone(),
+                    status: describe(status),
+                });
+            }
+            if start.elapsed() > SOCKET_WAIT {
+                self.kill();
+                return Err(ChildError::NoSocket {
+                    name: self.name.clone(),
+                    path: self.sock.clone(),
+                    secs: SOCKET_WAIT.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// How it ended, if it has (reaps it).
+    pub fn poll_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    /// How it ended, as last reaped by [`poll_exit`](Self::poll_exit).
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exit
+    }
+
+    /// Sends `sig` to the process unless it has been reaped.
+    pub fn signal(&mut self, sig: i32) {
+        if self.poll_exit().is_none() {
+            let pid = libc::pid_t::try_from(self.child.id()).unwrap_or(0);
+            if pid > 0 {
+                // SAFETY: kill(2) on our own unreaped child: the pid cannot have been reused.
+                unsafe { libc::kill(pid, sig) };
+            }
+        }
+    }
+
+    /// Kills the process and reaps it.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        if self.exit.is_none() {
+            self.exit = self.child.wait().ok();
+        }
+    }
+
+    /// Asks it to stop (SIGTERM), waits up to `grace`, then kills it.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let start = Instant::now();
+        while self.poll_exit().is_none() && start.elapsed() < grace {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.exit.is_none() {
+            log::warn!(
+                "vm {}: still running {} s after SIGTERM: killed",
+                self.name,
+                grace.as_secs()
+            );
+            self.kill();
+        }
+        self.exit
+    }
+
+    /// Sends one request and returns the reply (an `{"error": ...}` reply is an error).
+    ///
+    /// # Errors
+    /// The socket fails, times out, or the VM answers with an error.
+    pub fn request(&self, req: &Value) -> Result<Value, ChildError> {
+        let fail = |msg: String| ChildError::Request { name: self.name.clone(), msg };
+        let reply = request_with_timeout(&self.sock, req, REPLY_TIMEOUT)
+            .map_err(|e| fail(e.to_string()))?;
+        match reply.get("error").and_then(Value::as_str) {
+            Some(e) => Err(fail(format!("{req} refused: {e}"))),
+            None => Ok(reply),
+        }
+    }
+}
+
+/// One request over a fresh connection, reads and writes bounded by `timeout`.
+///
+/// # Errors
+/// The socket fails or times out, or the reply is not JSON.
+pub fn request_with_timeout(path: &Path, req: &Value, timeout: Duration) -> std::io::Result<Value> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(format!("{req}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(stream).take(1 << 20).read_line(&mut line)?;
+    serde_json::from_str(line.trim())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,225 @@
+//! `ebb host`: many VMs under one memory budget. Each VM is its own `ebb run` process; the
+//! host owns the budget, the minFree state machine and the policy, and steers the VMs
+//! through their control sockets (balloon target, reclaim target, sharing scan rate).
+//!
+//! | file | owns |
+//! |---|---|
+//! | `config.rs` | the TOML description, its checks, admission against the budget |
+//! | `pressure.rs` | minFree and the memory states (a pure transition function) |
+//! | `policy/` | the [`Policy`](policy::Policy) trait and the policies |
+//! | `child.rs` | one VM process: spawn, socket, signals, exit |
+//! | `supervisor.rs` | the tick: read the VMs, pick the state, ask the policy, move levers |
+//! | `report.rs` | the report per tick, and its Prometheus form |
+//! | `api.rs` | the host's control socket |
+//! | `top.rs` | `ebb top`, the live terminal view |
+//!
+//! Mechanisms stay in the VM processes and decisions here: the host never touches guest
+//! memory, and a VM's crash ends only that VM (the host reports it).
+
+pub mod api;
+pub mod child;
+pub mod config;
+pub mod policy;
+pub mod pressure;
+pub mod report;
+pub mod supervisor;
+pub mod top;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::server::ApiServer;
+use crate::vmm::signals::StopSignals;
+use config::HostConfig;
+use supervisor::Supervisor;
+
+/// How long VMs get to stop after SIGTERM before they are killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Errors of the host.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The policy name is unknown.
+    #[error("unknown policy {0:?}")]
+    Policy(String),
+    /// The run directory could not be made.
+    #[error("cannot create the run directory {path}: {source}")]
+    RunDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A VM could not start.
+    #[error(transparent)]
+    Child(#[from] child::ChildError),
+    /// Setting up signals, the socket or the statistics file failed.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// How to run a host.
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// The VMs, budget and policy.
+    pub config: HostConfig,
+    /// The `ebb` executable the VMs run.
+    pub exe: PathBuf,
+    /// The host's control socket.
+    pub api_sock: Option<PathBuf>,
+    /// One JSON line per tick.
+    pub stats_json: Option<PathBuf>,
+    /// Where the VMs' control sockets go (default: a fresh directory in the temp dir).
+    pub run_dir: Option<PathBuf>,
+}
+
+/// How a host ended.
+#[derive(Debug)]
+pub enum HostOutcome {
+    /// Every VM ended on its own: each one's name and status.
+    Ended(Vec<(String, Option<std::process::ExitStatus>)>),
+    /// A signal stopped the host (and its VMs).
+    Stopped(i32),
+}
+
+impl HostOutcome {
+    /// The host's exit status: 0 when every VM exited 0, 128 + the signal when one stopped
+    /// it, 1 otherwise.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            HostOutcome::Ended(v) if v.iter().all(|(_, s)| s.is_some_and(|s| s.success())) => 0,
+            HostOutcome::Ended(_) => 1,
+            HostOutcome::Stopped(sig) => u8::try_from(128 + sig).unwrap_or(1),
+        }
+    }
+}
+
+fn setup(what: &str) -> impl FnOnce(std::io::Error) -> HostError + '_ {
+    move |source| HostError::Setup { what: what.into(), source }
+}
+
+/// A directory removed on drop if this host created it.
+#[derive(Debug)]
+struct RunDir {
+    path: PathBuf,
+    created: bool,
+}
+
+impl RunDir {
+    fn new(given: Option<PathBuf>) -> Result<Self, HostError> {
+        let (path, created) = match given {
+            Some(p) => (p, false),
+            None => (std::env::temp_dir().join(format!("ebb-host-{}", std::process::id())), true),
+        };
+        if created {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&path)
+                .map_err(|source| HostError::RunDir { path: path.clone(), source })?;
+        }
+        Ok(Self { path, created })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Serves the host's socket on a thread until the returned flag is set.
+fn serve_api(
+    path: &std::path::Path,
+    handler: api::HostApi,
+) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>), HostError> {
+    let server = ApiServer::bind(path, handler).map_err(setup("host control socket"))?;
+    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| HostError::Setup {
+            what: "host event loop".into(),
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
+    events.add_subscriber(Arc::new(Mutex::new(server)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let handle = std::thread::Builder::new()
+        .name("ebb-host-api".into())
+        .spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                if let Err(e) = events.run_with_timeout(100) {
+                    log::error!("host control socket: {e:?}");
+                    return;
+                }
+            }
+        })
+        .map_err(setup("host control socket thread"))?;
+    Ok((stop, handle))
+}
+
+/// Runs the host until every VM ends or a signal stops it.
+///
+/// # Errors
+/// Setup fails or a VM cannot start (those started are stopped).
+pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
+    let mut signals = StopSignals::install().map_err(setup("signal handlers"))?;
+    let policy = policy::by_name(&opts.config.policy, opts.config.tax_percent)
+        .ok_or_else(|| HostError::Policy(opts.config.policy.clone()))?;
+    let dir = RunDir::new(opts.run_dir.clone())?;
+    let mut stats = match &opts.stats_json {
+        Some(p) => {
+            Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(setup("--stats-json"))?))
+        }
+        None => None,
+    };
+    let mut sup = Supervisor::start(&opts.config, &opts.exe, &dir.path, policy)?;
+    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("eventfd"))?;
+    let api = match &opts.api_sock {
+        Some(path) => {
+            let h = api::HostApi::new(sup.shared(), wake.try_clone().map_err(setup("eventfd"))?);
+            Some(serve_api(path, h)?)
+        }
+        None => None,
+    };
+    let stop_fd = signals.fd();
+    let stopped = sup.run(
+        &wake,
+        || signals.take(),
+        stop_fd,
+        |report| {
+            if let Some(out) = &mut stats {
+                let line = serde_json::to_string(report).unwrap_or_default();
+                if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                    log::warn!("writing host statistics: {e}");
+                }
+            }
+        },
+    );
+    let outcome = match stopped {
+        Some(sig) => {
+            log::info!("signal {sig}: stopping every VM");
+            sup.stop_all(STOP_GRACE);
+            HostOutcome::Stopped(sig)
+        }
+        None => HostOutcome::Ended(sup.exits()),
+    };
+    if let Some((flag, handle)) = api {
+        flag.store(true, Ordering::Relaxed);
+        let _ = handle.join();
+    }
+    drop(sup);
+    drop(dir);
+    Ok(outcome)
+}

@@ -1,0 +1,205 @@
+//! ESX's policy: every VM's target from its shares with the idle memory tax, bounded by its
+//! reservation and limit; the memory state picks the reclaimers that bring VMs to target.
+//!
+//! | state | what it does |
+//! |---|---|
+//! | High | shares pages in the background; deflates balloons, stops reclaim |
+//! | Clear | shares pages faster; holds balloons and reclaim where they are |
+//! | Soft | balloons VMs over target (compresses those without a balloon driver) |
+//! | Hard, Low | balloons and compresses/swaps VMs over target |
+//!
+//! Targets aim to leave [`GOAL_FREE_PERCENT`] of minFree free, which is past Soft's exit,
+//! so that reclaim that meets its targets lifts the host out of Soft. A VM above its limit
+//! is reclaimed to it in every state.
+
+use std::collections::HashMap;
+
+use super::shares::{self, Claim};
+use super::{Policy, Snapshot, VmAction, VmView};
+use crate::host::pressure::MemState;
+
+/// Sharing scan rate in High: pages per second per VM, a background trickle.
+pub const BACKGROUND_SCAN_RATE: u64 = 1000;
+/// Sharing scan rate from Clear down: pages per second per VM.
+pub const ACTIVE_SCAN_RATE: u64 = 10_000;
+/// Free memory the targets leave, in percent of minFree.
+pub const GOAL_FREE_PERCENT: u64 = 125;
+
+/// ESX's policy, remembering what it last asked of each VM (Clear holds it).
+#[derive(Debug, Default)]
+pub struct Esx {
+    tax_percent: u8,
+    last: HashMap<String, VmAction>,
+}
+
+impl Esx {
+    /// The policy with an idle memory tax of `tax_percent` (below 100).
+    pub fn new(tax_percent: u8) -> Self {
+        Self { tax_percent: tax_percent.min(99), last: HashMap::new() }
+    }
+
+    fn act(&self, vm: &VmView, target: u64, state: MemState) -> VmAction {
+        let held = self.last.get(&vm.name).cloned().unwrap_or_default();
+        let over = vm.consumed_bytes.saturating_sub(target);
+        // What is not resident (cache slabs, pool pages) counts against the target too.
+        let overhead = vm.consumed_bytes.saturating_sub(vm.resident_bytes);
+        let resident_goal = target.saturating_sub(overhead);
+        let balloon_room = vm.configured_bytes.saturating_sub(vm.reservation_bytes);
+        let balloon_more = (vm.ballooned_bytes + over).min(balloon_room);
+        let mut action = VmAction {
+            target_bytes: target,
+            share_scan_rate: if state == MemState::High {
+                BACKGROUND_SCAN_RATE
+            } else {
+                ACTIVE_SCAN_RATE
+            },
+            ..held.clone()
+        };
+        match state {
+            MemState::High => {
+                action.balloon_bytes = 0;
+                action.reclaim_target_bytes = None;
+            }
+            MemState::Clear => {}
+            _ if over == 0 => {}
+            MemState::Soft if vm.balloon_ready => action.balloon_bytes = balloon_more,
+            MemState::Soft => action.reclaim_target_bytes = Some(resident_goal),
+            MemState::Hard | MemState::Low => {
+                if vm.balloon_ready {
+                    action.balloon_bytes = balloon_more;
+                }
+                action.reclaim_target_bytes = Some(resident_goal);
+            }
+        }
+        if vm.consumed_bytes > vm.limit_bytes {
+            let at_limit = vm.limit_bytes.saturating_sub(overhead);
+            action.reclaim_target_bytes =
+                Some(action.reclaim_target_bytes.map_or(at_limit, |t| t.min(at_limit)));
+        }
+        action
+    }
+}
+
+impl Policy for Esx {
+    fn name(&self) -> &'static str {
+        "esx"
+    }
+
+    fn decide(&mut self, snap: &Snapshot) -> Vec<VmAction> {
+        let goal_free = snap.host.min_free_bytes.saturating_mul(GOAL_FREE_PERCENT) / 100;
+        let available = snap.host.budget_bytes.saturating_sub(goal_free);
+        let claims: Vec<Claim> = snap
+            .vms
+            .iter()
+            .map(|v| Claim {
+                consumed: v.consumed_bytes,
+                active: v.active_bytes,
+                reservation: v.reservation_bytes,
+                limit: v.limit_bytes,
+                shares: v.shares,
+            })
+            .collect();
+        let targets = shares::targets(&claims, available, self.tax_percent);
+        let actions: Vec<VmAction> = (snap.vms.iter().zip(targets))
+            .map(|(vm, target)| self.act(vm, target, snap.host.state))
+            .collect();
+        self.last =
+            snap.vms.iter().zip(&actions).map(|(v, a)| (v.name.clone(), a.clone())).collect();
+        actions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::policy::HostView;
+
+    const MIB: u64 = 1 << 20;
+
+    fn vm(name: &str, consumed_mib: u64, balloon_ready: bool) -> VmView {
+        VmView {
+            name: name.into(),
+            configured_bytes: 1024 * MIB,
+            consumed_bytes: consumed_mib * MIB,
+            resident_bytes: consumed_mib * MIB,
+            limit_bytes: 1024 * MIB,
+            shares: 5120,
+            balloon_ready,
+            ..Default::default()
+        }
+    }
+
+    fn snap(state: MemState, vms: Vec<VmView>) -> Snapshot {
+        Snapshot {
+            host: HostView {
+                budget_bytes: 1000 * MIB,
+                free_bytes: 0,
+                min_free_bytes: 80 * MIB,
+                state,
+                // 1000 - 125% of 80 = 900 MiB available to the VMs.
+            },
+            vms,
+        }
+    }
+
+    #[test]
+    fn high_shares_in_the_background_and_reclaims_nothing() {
+        let a = Esx::new(75).decide(&snap(MemState::High, vec![vm("a", 500, true)]));
+        assert_eq!(a[0].share_scan_rate, BACKGROUND_SCAN_RATE);
+        assert_eq!((a[0].balloon_bytes, a[0].reclaim_target_bytes), (0, None));
+    }
+
+    #[test]
+    fn soft_balloons_a_vm_with_a_driver_and_compresses_one_without() {
+        let vms = vec![vm("a", 500, true), vm("b", 500, false)];
+        let a = Esx::new(75).decide(&snap(MemState::Soft, vms));
+        // 1000 MiB held, 900 available, equal and idle: 450 each, 50 over.
+        assert_eq!(a[0].target_bytes, 450 * MIB);
+        assert_eq!((a[0].balloon_bytes, a[0].reclaim_target_bytes), (50 * MIB, None));
+        assert_eq!((a[1].balloon_bytes, a[1].reclaim_target_bytes), (0, Some(450 * MIB)));
+        assert_eq!(a[1].share_scan_rate, ACTIVE_SCAN_RATE);
+    }
+
+    #[test]
+    fn hard_balloons_and_compresses() {
+        let a = Esx::new(75).decide(&snap(MemState::Hard, vec![vm("a", 1000, true)]));
+        assert_eq!(a[0].balloon_bytes, 100 * MIB);
+        assert_eq!(a[0].reclaim_target_bytes, Some(900 * MIB));
+    }
+
+    #[test]
+    fn clear_holds_what_soft_asked_and_high_lets_go() {
+        let mut p = Esx::new(75);
+        p.decide(&snap(MemState::Soft, vec![vm("b", 1000, false)]));
+        let held = p.decide(&snap(MemState::Clear, vec![vm("b", 900, false)]));
+        assert_eq!(held[0].reclaim_target_bytes, Some(900 * MIB));
+        let released = p.decide(&snap(MemState::High, vec![vm("b", 900, false)]));
+        assert_eq!(released[0].reclaim_target_bytes, None);
+    }
+
+    #[test]
+    fn the_resident_goal_leaves_room_for_the_cache() {
+        let mut b = vm("b", 1000, false);
+        b.resident_bytes = 960 * MIB; // 40 MiB of compression cache
+        let a = Esx::new(75).decide(&snap(MemState::Hard, vec![b]));
+        assert_eq!(a[0].reclaim_target_bytes, Some(860 * MIB));
+    }
+
+    #[test]
+    fn a_vm_over_its_limit_is_reclaimed_even_in_high() {
+        let mut v = vm("a", 500, false);
+        v.limit_bytes = 256 * MIB;
+        let a = Esx::new(75).decide(&snap(MemState::High, vec![v]));
+        assert_eq!(a[0].reclaim_target_bytes, Some(256 * MIB));
+    }
+
+    #[test]
+    fn the_balloon_never_reaches_into_the_reservation() {
+        let mut v = vm("a", 1000, true);
+        v.configured_bytes = 1000 * MIB;
+        v.reservation_bytes = 950 * MIB;
+        let a = Esx::new(75).decide(&snap(MemState::Soft, vec![v]));
+        assert_eq!(a[0].target_bytes, 950 * MIB);
+        assert_eq!(a[0].balloon_bytes, 50 * MIB);
+    }
+}

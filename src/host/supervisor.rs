@@ -1,0 +1,437 @@
+//! The host's loop, on its main thread: every tick it reaps ended VMs, reads every running
+//! VM's statistics over its control socket, works out free memory and the state, asks the
+//! policy, moves the levers that changed, and publishes the report.
+//!
+//! Invariants: the supervisor alone moves a VM's levers (what it last sent is in
+//! [`Slot::sent`], so a lever is sent only when the policy changes it); the budget changes
+//! only through [`Shared::set_budget`], which refuses a budget below the reservations.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::child::{describe, VmProcess};
+use super::config::{HostConfig, VmSpec};
+use super::policy::{HostView, Policy, Snapshot, VmAction, VmView};
+use super::pressure::{min_free_bytes, MemState, DEFAULT_THRESHOLDS};
+use super::report::{HostReport, VmReport};
+use crate::mm::thread::ThreadClock;
+use crate::units::PAGE_SIZE;
+
+/// Host memory kept out of `free` beyond what `MemAvailable` says (other processes' room).
+pub const HOST_MARGIN_BYTES: u64 = 64 << 20;
+
+/// What the supervisor and the host's control socket share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The budget, bytes.
+    budget_bytes: u64,
+    /// Sum of the reservations: the budget may not go below it.
+    reserved_bytes: u64,
+    /// The last report.
+    pub report: HostReport,
+    /// Each VM's name, control socket and process id, in start order.
+    pub vms: Vec<(String, std::path::PathBuf, u32)>,
+}
+
+impl Shared {
+    /// The budget, bytes.
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget_bytes
+    }
+
+    /// Sets the budget.
+    ///
+    /// # Errors
+    /// A budget below the reservations, with the figures.
+    pub fn set_budget(&mut self, bytes: u64) -> Result<(), String> {
+        if bytes == 0 || bytes < self.reserved_bytes {
+            return Err(format!(
+                "a budget of {} MiB is below the VMs' reservations ({} MiB)",
+                bytes >> 20,
+                self.reserved_bytes >> 20
+            ));
+        }
+        self.budget_bytes = bytes;
+        Ok(())
+    }
+}
+
+/// One VM as the supervisor keeps it.
+#[derive(Debug)]
+struct Slot {
+    spec: VmSpec,
+    proc: VmProcess,
+    view: VmView,
+    /// Counters at the last tick, for rates: (faults, refaults, when).
+    last_counts: Option<(u64, u64, Instant)>,
+    refaults: u64,
+    progress: Option<u64>,
+    saved: u64,
+    /// What was last sent (None: nothing yet).
+    sent: Option<VmAction>,
+    /// The last lever error, logged once.
+    last_error: Option<String>,
+    /// Its end was logged.
+    exit_logged: bool,
+}
+
+/// The host: its VMs, policy, state and clock.
+#[derive(Debug)]
+pub struct Supervisor {
+    slots: Vec<Slot>,
+    policy: Box<dyn Policy>,
+    shared: Arc<Mutex<Shared>>,
+    state: MemState,
+    state_since: Instant,
+    state_ms: [u64; 5],
+    transitions: u64,
+    ticks: u64,
+    start: Instant,
+    clock: ThreadClock,
+    tick: Duration,
+}
+
+fn field(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// `MemAvailable` of `/proc/meminfo`, bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+impl Supervisor {
+    /// Starts every VM of `config` (`exe run ...`, sockets in `dir`) in order.
+    ///
+    /// # Errors
+    /// A VM that cannot start; the ones started before it are stopped.
+    pub fn start(
+        config: &HostConfig,
+        exe: &Path,
+        dir: &Path,
+        policy: Box<dyn Policy>,
+    ) -> Result<Self, super::child::ChildError> {
+        let mut slots = Vec::new();
+        for spec in &config.vms {
+            let proc = VmProcess::spawn(exe, spec, dir)?; // dropping `slots` kills the others
+            log::info!("vm {}: started, pid {}", spec.entry.name, proc.pid());
+            slots.push(Slot {
+                spec: spec.clone(),
+                proc,
+                view: VmView::default(),
+                last_counts: None,
+                refaults: 0,
+                progress: None,
+                saved: 0,
+                sent: None,
+                last_error: None,
+                exit_logged: false,
+            });
+        }
+        let shared = Shared {
+            budget_bytes: config.budget_bytes,
+            reserved_bytes: config.vms.iter().map(|v| v.reservation_bytes).sum(),
+            report: HostReport::default(),
+            vms: slots
+                .iter()
+                .map(|s| (s.spec.entry.name.clone(), s.proc.sock.clone(), s.proc.pid()))
+                .collect(),
+        };
+        let clock = ThreadClock::default();
+        clock.start_here();
+        Ok(Self {
+            slots,
+            policy,
+            shared: Arc::new(Mutex::new(shared)),
+            state: MemState::High,
+            state_since: Instant::now(),
+            state_ms: [0; 5],
+            transitions: 0,
+            ticks: 0,
+            start: Instant::now(),
+            clock,
+            tick: config.tick,
+        })
+    }
+
+    /// What the control socket shares with the loop.
+    pub fn shared(&self) -> Arc<Mutex<Shared>> {
+        Arc::clone(&self.shared)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs ticks until every VM has ended or `stop` reports a signal; `wake` cuts a tick's
+    /// wait short (a budget change). Returns the signal, if one stopped it.
+    pub fn run(
+        &mut self,
+        wake: &EventFd,
+        mut stop: impl FnMut() -> Option<i32>,
+        stop_fd: std::os::fd::RawFd,
+        mut on_report: impl FnMut(&HostReport),
+    ) -> Option<i32> {
+        loop {
+            if let Some(sig) = stop() {
+                return Some(sig);
+            }
+            let report = self.tick_once();
+            on_report(&report);
+            if self.slots.iter_mut().all(|s| s.proc.poll_exit().is_some()) {
+                return None;
+            }
+            let wait_ms = i32::try_from(self.tick.as_millis()).unwrap_or(i32::MAX);
+            let fds = [std::os::fd::AsRawFd::as_raw_fd(wake), stop_fd];
+            if let Ok([true, _]) = crate::mm::sys::poll_readable(fds, wait_ms) {
+                let _ = wake.read();
+            }
+        }
+    }
+
+    /// One tick: returns the report it published.
+    pub fn tick_once(&mut self) -> HostReport {
+        let cpu_before = self.clock.ns();
+        self.reap();
+        for i in 0..self.slots.len() {
+            if self.slots[i].proc.poll_exit().is_none() {
+                self.poll(i);
+            }
+        }
+        let budget = self.lock().budget_bytes;
+        let running: Vec<usize> =
+            (0..self.slots.len()).filter(|&i| self.slots[i].proc.poll_exit().is_none()).collect();
+        let used: u64 = running.iter().map(|&i| self.slots[i].view.consumed_bytes).sum();
+        let min_free = min_free_bytes(budget);
+        let free = free_bytes(budget, used, mem_available());
+        self.enter(DEFAULT_THRESHOLDS.next(self.state, free, min_free));
+        let snap = Snapshot {
+            host: HostView {
+                budget_bytes: budget,
+                free_bytes: free,
+                min_free_bytes: min_free,
+                state: self.state,
+            },
+            vms: running.iter().map(|&i| self.slots[i].view.clone()).collect(),
+        };
+        let actions = self.policy.decide(&snap);
+        for (&i, action) in running.iter().zip(actions) {
+            self.apply(i, action);
+        }
+        self.ticks += 1;
+        let tick_cpu_us = self.clock.ns().saturating_sub(cpu_before) / 1000;
+        let report = self.report(&snap.host, tick_cpu_us);
+        self.lock().report = report.clone();
+        report
+    }
+
+    fn enter(&mut self, next: MemState) {
+        let now = Instant::now();
+        let ms =
+            u64::try_from(now.duration_since(self.state_since).as_millis()).unwrap_or(u64::MAX);
+        self.state_ms[self.state.index()] += ms;
+        self.state_since = now;
+        if next != self.state {
+            log::info!("memory state {} -> {next}", self.state);
+            self.transitions += 1;
+            self.state = next;
+        }
+    }
+
+    fn reap(&mut self) {
+        for s in &mut self.slots {
+            let Some(status) = s.proc.poll_exit() else { continue };
+            if std::mem::replace(&mut s.exit_logged, true) {
+                continue;
+            }
+            let how = describe(status);
+            if status.success() {
+                log::info!("vm {}: ended ({how})", s.spec.entry.name);
+            } else {
+                log::warn!("vm {}: ended ({how})", s.spec.entry.name);
+            }
+        }
+    }
+
+    /// Reads VM `i`'s statistics into its view.
+    fn poll(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        let stats = match s.proc.request(&json!({ "stats": {} })) {
+            Ok(v) => v,
+            Err(e) => {
+                log::debug!("{e}");
+                return;
+            }
+        };
+        let balloon_ready = s.spec.balloon.is_some()
+            && s.proc
+                .request(&json!({ "balloon_stats": {} }))
+                .ok()
+                .and_then(|b| b.get("driver_ready").and_then(Value::as_bool))
+                == Some(true);
+        let now = Instant::now();
+        let faults = field(&stats, "faults");
+        let refaults = field(&stats, "refaults");
+        let (fault_rate, refault_rate) = match s.last_counts {
+            Some((f0, r0, t0)) => {
+                let dt = now.duration_since(t0).as_secs_f64().max(1e-3);
+                (faults.saturating_sub(f0) as f64 / dt, refaults.saturating_sub(r0) as f64 / dt)
+            }
+            None => (0.0, 0.0),
+        };
+        s.last_counts = Some((faults, refaults, now));
+        s.refaults = refaults;
+        s.progress = stats.get("guest_progress").and_then(Value::as_u64);
+        s.saved =
+            field(&stats, "sharing_saved_bytes") + field(&stats, "zero_pages_shared") * PAGE_SIZE;
+        s.view = VmView {
+            name: s.spec.entry.name.clone(),
+            configured_bytes: s.spec.memory_bytes,
+            consumed_bytes: field(&stats, "consumed_bytes") + field(&stats, "metadata_bytes"),
+            resident_bytes: field(&stats, "resident_bytes"),
+            active_bytes: field(&stats, "active_bytes"),
+            shared_bytes: field(&stats, "shared_bytes"),
+            ballooned_bytes: field(&stats, "ballooned_bytes"),
+            compressed_bytes: field(&stats, "zcache_pages") * PAGE_SIZE,
+            swapped_bytes: field(&stats, "swapped_bytes"),
+            reservation_bytes: s.spec.reservation_bytes,
+            limit_bytes: s.spec.limit_bytes,
+            shares: s.spec.shares,
+            balloon_ready,
+            fault_rate,
+            refault_rate,
+        };
+    }
+
+    /// Moves VM `i`'s levers where `action` differs from what was sent.
+    fn apply(&mut self, i: usize, action: VmAction) {
+        let s = &mut self.slots[i];
+        let sent = s.sent.clone();
+        let mut requests = Vec::new();
+        let changed =
+            |f: fn(&VmAction) -> Value| sent.as_ref().is_none_or(|old| f(old) != f(&action));
+        if s.spec.balloon.is_some() && changed(|a| json!(a.balloon_bytes >> 20)) {
+            requests.push(json!({ "balloon": { "target_mib": action.balloon_bytes >> 20 } }));
+        }
+        if changed(|a| json!(a.reclaim_target_bytes.map(|b| (b >> 20).max(1)))) {
+            requests.push(match action.reclaim_target_bytes {
+                None => json!({ "reclaim": { "off": true } }),
+                Some(b) => json!({ "reclaim": { "target_mib": (b >> 20).max(1) } }),
+            });
+        }
+        if changed(|a| json!(a.share_scan_rate)) {
+            requests.push(json!({ "sharing": { "scan_rate": action.share_scan_rate } }));
+        }
+        for req in requests {
+            if let Err(e) = s.proc.request(&req) {
+                let msg = e.to_string();
+                if s.proc.poll_exit().is_some() {
+                    log::debug!("{msg} (it has ended)");
+                } else if s.last_error.as_deref() != Some(msg.as_str()) {
+                    log::warn!("{msg}");
+                    s.last_error = Some(msg);
+                }
+            }
+        }
+        s.sent = Some(action);
+    }
+
+    fn report(&self, host: &HostView, tick_cpu_us: u64) -> HostReport {
+        let mut state_ms = self.state_ms;
+        state_ms[self.state.index()] +=
+            u64::try_from(self.state_since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        HostReport {
+            t_ms: u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            policy: self.policy.name().into(),
+            budget_bytes: host.budget_bytes,
+            free_bytes: host.free_bytes,
+            min_free_bytes: host.min_free_bytes,
+            state: host.state.name().into(),
+            transitions: self.transitions,
+            state_ms,
+            ticks: self.ticks,
+            tick_cpu_us,
+            host_cpu_ms: self.clock.ns() as f64 / 1e6,
+            vms: self.slots.iter().map(Slot::report).collect(),
+        }
+    }
+
+    /// Stops every VM: SIGTERM to all, then waits up to `grace` for each.
+    pub fn stop_all(&mut self, grace: Duration) {
+        for s in &mut self.slots {
+            s.proc.signal(libc::SIGTERM);
+        }
+        for s in &mut self.slots {
+            if let Some(status) = s.proc.stop(grace) {
+                log::info!("vm {}: stopped ({})", s.spec.entry.name, describe(status));
+            }
+        }
+    }
+
+    /// Each VM's name and how it ended (None: still running).
+    pub fn exits(&mut self) -> Vec<(String, Option<std::process::ExitStatus>)> {
+        self.slots.iter_mut().map(|s| (s.spec.entry.name.clone(), s.proc.poll_exit())).collect()
+    }
+}
+
+impl Slot {
+    fn report(&self) -> VmReport {
+        let v = &self.view;
+        let sent = self.sent.clone().unwrap_or_default();
+        let exit_status = self.proc.exit_status().map(describe);
+        VmReport {
+            name: self.spec.entry.name.clone(),
+            pid: self.proc.pid(),
+            running: exit_status.is_none(),
+            exit: exit_status,
+            configured_bytes: self.spec.memory_bytes,
+            consumed_bytes: v.consumed_bytes,
+            resident_bytes: v.resident_bytes,
+            active_bytes: v.active_bytes,
+            shared_bytes: v.shared_bytes,
+            sharing_saved_bytes: self.saved,
+            ballooned_bytes: v.ballooned_bytes,
+            compressed_bytes: v.compressed_bytes,
+            swapped_bytes: v.swapped_bytes,
+            target_bytes: sent.target_bytes,
+            balloon_target_bytes: sent.balloon_bytes,
+            reclaim_target_bytes: sent.reclaim_target_bytes,
+            share_scan_rate: sent.share_scan_rate,
+            shares: self.spec.shares,
+            reservation_bytes: self.spec.reservation_bytes,
+            limit_bytes: self.spec.limit_bytes,
+            balloon_ready: v.balloon_ready,
+            refaults: self.refaults,
+            guest_progress: self.progress,
+        }
+    }
+}
+
+/// Free memory: the budget less what the VMs use, but never more than the host has
+/// available (less a margin), so that other processes' pressure counts too.
+pub fn free_bytes(budget: u64, used: u64, available: Option<u64>) -> i64 {
+    let by_budget = i128::from(budget) - i128::from(used);
+    let by_host = available.map_or(i128::MAX, |a| i128::from(a) - i128::from(HOST_MARGIN_BYTES));
+    i64::try_from(by_budget.min(by_host)).unwrap_or(i64::MIN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_memory_is_the_budget_left_unless_the_host_has_less() {
+        assert_eq!(free_bytes(1000, 400, None), 600);
+        assert_eq!(free_bytes(1000, 1400, None), -400);
+        let avail = HOST_MARGIN_BYTES + 100;
+        assert_eq!(free_bytes(1 << 30, 0, Some(avail)), 100);
+        assert_eq!(free_bytes(1 << 30, 0, Some(0)), -i64::try_from(HOST_MARGIN_BYTES).unwrap());
+    }
+}

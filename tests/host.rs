@@ -1,0 +1,441 @@
+//! `ebb host` end to end: real VM processes running `touch` under a budget smaller than
+//! their memory, the states and reclaimers the policy picks, reservations, the host's
+//! socket, and what a VM's or the host's death leaves behind.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{ask, ebb, kvm_or_skip, run_ebb, text};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// The hosts below load both cores: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ebb-host-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A `[[vm]]` table running touch over `pages` pages with a compressible-and-not mix, then
+/// a rewrite loop of `loop_ms` over a hot set.
+fn touch_vm(name: &str, mem: &str, pages: u64, loop_ms: u64, extra: &str) -> String {
+    format!(
+        "[[vm]]\nname = \"{name}\"\nmemory = \"{mem}\"\nfirmware = \"touch\"\n\
+         firmware_args = [\"pages={pages}\", \"mix=zero:20,fill:20,dup:30,random:30\", \"dup_groups=64\", \
+         \"seed={}\", \"loop_ms={loop_ms}\", \"hot={}\"]\n{extra}\n",
+        name.len() + usize::from(name.as_bytes()[0]),
+        pages / 5
+    )
+}
+
+struct Host {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+    stats: PathBuf,
+}
+
+impl Host {
+    fn start(name: &str, toml: &str) -> Self {
+        let dir = tmpdir(name);
+        let config = dir.join("host.toml");
+        std::fs::write(&config, toml).unwrap();
+        let sock = dir.join("host.sock");
+        let stats = dir.join("host.jsonl");
+        let child = ebb()
+            .args(["host", "--config"])
+            .arg(&config)
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--stats-json")
+            .arg(&stats)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(start.elapsed() < Duration::from_secs(60), "the host's socket never came up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, dir, sock, stats }
+    }
+
+    fn ask(&self, req: &str) -> Value {
+        ask(&self.sock, req)
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        let vms = self.ask("{\"vms\":{}}");
+        vms["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| i32::try_from(v["pid"].as_u64().unwrap()).unwrap())
+            .collect()
+    }
+
+    /// Waits for the host to end; its exit code (None: killed) and stderr.
+    fn wait(self, limit: Duration) -> (Option<i32>, String) {
+        let (code, stderr, _) = self.wait_for_reports(limit);
+        (code, stderr)
+    }
+
+    /// Waits for the host to end; its exit code, stderr and every `--stats-json` line.
+    fn wait_for_reports(mut self, limit: Duration) -> (Option<i32>, String, Vec<Value>) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let out = self.child.wait_with_output().unwrap();
+                let lines = std::fs::read_to_string(&self.stats).unwrap_or_default();
+                let reports = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+                let _ = std::fs::remove_dir_all(&self.dir);
+                return (status.code(), text(&out).1, reports);
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                let out = self.child.wait_with_output().unwrap();
+                panic!("the host ran past {limit:?}; stderr:\n{}", text(&out).1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// Gone, or a zombie nobody has reaped yet (either way no longer running).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        }
+    }
+}
+
+fn wait_gone(pids: &[i32], limit: Duration) {
+    let start = Instant::now();
+    while !pids.iter().all(|&p| process_gone(p)) {
+        assert!(start.elapsed() < limit, "VM processes {pids:?} still run {limit:?} later");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn three_vms_twice_the_budget_stay_correct_and_end_above_min_free() {
+    if !kvm_or_skip("three_vms_twice_the_budget_stay_correct_and_end_above_min_free") {
+        return;
+    }
+    let _serial = serial();
+    // 3 x 256 MiB of guest, each touching 195 MiB, under a 384 MiB budget: 2x overcommit.
+    let mut toml = String::from("budget = \"384M\"\ntick_ms = 200\n");
+    for name in ["a", "b", "c"] {
+        toml += &touch_vm(name, "256M", 50_000, 5000, "");
+    }
+    let host = Host::start("overcommit", &toml);
+    let (code, stderr, reports) = host.wait_for_reports(Duration::from_secs(300));
+    // Every guest verified every page (touch exits 3 on a bad checksum).
+    assert_eq!(code, Some(0), "{stderr}");
+    for name in ["a", "b", "c"] {
+        assert!(stderr.contains(&format!("vm {name}: exit status 0")), "{stderr}");
+    }
+    let last = reports.last().unwrap();
+    // The host went through the states: reclaim was needed.
+    let state_ms: Vec<u64> =
+        last["state_ms"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(state_ms[2..].iter().sum::<u64>() > 0, "never below Clear: {state_ms:?}");
+    assert!(u(last, "transitions") >= 2, "{last}");
+    // The reclaimers the policy names for VMs without a balloon driver ran, and the report
+    // says which freed what.
+    let most = |k: &str| {
+        reports
+            .iter()
+            .flat_map(|r| r["vms"].as_array().unwrap().iter().map(|v| u(v, k)))
+            .max()
+            .unwrap()
+    };
+    assert!(most("compressed_bytes") > 0, "nothing compressed");
+    assert!(most("swapped_bytes") > 0, "nothing swapped (30% of each guest is random)");
+    assert!(reports.iter().any(|r| r["vms"][0]["reclaim_target_bytes"].is_u64()));
+    // In the loop phase, all three running and rewriting their hot sets, free memory is
+    // back above minFree.
+    let looping: Vec<&Value> = reports
+        .windows(2)
+        .filter(|w| {
+            w[1]["vms"].as_array().unwrap().iter().zip(w[0]["vms"].as_array().unwrap()).all(
+                |(now, before)| {
+                    now["running"] == true
+                        && now["guest_progress"].as_u64() > before["guest_progress"].as_u64()
+                },
+            )
+        })
+        .map(|w| &w[1])
+        .collect();
+    let settled = looping.last().unwrap_or_else(|| panic!("no report with all three looping"));
+    let (free, min_free) = (settled["free_bytes"].as_i64().unwrap(), u(settled, "min_free_bytes"));
+    assert!(
+        free >= i64::try_from(min_free).unwrap(),
+        "free {free} below minFree {min_free}: {settled}"
+    );
+    eprintln!(
+        "overcommit 2x: {} reports, states ms {state_ms:?}, free {} MiB at the end of the loop (minFree {} MiB)",
+        reports.len(),
+        free >> 20,
+        min_free >> 20
+    );
+}
+
+#[test]
+fn a_reservation_is_never_reclaimed_while_the_other_vm_is() {
+    if !kvm_or_skip("a_reservation_is_never_reclaimed_while_the_other_vm_is") {
+        return;
+    }
+    let _serial = serial();
+    let reserved = 160 * MIB;
+    let mut toml = String::from("budget = \"288M\"\ntick_ms = 200\n");
+    toml += &touch_vm("r", "256M", 50_000, 3000, "reservation = \"160M\"");
+    toml += &touch_vm("o", "256M", 50_000, 3000, "");
+    let host = Host::start("reservation", &toml);
+    let (code, stderr, reports) = host.wait_for_reports(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut reached = false;
+    let mut other_reclaimed = 0;
+    for r in &reports {
+        let (vr, vo) = (&r["vms"][0], &r["vms"][1]);
+        other_reclaimed = other_reclaimed.max(u(vo, "compressed_bytes") + u(vo, "swapped_bytes"));
+        if vr["running"] != true {
+            continue;
+        }
+        // The lever never asks for less than the reservation (what is not resident counts).
+        if let Some(t) = vr["reclaim_target_bytes"].as_u64() {
+            let overhead = u(vr, "consumed_bytes") - u(vr, "resident_bytes");
+            assert!(
+                t + overhead >= reserved,
+                "reclaim target {t} + {overhead} below the reservation: {r}"
+            );
+        }
+        assert!(u(vr, "target_bytes") >= reserved.min(u(vr, "consumed_bytes")), "{r}");
+        reached |= u(vr, "consumed_bytes") >= reserved;
+        if reached {
+            // Eviction works a batch at a time: allow one batch (1 MiB) under.
+            assert!(
+                u(vr, "consumed_bytes") + MIB >= reserved,
+                "reclaimed below its reservation: {r}"
+            );
+        }
+    }
+    assert!(reached, "the reserved VM never grew to its reservation");
+    assert!(other_reclaimed > 0, "the other VM was never reclaimed");
+}
+
+#[test]
+fn a_killed_vm_is_reported_and_the_others_run_on() {
+    if !kvm_or_skip("a_killed_vm_is_reported_and_the_others_run_on") {
+        return;
+    }
+    let _serial = serial();
+    let mut toml = String::from("budget = \"1G\"\ntick_ms = 100\n");
+    for name in ["a", "b", "c"] {
+        toml += &touch_vm(name, "64M", 2000, 4000, "");
+    }
+    let host = Host::start("killvm", &toml);
+    let pids = host.pids();
+    std::process::Command::new("kill").args(["-9", &pids[1].to_string()]).status().unwrap();
+    let start = Instant::now();
+    loop {
+        let vms = host.ask("{\"vms\":{}}");
+        if vms["vms"][1]["exit"].is_string() {
+            assert_eq!(vms["vms"][1]["exit"], "killed by signal 9", "{vms}");
+            assert_eq!(vms["vms"][0]["running"], true, "{vms}");
+            assert_eq!(vms["vms"][2]["running"], true, "{vms}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the kill was not reported: {vms}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, stderr) = host.wait(Duration::from_secs(120));
+    assert_eq!(code, Some(1), "one VM failed, so the host does: {stderr}");
+    assert!(
+        stderr.contains("vm a: exit status 0") && stderr.contains("vm c: exit status 0"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("vm b: killed by signal 9"), "{stderr}");
+}
+
+fn host_pid(host: &Host) -> String {
+    host.child.id().to_string()
+}
+
+#[test]
+fn a_host_killed_with_sigkill_leaves_no_vm_and_no_swap_file() {
+    if !kvm_or_skip("a_host_killed_with_sigkill_leaves_no_vm_and_no_swap_file") {
+        return;
+    }
+    let _serial = serial();
+    let swap = tmpdir("swapdir");
+    let args =
+        format!("args = [\"--swap-dir\", \"{}\", \"--reclaim-target\", \"8M\"]", swap.display());
+    let mut toml = String::from("budget = \"1G\"\n");
+    for name in ["a", "b"] {
+        toml += &touch_vm(name, "64M", 8000, 60_000, &args);
+    }
+    let host = Host::start("killhost", &toml);
+    let pids = host.pids();
+    std::thread::sleep(Duration::from_millis(500));
+    std::process::Command::new("kill").args(["-9", &host_pid(&host)]).status().unwrap();
+    wait_gone(&pids, Duration::from_secs(5));
+    let (code, _) = host.wait(Duration::from_secs(5));
+    assert_eq!(code, None, "killed by a signal");
+    let left: Vec<_> = std::fs::read_dir(&swap).unwrap().collect();
+    assert!(left.is_empty(), "files left in the swap directory: {left:?}");
+    let _ = std::fs::remove_dir_all(&swap);
+}
+
+#[test]
+fn sigterm_stops_every_vm_in_order_and_the_host_says_so() {
+    if !kvm_or_skip("sigterm_stops_every_vm_in_order_and_the_host_says_so") {
+        return;
+    }
+    let _serial = serial();
+    let mut toml = String::from("budget = \"1G\"\n");
+    for name in ["a", "b"] {
+        toml += &touch_vm(name, "64M", 2000, 60_000, "");
+    }
+    let host = Host::start("sigterm", &toml);
+    let pids = host.pids();
+    std::process::Command::new("kill").args(["-TERM", &host_pid(&host)]).status().unwrap();
+    let (code, stderr) = host.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(143), "{stderr}");
+    wait_gone(&pids, Duration::from_secs(1));
+    assert!(stderr.contains("vm a: stopped (exit status 143)"), "{stderr}");
+}
+
+#[test]
+fn the_host_socket_lists_reports_passes_through_and_takes_a_budget_drop() {
+    if !kvm_or_skip("the_host_socket_lists_reports_passes_through_and_takes_a_budget_drop") {
+        return;
+    }
+    let _serial = serial();
+    let mut toml = String::from("budget = \"1G\"\ntick_ms = 100\n");
+    toml += &touch_vm("a", "128M", 25_000, 60_000, "reservation = \"16M\"");
+    toml += &touch_vm("b", "128M", 25_000, 60_000, "");
+    let host = Host::start("socket", &toml);
+    let vms = host.ask("{\"vms\":{}}");
+    assert_eq!(vms["vms"][1]["name"], "b", "{vms}");
+    assert!(Path::new(vms["vms"][0]["sock"].as_str().unwrap()).exists());
+    // Per-VM pass-through.
+    let stats = host.ask("{\"vm\":{\"name\":\"a\",\"request\":{\"stats\":{}}}}");
+    assert!(stats["consumed_bytes"].is_u64(), "{stats}");
+    let nope = host.ask("{\"vm\":{\"name\":\"zz\",\"request\":{\"stats\":{}}}}");
+    assert_eq!(nope["error"], "no VM named \"zz\"");
+    // A budget below the reservations is refused.
+    let low = host.ask("{\"budget\":{\"mib\":8}}");
+    assert!(
+        low["error"].as_str().unwrap().contains("below the VMs' reservations (16 MiB)"),
+        "{low}"
+    );
+    // Wait for both guests to be in their loops, high above minFree.
+    let start = Instant::now();
+    loop {
+        let r = host.ask("{\"host_stats\":{}}");
+        let looping =
+            r["vms"].as_array().unwrap().iter().all(|v| v["guest_progress"].as_u64() > Some(0));
+        if looping {
+            assert_eq!(r["state"], "high", "{r}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the guests never reached their loops: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Drop the budget under what they hold: the host must get back above minFree.
+    assert_eq!(host.ask("{\"budget\":{\"mib\":160}}")["ok"], true);
+    let dropped = Instant::now();
+    let mut went_down = false;
+    let recovered = loop {
+        let r = host.ask("{\"host_stats\":{}}");
+        went_down |= r["state"] != "high";
+        if went_down
+            && r["free_bytes"].as_i64().unwrap() >= i64::try_from(u(&r, "min_free_bytes")).unwrap()
+        {
+            break dropped.elapsed();
+        }
+        assert!(
+            dropped.elapsed() < Duration::from_secs(60),
+            "free memory never came back above minFree: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(u(&host.ask("{\"host_stats\":{}}"), "budget_bytes"), 160 * MIB);
+    let metrics = host.ask("{\"metrics\":{}}");
+    let text = metrics["text"].as_str().unwrap();
+    assert!(text.contains("ebb_host_budget_bytes 167772160\n"), "{text}");
+    assert!(text.contains("ebb_vm_consumed_bytes{vm=\"b\"}"), "{text}");
+    eprintln!(
+        "budget drop 1 GiB -> 160 MiB: free back above minFree in {} ms",
+        recovered.as_millis()
+    );
+    std::process::Command::new("kill").args(["-TERM", &host_pid(&host)]).status().unwrap();
+    let (code, stderr) = host.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(143), "{stderr}");
+}
+
+#[test]
+fn bad_descriptions_are_refused_with_the_key_and_the_figures() {
+    let dir = tmpdir("bad");
+    let cases = [
+        ("budget = \"768M\"\n[[vm]]\nname = \"a\"\nmemory = \"512M\"\nreservation = \"400M\"\n[[vm]]\nname = \"b\"\nmemory = \"512M\"\nreservation = \"400M\"\n",
+         "vm \"b\" is refused: its reservation of 400 MiB does not fit in the 368 MiB left of the 768 MiB budget"),
+        ("budget = \"1G\"\n[[vm]]\nname = \"a\"\nmemory = \"512M\"\nlimit = \"64M\"\nreservation = \"128M\"\n",
+         "vm \"a\".limit: 64 MiB is below the reservation (128 MiB)"),
+        ("budget = \"1G\"\n[[vm]]\nname = \"a\"\nmemroy = \"512M\"\n", "unknown field `memroy`"),
+        ("[[vm]]\nname = \"a\"\nmemory = \"512M\"\n", "no memory budget"),
+    ];
+    for (toml, want) in cases {
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, toml).unwrap();
+        let out = run_ebb(&["host", "--config", path.to_str().unwrap()]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(want), "{want:?} not in {stderr:?}");
+    }
+    let out = run_ebb(&[
+        "host",
+        "--budget",
+        "1G",
+        "--vm",
+        "{name = \"a\", memory = \"64M\"",
+        "--policy",
+        "esx",
+    ]);
+    assert!(text(&out).1.contains("--vm #1"), "{}", text(&out).1);
+    let out = run_ebb(&[
+        "host",
+        "--budget",
+        "1G",
+        "--vm",
+        "{name = \"a\", memory = \"64M\"}",
+        "--policy",
+        "nope",
+    ]);
+    assert!(text(&out).1.contains("policy: \"nope\" is not one of [\"esx\"]"), "{}", text(&out).1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
