@@ -112,6 +112,11 @@ enum CtlRequest {
         /// Pages per second, or off.
         rate: String,
     },
+    /// Make the guest's new memory wait while SIZE or more is resident (e.g. 64M), or `off`.
+    Alloc {
+        /// Size, e.g. 64M, or off.
+        size: String,
+    },
     /// A host's VMs: name, pid, running or how it ended, control socket.
     Vms,
     /// A host's report: budget, free, minFree, state, every VM's figures and targets.
@@ -417,6 +422,21 @@ fn ctl(args: CtlArgs) -> ExitCode {
         }
         CtlRequest::Sharing { rate } if rate == "off" => {
             serde_json::json!({ "sharing": { "off": true } })
+        }
+        CtlRequest::Alloc { size } if size == "off" => {
+            serde_json::json!({ "alloc": { "off": true } })
+        }
+        CtlRequest::Alloc { size } => {
+            let mib = |b| {
+                ebb::units::exact_mib(b)
+                    .ok_or_else(|| format!("{size} is not a whole number of MiB"))
+            };
+            match target_request("alloc", size, mib) {
+                Ok(r) => {
+                    serde_json::json!({ "alloc": { "wait_above_mib": r["alloc"]["target_mib"] } })
+                }
+                Err(e) => return usage_error(&e),
+            }
         }
         CtlRequest::Vms => serde_json::json!({ "vms": {} }),
         CtlRequest::HostStats => serde_json::json!({ "host_stats": {} }),

@@ -268,11 +268,14 @@ fn control_requests_always_get_one_reply_object() {
         transport: None,
         reclaim: None,
         sharing: Some(Arc::new(ebb::mm::sharing::SharingControl::new(0).unwrap())),
+        gate: Some(Arc::new(ebb::mm::gate::AllocGate::default())),
         stats: Arc::new(StatsSource::new(MemorySource::Plain(probe))),
         start: Instant::now(),
     };
-    const CORPUS: [&str; 8] = [
+    const CORPUS: [&str; 10] = [
         r#"{"balloon": {"target_mib": 8}}"#,
+        r#"{"alloc": {"wait_above_mib": 64}}"#,
+        r#"{"alloc": {"off": true}}"#,
         r#"{"sharing": {"scan_rate": 1000}}"#,
         r#"{"sharing": {"off": true}}"#,
         r#"{"balloon_stats": {}}"#,

@@ -344,6 +344,21 @@ fn the_host_socket_lists_reports_passes_through_and_takes_a_budget_drop() {
     assert!(stats["consumed_bytes"].is_u64(), "{stats}");
     let nope = host.ask("{\"vm\":{\"name\":\"zz\",\"request\":{\"stats\":{}}}}");
     assert_eq!(nope["error"], "no VM named \"zz\"");
+    // ebb ctl speaks to a host too.
+    let sock = host.sock.to_str().unwrap();
+    let out = run_ebb(&["ctl", "--api-sock", sock, "vms"]);
+    assert!(out.status.success() && text(&out).0.contains("\"name\": \"b\""), "{:?}", text(&out));
+    let out = run_ebb(&["ctl", "--api-sock", sock, "vm", "b", "{\"stats\":{}}"]);
+    assert!(text(&out).0.contains("consumed_bytes"), "{:?}", text(&out));
+    let out = run_ebb(&["ctl", "--api-sock", sock, "metrics"]);
+    assert!(text(&out).0.starts_with("# HELP ebb_host_budget_bytes"), "{:?}", text(&out));
+    let out = run_ebb(&["ctl", "--api-sock", sock, "host-stats"]);
+    assert!(text(&out).0.contains("\"min_free_bytes\""), "{:?}", text(&out));
+    let out = run_ebb(&["ctl", "--api-sock", sock, "budget", "1000k"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).1.contains("not a whole number of MiB"), "{:?}", text(&out));
+    let out = run_ebb(&["ctl", "--api-sock", sock, "vm", "b", "{nope"]);
+    assert!(text(&out).1.contains("the request is not JSON"), "{:?}", text(&out));
     // A budget below the reservations is refused.
     let low = host.ask("{\"budget\":{\"mib\":8}}");
     assert!(
@@ -438,4 +453,61 @@ fn bad_descriptions_are_refused_with_the_key_and_the_figures() {
     ]);
     assert!(text(&out).1.contains("policy: \"nope\" is not one of [\"esx\"]"), "{}", text(&out).1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs touch over `pages` pages in a 256 MiB VM with `extra` options, sets the allocation
+/// gate to `gate_mib` as soon as the socket answers, and returns the last statistics.
+fn run_gated(name: &str, pages: u64, gate_mib: u64, extra: &[&str]) -> Value {
+    let dir = tmpdir(name);
+    let sock = dir.join("vm.sock");
+    let stats = dir.join("vm.jsonl");
+    let mut child = ebb()
+        .args(["run", "--mem", "256M", "--firmware", "touch", "--stats-interval", "0.1"])
+        .arg(format!("--firmware-arg=pages={pages}"))
+        .arg("--firmware-arg=pattern=random")
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--stats-json")
+        .arg(&stats)
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+            drop(s);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let req = format!("{{\"alloc\":{{\"wait_above_mib\":{gate_mib}}}}}");
+    assert_eq!(ask(&sock, &req)["ok"], true);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "touch found a bad page, or ebb failed");
+    let text = std::fs::read_to_string(&stats).unwrap();
+    let last = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    last
+}
+
+#[test]
+fn the_allocation_gate_holds_new_memory_until_reclaim_makes_room_and_never_for_good() {
+    if !kvm_or_skip(
+        "the_allocation_gate_holds_new_memory_until_reclaim_makes_room_and_never_for_good",
+    ) {
+        return;
+    }
+    let _serial = serial();
+    // With reclaim at the same cap, new pages wait for evictions and get through.
+    let last = run_gated("gate", 30_000, 32, &["--reclaim-target", "32M"]);
+    assert!(u(&last, "alloc_waits") > 0, "the gate never held a fault: {last}");
+    assert_eq!(u(&last, "alloc_gate_bytes"), 32 * MIB);
+    assert!(u(&last, "evictions") > 0);
+    // With nothing to make room, faults wait MAX_WAIT (2 s), then go through.
+    let start = Instant::now();
+    let last = run_gated("gate-stuck", 8_000, 8, &[]);
+    assert!(u(&last, "alloc_wait_timeouts") > 0, "{last}");
+    assert!(start.elapsed() >= Duration::from_secs(2), "the gate did not hold at all");
 }

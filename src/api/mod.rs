@@ -9,6 +9,8 @@
 //! | `{"reclaim": {"off": true}}` | `{"ok": true}`: stop reclaiming |
 //! | `{"sharing": {"scan_rate": N}}` | `{"ok": true}`: hash N pages per second looking for identical pages (0: off) |
 //! | `{"sharing": {"off": true}}` | `{"ok": true}`: stop scanning (shared pages stay shared) |
+//! | `{"alloc": {"wait_above_mib": N}}` | `{"ok": true}`: new guest memory waits while N MiB or more are resident (`mm::gate`) |
+//! | `{"alloc": {"off": true}}` | `{"ok": true}`: new memory never waits |
 //!
 //! Errors come back as `{"error": "..."}`. The device never sees JSON: this module turns
 //! requests into calls on it.
@@ -26,6 +28,7 @@ use crate::config::MAX_SHARE_SCAN_RATE;
 use crate::devices::virtio::balloon::{Balloon, STAT_NAMES};
 use crate::devices::virtio::mmio::MmioMetrics;
 use crate::metrics::StatsSource;
+use crate::mm::gate::AllocGate;
 use crate::mm::reclaim::ReclaimControl;
 use crate::mm::sharing::SharingControl;
 
@@ -54,6 +57,8 @@ pub struct ApiContext {
     pub reclaim: Option<(Arc<ReclaimControl>, u64)>,
     /// The sharing lever, if page sharing is available.
     pub sharing: Option<Arc<SharingControl>>,
+    /// The allocation gate, if guest RAM is served by the engine.
+    pub gate: Option<Arc<AllocGate>>,
     /// When the VM started.
     pub start: Instant,
 }
@@ -76,7 +81,7 @@ impl ApiContext {
             request.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next())
         else {
             return error(
-                "a request is an object with one key: balloon, balloon_stats, reclaim, sharing or stats",
+                "a request is an object with one key: alloc, balloon, balloon_stats, reclaim, sharing or stats",
             );
         };
         match verb.as_str() {
@@ -84,12 +89,13 @@ impl ApiContext {
             "balloon_stats" => self.balloon_stats(),
             "reclaim" => self.reclaim_target(args),
             "sharing" => self.sharing_rate(args),
+            "alloc" => self.alloc_gate(args),
             "stats" => {
                 let t_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
                 serde_json::to_value(self.stats.snapshot(t_ms)).unwrap_or_else(error)
             }
             other => error(format!(
-                "unknown request {other:?}: use balloon, balloon_stats, reclaim, sharing or stats"
+                "unknown request {other:?}: use alloc, balloon, balloon_stats, reclaim, sharing or stats"
             )),
         }
     }
@@ -144,6 +150,31 @@ impl ApiContext {
                 "reclaim target of {mib} MiB is more than the guest's {} MiB",
                 mem_bytes >> 20
             )),
+        }
+    }
+
+    fn alloc_gate(&self, args: &Value) -> Value {
+        let Some(gate) = &self.gate else {
+            return error(
+                "the allocation gate needs guest RAM served through userfaultfd (not --no-uffd)",
+            );
+        };
+        if args.get("off").and_then(Value::as_bool) == Some(true) {
+            gate.set(None);
+            return json!({ "ok": true });
+        }
+        match args
+            .get("wait_above_mib")
+            .and_then(Value::as_u64)
+            .and_then(|m| m.checked_mul(1 << 20))
+        {
+            Some(bytes) => {
+                gate.set(Some(bytes));
+                json!({ "ok": true })
+            }
+            None => error(
+                "alloc needs {\"wait_above_mib\": N} (a whole number of MiB) or {\"off\": true}",
+            ),
         }
     }
 

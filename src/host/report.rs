@@ -72,6 +72,10 @@ pub struct VmReport {
     pub reclaim_target_bytes: Option<u64>,
     /// The sharing lever, pages per second.
     pub share_scan_rate: u64,
+    /// The allocation gate: new memory waits while this much is resident (None: open).
+    pub alloc_wait_above_bytes: Option<u64>,
+    /// Faults the gate held back so far.
+    pub alloc_waits: u64,
     /// Shares.
     pub shares: u64,
     /// Reservation.

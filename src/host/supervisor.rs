@@ -69,6 +69,7 @@ struct Slot {
     /// Counters at the last tick, for rates: (faults, refaults, when).
     last_counts: Option<(u64, u64, Instant)>,
     refaults: u64,
+    alloc_waits: u64,
     progress: Option<u64>,
     saved: u64,
     /// What was last sent (None: nothing yet).
@@ -128,6 +129,7 @@ impl Supervisor {
                 view: VmView::default(),
                 last_counts: None,
                 refaults: 0,
+                alloc_waits: 0,
                 progress: None,
                 saved: 0,
                 sent: None,
@@ -288,6 +290,7 @@ impl Supervisor {
         };
         s.last_counts = Some((faults, refaults, now));
         s.refaults = refaults;
+        s.alloc_waits = field(&stats, "alloc_waits");
         s.progress = stats.get("guest_progress").and_then(Value::as_u64);
         s.saved =
             field(&stats, "sharing_saved_bytes") + field(&stats, "zero_pages_shared") * PAGE_SIZE;
@@ -328,6 +331,12 @@ impl Supervisor {
         }
         if changed(|a| json!(a.share_scan_rate)) {
             requests.push(json!({ "sharing": { "scan_rate": action.share_scan_rate } }));
+        }
+        if changed(|a| json!(a.alloc_wait_above_bytes.map(|b| b >> 20))) {
+            requests.push(match action.alloc_wait_above_bytes {
+                None => json!({ "alloc": { "off": true } }),
+                Some(b) => json!({ "alloc": { "wait_above_mib": b >> 20 } }),
+            });
         }
         for req in requests {
             if let Err(e) = s.proc.request(&req) {
@@ -404,6 +413,8 @@ impl Slot {
             balloon_target_bytes: sent.balloon_bytes,
             reclaim_target_bytes: sent.reclaim_target_bytes,
             share_scan_rate: sent.share_scan_rate,
+            alloc_wait_above_bytes: sent.alloc_wait_above_bytes,
+            alloc_waits: self.alloc_waits,
             shares: self.spec.shares,
             reservation_bytes: self.spec.reservation_bytes,
             limit_bytes: self.spec.limit_bytes,

@@ -34,6 +34,9 @@ fn reclaimers(v: &super::report::VmReport) -> String {
     if let Some(t) = v.reclaim_target_bytes {
         parts.push(format!("reclaim to {}", mib(t)));
     }
+    if let Some(cap) = v.alloc_wait_above_bytes {
+        parts.push(format!("wait above {}", mib(cap)));
+    }
     if v.share_scan_rate > 0 {
         parts.push(format!("share {}/s", v.share_scan_rate));
     }

@@ -151,6 +151,7 @@ impl Engine {
             active: Arc::new(ActiveStats::default()),
             backing: mm.backing().cloned(),
             sharing: shared.clone(),
+            gate: Arc::new(super::gate::AllocGate::default()),
         };
         let handler = FaultHandler::new(uffd.clone(), core.clone(), config.handler)?;
         let worker = start_reclaim(&core, &uffd, config, dirty_log)?;
@@ -219,6 +220,11 @@ impl Engine {
     /// The sharing lever, if the kernel can share pages (see `mm::sharing`).
     pub fn sharing(&self) -> Option<&Arc<SharingControl>> {
         self.sharing.as_ref().map(|s| &s.control)
+    }
+
+    /// The allocation gate's lever.
+    pub fn gate(&self) -> &Arc<super::gate::AllocGate> {
+        &self.core.gate
     }
 
     /// The reclaim lever, if the engine has stores and the kernel can move pages.
@@ -305,6 +311,9 @@ impl Engine {
             active_samples: self.core.active.intervals.load(Ordering::Relaxed),
             metadata_bytes: self.metadata_bytes(),
             guest_progress: None,
+            alloc_gate_bytes: self.core.gate.cap_bytes(),
+            alloc_waits: self.core.gate.waits.load(Ordering::Relaxed),
+            alloc_wait_timeouts: self.core.gate.timeouts.load(Ordering::Relaxed),
             reclaim,
             sharing,
         }

@@ -24,6 +24,7 @@
 
 pub mod active;
 pub mod engine;
+pub mod gate;
 pub mod layout;
 pub mod manager;
 pub mod pages;

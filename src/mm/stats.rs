@@ -238,6 +238,12 @@ pub struct MemStats {
     /// A firmware payload's progress counter (touch counts the pages it rewrote), read
     /// from guest memory; null for other guests.
     pub guest_progress: Option<u64>,
+    /// The allocation gate: new guest pages wait while this much is resident (null: open).
+    pub alloc_gate_bytes: Option<u64>,
+    /// Faults the gate held back (each look counts).
+    pub alloc_waits: u64,
+    /// Faults the gate let through after its longest wait.
+    pub alloc_wait_timeouts: u64,
     /// Host-side reclaim (all zero when it never ran).
     #[serde(flatten)]
     pub reclaim: ReclaimStats,

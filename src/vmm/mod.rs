@@ -215,8 +215,10 @@ impl Vm {
             let reclaim =
                 engine.as_ref().and_then(|e| e.reclaim().cloned()).map(|r| (r, config.mem_bytes));
             let sharing = engine.as_ref().and_then(|e| e.sharing().cloned());
+            let gate = engine.as_ref().map(|e| e.gate().clone());
             let stats = source.clone();
-            let ctx = ApiContext { balloon, transport, stats, reclaim, sharing, start: started };
+            let ctx =
+                ApiContext { balloon, transport, stats, reclaim, sharing, gate, start: started };
             let server = ApiServer::bind(path, ctx)
                 .map_err(|source| VmmError::ApiSock { path: path.clone(), source })?;
             subscribers.push(Arc::new(Mutex::new(server)));

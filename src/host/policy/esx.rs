@@ -6,7 +6,8 @@
 //! | High | shares pages in the background; deflates balloons, stops reclaim |
 //! | Clear | shares pages faster; holds balloons and reclaim where they are |
 //! | Soft | balloons VMs over target (compresses those without a balloon driver) |
-//! | Hard, Low | balloons and compresses/swaps VMs over target |
+//! | Hard | balloons and compresses/swaps VMs over target |
+//! | Low | as Hard, and new memory of VMs over target waits for reclaim (`mm::gate`) |
 //!
 //! Targets aim to leave [`GOAL_FREE_PERCENT`] of minFree free, which is past Soft's exit,
 //! so that reclaim that meets its targets lifts the host out of Soft. A VM above its limit
@@ -48,6 +49,7 @@ impl Esx {
         let balloon_more = (vm.ballooned_bytes + over).min(balloon_room);
         let mut action = VmAction {
             target_bytes: target,
+            alloc_wait_above_bytes: None,
             share_scan_rate: if state == MemState::High {
                 BACKGROUND_SCAN_RATE
             } else {
@@ -69,6 +71,9 @@ impl Esx {
                     action.balloon_bytes = balloon_more;
                 }
                 action.reclaim_target_bytes = Some(resident_goal);
+                if state == MemState::Low {
+                    action.alloc_wait_above_bytes = Some(resident_goal);
+                }
             }
         }
         if vm.consumed_bytes > vm.limit_bytes {
@@ -165,6 +170,23 @@ mod tests {
         let a = Esx::new(75).decide(&snap(MemState::Hard, vec![vm("a", 1000, true)]));
         assert_eq!(a[0].balloon_bytes, 100 * MIB);
         assert_eq!(a[0].reclaim_target_bytes, Some(900 * MIB));
+    }
+
+    #[test]
+    fn low_makes_only_the_vms_over_target_wait_for_new_memory() {
+        let a = Esx::new(75)
+            .decide(&snap(MemState::Low, vec![vm("a", 600, false), vm("b", 200, false)]));
+        // 800 held, 900 available: nobody is over target, nobody waits.
+        assert_eq!((a[0].alloc_wait_above_bytes, a[1].alloc_wait_above_bytes), (None, None));
+        let mut busy = vm("b", 600, false);
+        busy.active_bytes = 600 * MIB;
+        let a = Esx::new(75).decide(&snap(MemState::Low, vec![vm("a", 600, false), busy]));
+        // The idle VM pays the tax: it is over target and waits at its resident goal.
+        assert_eq!(a[0].alloc_wait_above_bytes, a[0].reclaim_target_bytes);
+        assert!(a[0].alloc_wait_above_bytes.is_some());
+        assert_eq!(a[1].alloc_wait_above_bytes, None);
+        let hard = Esx::new(75).decide(&snap(MemState::Hard, vec![vm("a", 1000, false)]));
+        assert_eq!(hard[0].alloc_wait_above_bytes, None);
     }
 
     #[test]

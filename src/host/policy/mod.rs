@@ -90,6 +90,8 @@ pub struct VmAction {
     pub reclaim_target_bytes: Option<u64>,
     /// Pages per second for the sharing scanner (0: off).
     pub share_scan_rate: u64,
+    /// New guest memory waits while this much is resident (None: never waits).
+    pub alloc_wait_above_bytes: Option<u64>,
 }
 
 /// A reclamation policy.

@@ -36,6 +36,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::around::{FaultAround, Window, MAX_FAULT_AROUND};
 use super::{Event, Resolved, Uffd, UffdError};
 use crate::mm::active::{ActiveConfig, ActiveStats, Sampler};
+use crate::mm::gate::{AllocGate, MAX_WAIT};
 use crate::mm::layout::RamMap;
 use crate::mm::pages::{PageState, PageTable, StateSet, FLAG_IN_FLIGHT};
 use crate::mm::reclaim::store::Backing;
@@ -90,6 +91,8 @@ pub struct EngineCore {
     pub backing: Option<Arc<Backing>>,
     /// Shared pages (None: sharing is not set up).
     pub sharing: Option<Arc<SharedPages>>,
+    /// Holds new allocations while the VM is over its cap (`mm::gate`).
+    pub gate: Arc<AllocGate>,
 }
 
 /// Outcome of one attempt at a fault.
@@ -97,6 +100,8 @@ enum Step {
     Done,
     Retry,
     NoMemory,
+    /// Held by the allocation gate.
+    Gated,
 }
 
 /// The handler, to be moved onto its own thread and [`run`](FaultHandler::run).
@@ -121,6 +126,8 @@ pub struct FaultHandler {
     oom_wait: std::time::Duration,
     /// Since when the kernel refuses pages (None: it does not).
     short_of_memory: Option<Instant>,
+    /// Since when the allocation gate holds faults (None: it does not).
+    gated_since: Option<Instant>,
 }
 
 impl FaultHandler {
@@ -164,6 +171,7 @@ impl FaultHandler {
             pending_unshare: Vec::new(),
             oom_wait,
             short_of_memory,
+            gated_since: None,
         })
     }
 
@@ -181,10 +189,11 @@ impl FaultHandler {
             let idle = self.retry.is_empty()
                 && self.pending_protect.is_empty()
                 && self.pending_unshare.is_empty();
-            let timeout = match (idle, self.short_of_memory) {
+            let pressed = self.short_of_memory.is_some() || self.gated_since.is_some();
+            let timeout = match (idle, pressed) {
                 (true, _) => -1,
-                (false, None) => RETRY_POLL_MS,
-                (false, Some(_)) => PRESSURE_POLL_MS,
+                (false, false) => RETRY_POLL_MS,
+                (false, true) => PRESSURE_POLL_MS,
             };
             let [_, stopped, tick] = poll_readable(fds, timeout).map_err(UffdError::Poll)?;
             if stopped {
@@ -285,6 +294,10 @@ impl FaultHandler {
                         self.core.stats.retries.fetch_add(1, Ordering::Relaxed);
                         self.retry.push(ev);
                     }
+                    Step::Gated => {
+                        self.core.gate.waits.fetch_add(1, Ordering::Relaxed);
+                        self.retry.push(ev);
+                    }
                     Step::NoMemory => {
                         self.core.stats.no_memory.fetch_add(1, Ordering::Relaxed);
                         self.retry.push(ev);
@@ -299,6 +312,23 @@ impl FaultHandler {
             Event::Other(kind) => log::debug!("ignoring userfaultfd event {kind:#x}"),
         }
         Ok(())
+    }
+
+    /// True if the allocation gate holds a new page back now. A hold lasts at most
+    /// [`MAX_WAIT`] from the first held fault; then faults go through until the VM is back
+    /// under its cap.
+    fn gate_holds(&mut self) -> bool {
+        let resident = self.core.table.count(Resident);
+        if !self.core.gate.holds(resident) {
+            self.gated_since = None;
+            return false;
+        }
+        let since = *self.gated_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < MAX_WAIT {
+            return true;
+        }
+        self.core.gate.timeouts.fetch_add(1, Ordering::Relaxed);
+        false
     }
 
     /// Ends a period of memory pressure, if one was going on.
@@ -370,6 +400,7 @@ impl FaultHandler {
         }
         let target = if write { Resident } else { ZeroMapped };
         let first_was = match table.get(idx) {
+            Some(Untouched | Ballooned) if write && self.gate_holds() => return Ok(Step::Gated),
             Some(Untouched | Ballooned) => match table.transition(idx, FAULTABLE, target) {
                 Ok(old) => Some(old),
                 Err(_) => return Ok(Step::Retry), // it changed under us: look again
