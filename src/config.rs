@@ -84,7 +84,7 @@ pub enum ConfigError {
     #[error("{0} needs userfaultfd: drop --no-uffd")]
     NeedsUffd(&'static str),
     /// Both ebb's page sharing and KSM asked for.
-    #[error("--ksm and --share-scan-rate both share pages: pick one (--ksm is the kernel's, for comparison)")]
+    #[error("--ksm and ebb's page sharing (--share-scan-rate, --share-group-fds) both share pages: pick one (--ksm is the kernel's, for comparison)")]
     TwoSharers,
     /// A sharing scan rate above the most the scanner takes.
     #[error("--share-scan-rate {rate} is more than {max} pages per second")]
@@ -227,6 +227,9 @@ pub struct MemoryConfig {
     pub share_scan_rate: u64,
     /// Hand guest RAM to the kernel's KSM instead (`--ksm`), as a baseline.
     pub ksm: bool,
+    /// The inherited descriptors (data, meta) of a sharing group's pool, which `ebb host`
+    /// hands to the VMs of one group; None: the VM's pages are shared only with each other.
+    pub share_group_fds: Option<(i32, i32)>,
 }
 
 /// Most pages per second the sharing scanner may be asked to scan (about 16 GiB/s: more
@@ -335,6 +338,7 @@ impl Default for MemoryConfig {
             reclaim: ReclaimOptions::default(),
             share_scan_rate: 0,
             ksm: false,
+            share_group_fds: None,
         }
     }
 }
@@ -385,8 +389,11 @@ impl MemoryConfig {
         if !self.uffd && self.share_scan_rate > 0 {
             return Err(ConfigError::NeedsUffd("--share-scan-rate"));
         }
-        if self.ksm && self.share_scan_rate > 0 {
+        if self.ksm && (self.share_scan_rate > 0 || self.share_group_fds.is_some()) {
             return Err(ConfigError::TwoSharers);
+        }
+        if !self.uffd && self.share_group_fds.is_some() {
+            return Err(ConfigError::NeedsUffd("--share-group-fds"));
         }
         Ok(())
     }

@@ -209,6 +209,10 @@ struct RunArgs {
     /// once (0: off; the control socket can turn it on later).
     #[arg(long, value_name = "PAGES/S", default_value_t = 0)]
     share_scan_rate: u64,
+    /// Inherited descriptors DATA,META of a sharing group's pool: `ebb host` passes them to
+    /// the VMs of one `sharing_group`, which then share identical pages with each other.
+    #[arg(long, value_name = "DATA,META")]
+    share_group_fds: Option<String>,
     /// Mark guest RAM mergeable for the kernel's KSM instead (the baseline ebb's sharing is
     /// measured against; KSM merges across every process that asks it to).
     #[arg(long)]
@@ -301,10 +305,19 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
         },
         share_scan_rate: args.share_scan_rate,
         ksm: args.ksm,
+        share_group_fds: args.share_group_fds.as_deref().map(parse_fd_pair).transpose()?,
     };
     config.balloon = args.balloon.as_deref().map(parse_balloon).transpose()?;
     config.api_sock = args.api_sock;
     Ok(config)
+}
+
+/// `DATA,META`: two descriptor numbers.
+fn parse_fd_pair(s: &str) -> anyhow::Result<(i32, i32)> {
+    let bad = || anyhow::anyhow!("--share-group-fds {s:?}: two descriptor numbers, DATA,META");
+    let (d, m) = s.split_once(',').ok_or_else(bad)?;
+    let fd = |x: &str| x.trim().parse::<i32>().ok().filter(|&n| n >= 0).ok_or_else(bad);
+    Ok((fd(d)?, fd(m)?))
 }
 
 /// The default log filter for `-v` counts. The virtio-queue crate logs every malformed ring

@@ -5,8 +5,13 @@
 //! (`PR_SET_PDEATHSIG`), so that a host killed with `kill -9` leaves no VM behind. The
 //! death signal fires when the *thread* that forked exits, so children are spawned from the
 //! host's main thread, which lives as long as the host.
+//!
+//! A VM of a sharing group inherits its group's two memfds (`--share-group-fds`); every
+//! other descriptor of the host stays close-on-exec.
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -112,17 +117,27 @@ pub fn run_args(vm: &VmSpec, sock: &Path) -> Vec<String> {
 
 impl VmProcess {
     /// Starts `exe run ...` for `vm` with its socket in `dir`, and waits for the socket.
+    /// `group` holds the memfds of its sharing group's pool, which the child inherits.
     ///
     /// # Errors
     /// The process cannot start, ends first, or its socket does not come up.
-    pub fn spawn(exe: &Path, vm: &VmSpec, dir: &Path) -> Result<Self, ChildError> {
+    pub fn spawn(
+        exe: &Path,
+        vm: &VmSpec,
+        dir: &Path,
+        group: Option<&(File, File)>,
+    ) -> Result<Self, ChildError> {
         let name = vm.entry.name.clone();
         let sock = dir.join(format!("{name}.sock"));
         let parent = std::process::id();
         let mut cmd = Command::new(exe);
         cmd.args(run_args(vm, &sock)).stdin(Stdio::null()).stdout(Stdio::null());
+        let inherit = group.map(|(d, m)| [d.as_raw_fd(), m.as_raw_fd()]);
+        if let Some([d, m]) = inherit {
+            cmd.arg(format!("--share-group-fds={d},{m}"));
+        }
         // SAFETY: the closure runs in the child between fork and exec and calls only
-        // async-signal-safe functions (prctl, getppid, setpgid, _exit).
+        // async-signal-safe functions (prctl, getppid, setpgid, fcntl, _exit).
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -133,6 +148,12 @@ impl VmProcess {
                     libc::_exit(1);
                 }
                 libc::setpgid(0, 0);
+                for fd in inherit.into_iter().flatten() {
+                    // The group's memfds are close-on-exec in the host: keep them open here.
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }

@@ -6,6 +6,8 @@
 //! tick_ms = 1000           # policy tick
 //! policy = "esx"
 //! idle_tax_percent = 75
+//! sharing_rate_idle = 1000  # pages/s per VM the policy scans for sharing in High
+//! sharing_rate_busy = 10000 # and from Clear down
 //!
 //! [[vm]]
 //! name = "a"               # letters, digits, - and _
@@ -16,6 +18,7 @@
 //! shares = 5120            # default: 10 per MiB of memory
 //! reservation = "64M"      # never reclaimed below (default 0)
 //! limit = "512M"           # never given more (default: memory)
+//! sharing_group = "web"    # share identical pages with the VMs of this group only
 //! args = ["--zcache-max", "5%"]   # more `ebb run` options
 //! ```
 //!
@@ -26,7 +29,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::policy::POLICY_NAMES;
+use super::policy::{PolicyParams, POLICY_NAMES};
 use crate::units::{human_bytes, parse_size};
 
 /// Default policy tick.
@@ -137,6 +140,8 @@ struct HostFile {
     tick_ms: Option<u64>,
     policy: Option<String>,
     idle_tax_percent: Option<u8>,
+    sharing_rate_idle: Option<u64>,
+    sharing_rate_busy: Option<u64>,
     #[serde(default)]
     vm: Vec<VmEntry>,
 }
@@ -167,8 +172,8 @@ pub struct HostConfig {
     pub tick: Duration,
     /// Policy name.
     pub policy: String,
-    /// Idle memory tax, percent.
-    pub tax_percent: u8,
+    /// What the policy is built with: the idle memory tax, the sharing scan rates.
+    pub params: PolicyParams,
     /// The VMs, in start order.
     pub vms: Vec<VmSpec>,
 }
@@ -239,6 +244,23 @@ impl HostConfig {
         if tax_percent >= 100 {
             return Err(invalid("idle_tax_percent", "must be below 100"));
         }
+        let defaults = PolicyParams::default();
+        let params = PolicyParams {
+            tax_percent,
+            share_rate_idle: file.sharing_rate_idle.unwrap_or(defaults.share_rate_idle),
+            share_rate_busy: file.sharing_rate_busy.unwrap_or(defaults.share_rate_busy),
+        };
+        for (key, rate) in [
+            ("sharing_rate_idle", params.share_rate_idle),
+            ("sharing_rate_busy", params.share_rate_busy),
+        ] {
+            if rate > crate::config::MAX_SHARE_SCAN_RATE {
+                return Err(invalid(
+                    key,
+                    format!("at most {} pages per second", crate::config::MAX_SHARE_SCAN_RATE),
+                ));
+            }
+        }
         if file.vm.is_empty() {
             return Err(invalid("vm", "no VMs: add [[vm]] tables or --vm options"));
         }
@@ -253,7 +275,7 @@ impl HostConfig {
             vms.push(check_vm(entry)?);
         }
         admit(&vms, budget_bytes)?;
-        Ok(Self { budget_bytes, tick, policy, tax_percent, vms })
+        Ok(Self { budget_bytes, tick, policy, params, vms })
     }
 }
 
@@ -315,8 +337,13 @@ fn check_vm(entry: VmEntry) -> Result<VmSpec, HostConfigError> {
     if entry.kernel.is_none() && (entry.initrd.is_some() || entry.cmdline.is_some()) {
         return Err(invalid(key("initrd"), "initrd and cmdline need a kernel"));
     }
-    if entry.sharing_group.is_some() {
-        return Err(invalid(key("sharing_group"), "sharing across VMs is not built yet"));
+    if let Some(g) = &entry.sharing_group {
+        if g.is_empty()
+            || g.len() > 32
+            || !g.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(key("sharing_group"), "1 to 32 letters, digits, - or _"));
+        }
     }
     let balloon = match &entry.balloon {
         None | Some(BalloonEntry::On(false)) => None,
@@ -379,7 +406,7 @@ mod tests {
     fn a_good_file_gives_defaults_for_what_it_leaves_out() {
         let c = load(TWO).unwrap();
         assert_eq!(c.budget_bytes, 1 << 30);
-        assert_eq!((c.policy.as_str(), c.tax_percent, c.tick), ("esx", 75, DEFAULT_TICK));
+        assert_eq!((c.policy.as_str(), c.params.tax_percent, c.tick), ("esx", 75, DEFAULT_TICK));
         assert_eq!(c.vms[0].shares, 5120);
         assert_eq!(c.vms[0].limit_bytes, 512 << 20);
         assert_eq!(c.vms[1].reservation_bytes, 64 << 20);

@@ -175,7 +175,7 @@ fn serve_api(
 /// Setup fails or a VM cannot start (those started are stopped).
 pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
     let mut signals = StopSignals::install().map_err(setup("signal handlers"))?;
-    let policy = policy::by_name(&opts.config.policy, opts.config.tax_percent)
+    let policy = policy::by_name(&opts.config.policy, opts.config.params)
         .ok_or_else(|| HostError::Policy(opts.config.policy.clone()))?;
     let dir = RunDir::new(opts.run_dir.clone())?;
     let mut stats = match &opts.stats_json {

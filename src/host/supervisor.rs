@@ -18,6 +18,7 @@ use super::config::{HostConfig, VmSpec};
 use super::policy::{HostView, Policy, Snapshot, VmAction, VmView};
 use super::pressure::{min_free_bytes, MemState, DEFAULT_THRESHOLDS};
 use super::report::{HostReport, VmReport};
+use crate::mm::sharing::group::{create_files, DEFAULT_GROUP_SLOTS};
 use crate::mm::thread::ThreadClock;
 use crate::units::PAGE_SIZE;
 
@@ -94,6 +95,8 @@ pub struct Supervisor {
     start: Instant,
     clock: ThreadClock,
     tick: Duration,
+    /// The sharing groups' memfds (kept open while the host runs).
+    _groups: Vec<(std::fs::File, std::fs::File)>,
 }
 
 fn field(v: &Value, key: &str) -> u64 {
@@ -119,9 +122,22 @@ impl Supervisor {
         dir: &Path,
         policy: Box<dyn Policy>,
     ) -> Result<Self, super::child::ChildError> {
+        let mut groups: std::collections::HashMap<String, (std::fs::File, std::fs::File)> =
+            std::collections::HashMap::new();
         let mut slots = Vec::new();
         for spec in &config.vms {
-            let proc = VmProcess::spawn(exe, spec, dir)?; // dropping `slots` kills the others
+            let group = match &spec.entry.sharing_group {
+                Some(name) if !groups.contains_key(name) => {
+                    let files = create_files(DEFAULT_GROUP_SLOTS).map_err(|source| {
+                        super::child::ChildError::Spawn { name: spec.entry.name.clone(), source }
+                    })?;
+                    Some(groups.entry(name.clone()).or_insert(files))
+                }
+                Some(name) => groups.get_mut(name),
+                None => None,
+            };
+            // Dropping `slots` kills the VMs started before a failure.
+            let proc = VmProcess::spawn(exe, spec, dir, group.map(|g| &*g))?;
             log::info!("vm {}: started, pid {}", spec.entry.name, proc.pid());
             slots.push(Slot {
                 spec: spec.clone(),
@@ -160,6 +176,7 @@ impl Supervisor {
             start: Instant::now(),
             clock,
             tick: config.tick,
+            _groups: groups.into_values().collect(),
         })
     }
 

@@ -15,7 +15,8 @@ use super::pages::{PageState, PageTable, StateSet};
 use super::reclaim::evict::Evictor;
 use super::reclaim::{self, DirtyLog, ReclaimControl, VictimPolicy};
 use super::rss::RssProbe;
-use super::sharing::pool::Pool;
+use super::sharing::group::GroupPool;
+use super::sharing::pool::{Pool, PoolError, SharePool};
 use super::sharing::{Merger, ShareHash, SharedPages, SharingControl, SharingStats};
 use super::stats::{FaultStats, Histogram, MemStats, ReclaimStats, ShareStats};
 use super::sys::resident_pages;
@@ -40,6 +41,9 @@ pub struct EngineConfig {
     pub share_scan_rate: u64,
     /// How the sharing scanner hashes pages.
     pub share_hash: ShareHash,
+    /// Inherited descriptors (data, meta) of a sharing group's pool (None: a pool of the
+    /// VM's own).
+    pub share_group_fds: Option<(i32, i32)>,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +59,7 @@ impl Default for EngineConfig {
             victims: VictimPolicy::default(),
             share_scan_rate: 0,
             share_hash: ShareHash::default(),
+            share_group_fds: None,
         }
     }
 }
@@ -340,6 +345,7 @@ impl Engine {
             share_map_failures: get(&st.map_failures),
             share_map_limited: get(&st.map_limited),
             sharing_cpu_ms: s.control.cpu_ns() as f64 / 1e6,
+            sharing_group_pool_bytes: s.pages.pool.group_live_pages().map(|p| p * PAGE_SIZE),
         }
     }
 
@@ -456,12 +462,38 @@ fn shared_pages(
         log::info!("page sharing is unavailable: this kernel lacks {need}");
         return Ok(None);
     }
-    // Hints: at most one per two pages, so that the index stays within 10 bytes a page.
-    let hints = usize::try_from(table.len() / 2).unwrap_or(usize::MAX);
-    let pool =
-        Pool::new(table.len(), hints).map_err(|e| UffdError::Setup(std::io::Error::other(e)))?;
+    let setup = |e: PoolError| UffdError::Setup(std::io::Error::other(e));
+    let pool: Arc<dyn SharePool> = match config.share_group_fds {
+        Some((data, meta)) => {
+            let (data, meta) = (inherited(data)?, inherited(meta)?);
+            Arc::new(GroupPool::attach(data, meta).map_err(setup)?)
+        }
+        None => {
+            // Hints: at most one per two pages, so that the index stays within 10 bytes a
+            // page.
+            let hints = usize::try_from(table.len() / 2).unwrap_or(usize::MAX);
+            Arc::new(Pool::new(table.len(), hints).map_err(setup)?)
+        }
+    };
     let stats = Arc::new(SharingStats::default());
-    Ok(Some(Arc::new(SharedPages::new(Arc::new(pool), stats, uffd.clone()))))
+    Ok(Some(Arc::new(SharedPages::new(pool, stats, uffd.clone()))))
+}
+
+/// A duplicate of inherited descriptor `fd`, close-on-exec, as a `File`.
+fn inherited(fd: i32) -> Result<std::fs::File, UffdError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC only reads `fd` (EBADF if it is not open) and returns a new
+    // descriptor that nothing else owns.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(UffdError::Setup(std::io::Error::new(
+            e.kind(),
+            format!("sharing group descriptor {fd}: {e}"),
+        )));
+    }
+    // SAFETY: `dup` is a fresh descriptor we own.
+    Ok(unsafe { std::fs::File::from_raw_fd(dup) })
 }
 
 /// Starts the sharing scanner (idle until a scan rate is set).

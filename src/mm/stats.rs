@@ -259,7 +259,8 @@ pub struct ShareStats {
     pub share_scan_rate: u64,
     /// Guest memory backed by shared pool pages (Shared pages).
     pub shared_bytes: u64,
-    /// Host memory of the pool pages those map (counted in Consumed).
+    /// Host memory of the pool pages those map (counted in Consumed; in a sharing group,
+    /// this VM's part of the group's pool, in proportion to the pages it maps).
     pub sharing_pool_bytes: u64,
     /// Host memory sharing saves now: shared bytes less the pool's.
     pub sharing_saved_bytes: u64,
@@ -281,6 +282,9 @@ pub struct ShareStats {
     pub share_map_limited: u64,
     /// CPU time of the sharing scanner, milliseconds.
     pub sharing_cpu_ms: f64,
+    /// In a sharing group: host memory of the whole group's pool (this VM's part is in
+    /// `sharing_pool_bytes`); null for a VM that shares only with itself.
+    pub sharing_group_pool_bytes: Option<u64>,
 }
 
 /// The reclaim part of a statistics line.

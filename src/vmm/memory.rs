@@ -82,6 +82,7 @@ pub fn start_engine(
         victims: config.memory.reclaim.victims,
         share_scan_rate: config.memory.share_scan_rate,
         share_hash: Default::default(),
+        share_group_fds: config.memory.share_group_fds,
     };
     let engine = Engine::start(mm, &engine_config, Some(dirty_log(vm.clone(), regions)))?;
     log::debug!("userfaultfd engine: write protection {}", engine.write_protect());

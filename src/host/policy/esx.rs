@@ -16,27 +16,24 @@
 use std::collections::HashMap;
 
 use super::shares::{self, Claim};
-use super::{Policy, Snapshot, VmAction, VmView};
+use super::{Policy, PolicyParams, Snapshot, VmAction, VmView};
 use crate::host::pressure::MemState;
 
-/// Sharing scan rate in High: pages per second per VM, a background trickle.
-pub const BACKGROUND_SCAN_RATE: u64 = 1000;
-/// Sharing scan rate from Clear down: pages per second per VM.
-pub const ACTIVE_SCAN_RATE: u64 = 10_000;
 /// Free memory the targets leave, in percent of minFree.
 pub const GOAL_FREE_PERCENT: u64 = 125;
 
 /// ESX's policy, remembering what it last asked of each VM (Clear holds it).
 #[derive(Debug, Default)]
 pub struct Esx {
-    tax_percent: u8,
+    params: PolicyParams,
     last: HashMap<String, VmAction>,
 }
 
 impl Esx {
-    /// The policy with an idle memory tax of `tax_percent` (below 100).
-    pub fn new(tax_percent: u8) -> Self {
-        Self { tax_percent: tax_percent.min(99), last: HashMap::new() }
+    /// The policy with `params` (the tax is capped at 99%).
+    pub fn new(mut params: PolicyParams) -> Self {
+        params.tax_percent = params.tax_percent.min(99);
+        Self { params, last: HashMap::new() }
     }
 
     fn act(&self, vm: &VmView, target: u64, state: MemState) -> VmAction {
@@ -51,9 +48,9 @@ impl Esx {
             target_bytes: target,
             alloc_wait_above_bytes: None,
             share_scan_rate: if state == MemState::High {
-                BACKGROUND_SCAN_RATE
+                self.params.share_rate_idle
             } else {
-                ACTIVE_SCAN_RATE
+                self.params.share_rate_busy
             },
             ..held.clone()
         };
@@ -104,7 +101,7 @@ impl Policy for Esx {
                 shares: v.shares,
             })
             .collect();
-        let targets = shares::targets(&claims, available, self.tax_percent);
+        let targets = shares::targets(&claims, available, self.params.tax_percent);
         let actions: Vec<VmAction> = (snap.vms.iter().zip(targets))
             .map(|(vm, target)| self.act(vm, target, snap.host.state))
             .collect();
@@ -149,49 +146,53 @@ mod tests {
 
     #[test]
     fn high_shares_in_the_background_and_reclaims_nothing() {
-        let a = Esx::new(75).decide(&snap(MemState::High, vec![vm("a", 500, true)]));
-        assert_eq!(a[0].share_scan_rate, BACKGROUND_SCAN_RATE);
+        let a = Esx::new(PolicyParams::default())
+            .decide(&snap(MemState::High, vec![vm("a", 500, true)]));
+        assert_eq!(a[0].share_scan_rate, PolicyParams::default().share_rate_idle);
         assert_eq!((a[0].balloon_bytes, a[0].reclaim_target_bytes), (0, None));
     }
 
     #[test]
     fn soft_balloons_a_vm_with_a_driver_and_compresses_one_without() {
         let vms = vec![vm("a", 500, true), vm("b", 500, false)];
-        let a = Esx::new(75).decide(&snap(MemState::Soft, vms));
+        let a = Esx::new(PolicyParams::default()).decide(&snap(MemState::Soft, vms));
         // 1000 MiB held, 900 available, equal and idle: 450 each, 50 over.
         assert_eq!(a[0].target_bytes, 450 * MIB);
         assert_eq!((a[0].balloon_bytes, a[0].reclaim_target_bytes), (50 * MIB, None));
         assert_eq!((a[1].balloon_bytes, a[1].reclaim_target_bytes), (0, Some(450 * MIB)));
-        assert_eq!(a[1].share_scan_rate, ACTIVE_SCAN_RATE);
+        assert_eq!(a[1].share_scan_rate, PolicyParams::default().share_rate_busy);
     }
 
     #[test]
     fn hard_balloons_and_compresses() {
-        let a = Esx::new(75).decide(&snap(MemState::Hard, vec![vm("a", 1000, true)]));
+        let a = Esx::new(PolicyParams::default())
+            .decide(&snap(MemState::Hard, vec![vm("a", 1000, true)]));
         assert_eq!(a[0].balloon_bytes, 100 * MIB);
         assert_eq!(a[0].reclaim_target_bytes, Some(900 * MIB));
     }
 
     #[test]
     fn low_makes_only_the_vms_over_target_wait_for_new_memory() {
-        let a = Esx::new(75)
+        let a = Esx::new(PolicyParams::default())
             .decide(&snap(MemState::Low, vec![vm("a", 600, false), vm("b", 200, false)]));
         // 800 held, 900 available: nobody is over target, nobody waits.
         assert_eq!((a[0].alloc_wait_above_bytes, a[1].alloc_wait_above_bytes), (None, None));
         let mut busy = vm("b", 600, false);
         busy.active_bytes = 600 * MIB;
-        let a = Esx::new(75).decide(&snap(MemState::Low, vec![vm("a", 600, false), busy]));
+        let a = Esx::new(PolicyParams::default())
+            .decide(&snap(MemState::Low, vec![vm("a", 600, false), busy]));
         // The idle VM pays the tax: it is over target and waits at its resident goal.
         assert_eq!(a[0].alloc_wait_above_bytes, a[0].reclaim_target_bytes);
         assert!(a[0].alloc_wait_above_bytes.is_some());
         assert_eq!(a[1].alloc_wait_above_bytes, None);
-        let hard = Esx::new(75).decide(&snap(MemState::Hard, vec![vm("a", 1000, false)]));
+        let hard = Esx::new(PolicyParams::default())
+            .decide(&snap(MemState::Hard, vec![vm("a", 1000, false)]));
         assert_eq!(hard[0].alloc_wait_above_bytes, None);
     }
 
     #[test]
     fn clear_holds_what_soft_asked_and_high_lets_go() {
-        let mut p = Esx::new(75);
+        let mut p = Esx::new(PolicyParams::default());
         p.decide(&snap(MemState::Soft, vec![vm("b", 1000, false)]));
         let held = p.decide(&snap(MemState::Clear, vec![vm("b", 900, false)]));
         assert_eq!(held[0].reclaim_target_bytes, Some(900 * MIB));
@@ -203,7 +204,7 @@ mod tests {
     fn the_resident_goal_leaves_room_for_the_cache() {
         let mut b = vm("b", 1000, false);
         b.resident_bytes = 960 * MIB; // 40 MiB of compression cache
-        let a = Esx::new(75).decide(&snap(MemState::Hard, vec![b]));
+        let a = Esx::new(PolicyParams::default()).decide(&snap(MemState::Hard, vec![b]));
         assert_eq!(a[0].reclaim_target_bytes, Some(860 * MIB));
     }
 
@@ -211,7 +212,7 @@ mod tests {
     fn a_vm_over_its_limit_is_reclaimed_even_in_high() {
         let mut v = vm("a", 500, false);
         v.limit_bytes = 256 * MIB;
-        let a = Esx::new(75).decide(&snap(MemState::High, vec![v]));
+        let a = Esx::new(PolicyParams::default()).decide(&snap(MemState::High, vec![v]));
         assert_eq!(a[0].reclaim_target_bytes, Some(256 * MIB));
     }
 
@@ -220,7 +221,7 @@ mod tests {
         let mut v = vm("a", 1000, true);
         v.configured_bytes = 1000 * MIB;
         v.reservation_bytes = 950 * MIB;
-        let a = Esx::new(75).decide(&snap(MemState::Soft, vec![v]));
+        let a = Esx::new(PolicyParams::default()).decide(&snap(MemState::Soft, vec![v]));
         assert_eq!(a[0].target_bytes, 950 * MIB);
         assert_eq!(a[0].balloon_bytes, 50 * MIB);
     }

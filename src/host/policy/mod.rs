@@ -105,10 +105,27 @@ pub trait Policy: std::fmt::Debug + Send {
 /// The policies `--policy` knows, default first.
 pub const POLICY_NAMES: [&str; 1] = ["esx"];
 
-/// The policy called `name`, with an idle memory tax of `tax_percent`.
-pub fn by_name(name: &str, tax_percent: u8) -> Option<Box<dyn Policy>> {
+/// What policies are built with (the host's description sets them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyParams {
+    /// Idle memory tax, percent (below 100).
+    pub tax_percent: u8,
+    /// Sharing scan rate with no memory pressure, pages per second per VM.
+    pub share_rate_idle: u64,
+    /// Sharing scan rate under pressure (Clear and below).
+    pub share_rate_busy: u64,
+}
+
+impl Default for PolicyParams {
+    fn default() -> Self {
+        Self { tax_percent: 75, share_rate_idle: 1000, share_rate_busy: 10_000 }
+    }
+}
+
+/// The policy called `name`, built with `params`.
+pub fn by_name(name: &str, params: PolicyParams) -> Option<Box<dyn Policy>> {
     match name {
-        "esx" => Some(Box::new(esx::Esx::new(tax_percent))),
+        "esx" => Some(Box::new(esx::Esx::new(params))),
         _ => None,
     }
 }

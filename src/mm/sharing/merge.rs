@@ -20,7 +20,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::pool::Pool;
+use super::pool::SharePool;
 use super::sys::{map_private_page, populate, remap_page_over, unmap_page};
 use super::SharingStats;
 use crate::mm::layout::RamMap;
@@ -45,7 +45,7 @@ pub struct Merger {
     scratch: Mapping,
     map: RamMap,
     table: Arc<PageTable>,
-    pool: Arc<Pool>,
+    pool: Arc<dyn SharePool>,
     stats: Arc<SharingStats>,
 }
 
@@ -59,7 +59,7 @@ impl Merger {
         handler: Arc<Uffd>,
         map: RamMap,
         table: Arc<PageTable>,
-        pool: Arc<Pool>,
+        pool: Arc<dyn SharePool>,
         stats: Arc<SharingStats>,
     ) -> Result<Self, UffdError> {
         let moves = Uffd::open_for_moves(dev)?;
@@ -79,8 +79,8 @@ impl Merger {
     }
 
     /// The pool.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
+    pub fn pool(&self) -> &dyn SharePool {
+        &*self.pool
     }
 
     /// The frozen contents in scratch page `slot`.

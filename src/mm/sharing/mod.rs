@@ -44,6 +44,7 @@
 //!   Untouched, under a claim), the fault handler (Shared to Resident, under a claim) and
 //!   the memory manager (Shared to Ballooned or Untouched, under a claim).
 
+pub mod group;
 mod merge;
 pub mod pool;
 mod scanner;
@@ -60,7 +61,7 @@ pub(crate) use scanner::spawn;
 use crate::mm::pages::{PageState, PageTable, StateSet};
 use crate::mm::uffd::{Resolved, Uffd, UffdError};
 use crate::units::PAGE_SIZE;
-use pool::Pool;
+use pool::SharePool;
 
 /// How the scanner hashes pages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -193,7 +194,7 @@ pub enum Unshared {
 #[derive(Debug)]
 pub struct SharedPages {
     /// The pool.
-    pub pool: Arc<Pool>,
+    pub pool: Arc<dyn SharePool>,
     /// The counters.
     pub stats: Arc<SharingStats>,
     uffd: Arc<Uffd>,
@@ -201,7 +202,7 @@ pub struct SharedPages {
 
 impl SharedPages {
     /// Shared pages of a VM whose faults `uffd` serves.
-    pub fn new(pool: Arc<Pool>, stats: Arc<SharingStats>, uffd: Arc<Uffd>) -> Self {
+    pub fn new(pool: Arc<dyn SharePool>, stats: Arc<SharingStats>, uffd: Arc<Uffd>) -> Self {
         Self { pool, stats, uffd }
     }
 

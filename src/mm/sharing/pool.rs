@@ -32,8 +32,51 @@ pub enum Found {
     Canonical(u64),
     /// A guest page seen with that hash in this pass.
     Hint(u64),
+    /// A page of another VM of the sharing group seen with that hash (it cannot be frozen
+    /// from here: store this VM's page as the canonical copy for the other to join).
+    Foreign,
     /// Nothing.
     Nothing,
+}
+
+/// What the scanner, the merger and the fault handler need of a pool: a VM's own
+/// ([`Pool`]) or its sharing group's (`group::GroupPool`). Semantics are [`Pool`]'s.
+pub trait SharePool: std::fmt::Debug + Send + Sync {
+    /// The memfd of canonical pages.
+    fn file(&self) -> &File;
+    /// The content of live slot `slot`.
+    fn page(&self, slot: u64) -> Option<&Page>;
+    /// Looks `hash` up; a canonical slot comes back pinned.
+    fn find(&self, hash: u64) -> Found;
+    /// Remembers page `idx` as having `hash`, unless known or the hints are full.
+    fn hint(&self, hash: u64, idx: u64);
+    /// Forgets the hint for `hash` if it names page `idx`.
+    fn forget_hint(&self, hash: u64, idx: u64);
+    /// Drops this VM's hints (a new pass of its scanner begins).
+    fn clear_hints(&self);
+    /// Stores `content` in a free slot, indexed and pinned once.
+    ///
+    /// # Errors
+    /// The pool is full, or its memfd could not grow.
+    fn create(&self, hash: u64, content: &Page) -> Result<u64, PoolError>;
+    /// Pins `slot` once more.
+    fn pin(&self, slot: u64);
+    /// Drops a pin of `slot`.
+    fn unpin(&self, slot: u64);
+    /// Page `idx` now maps `slot` (a pin becomes the page's reference).
+    fn attach(&self, idx: u64, slot: u64);
+    /// Page `idx` no longer maps its slot; returns the slot.
+    fn detach(&self, idx: u64) -> Option<u64>;
+    /// The slot page `idx` maps.
+    fn slot_of(&self, idx: u64) -> Option<u64>;
+    /// Host pages this VM's shared pages cost (its part of a group's pool).
+    fn live_pages(&self) -> u64;
+    /// The whole group's live pages (None: not a group).
+    fn group_live_pages(&self) -> Option<u64> {
+        None
+    }
+    /// Bytes of metadata this VM keeps for the pool.
+    fn metadata_bytes(&self) -> u64;
 }
 
 /// Errors of the pool.
@@ -83,76 +126,6 @@ impl Pool {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The memfd (mapped privately over shared guest pages).
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// The content of live slot `slot` (unchanged while the caller holds a reference).
-    pub fn page(&self, slot: u64) -> Option<&Page> {
-        self.view.page(slot)
-    }
-
-    /// Looks `hash` up; a canonical slot comes back pinned.
-    pub fn find(&self, hash: u64) -> Found {
-        let mut inner = self.lock();
-        match inner.index.get(&hash).copied() {
-            Some(e) if e & CANONICAL != 0 => {
-                let slot = e & !CANONICAL;
-                inner.pin(slot);
-                Found::Canonical(slot)
-            }
-            Some(page) => Found::Hint(page),
-            None => Found::Nothing,
-        }
-    }
-
-    /// Remembers page `idx` as having `hash`, unless the hash is known or the hints are full.
-    pub fn hint(&self, hash: u64, idx: u64) {
-        let mut inner = self.lock();
-        if inner.hints < self.hint_capacity && !inner.index.contains_key(&hash) {
-            inner.index.insert(hash, idx);
-            inner.hints += 1;
-        }
-    }
-
-    /// Forgets the hint for `hash` if it names page `idx`.
-    pub fn forget_hint(&self, hash: u64, idx: u64) {
-        let mut inner = self.lock();
-        if inner.index.get(&hash) == Some(&idx) {
-            inner.index.remove(&hash);
-            inner.hints -= 1;
-        }
-    }
-
-    /// Drops every hint (a new pass of the scanner begins).
-    pub fn clear_hints(&self) {
-        let mut inner = self.lock();
-        inner.index.retain(|_, e| *e & CANONICAL != 0);
-        inner.hints = 0;
-    }
-
-    /// Stores `content` (whose hash is `hash`) in a free slot, indexed and pinned once.
-    ///
-    /// # Errors
-    /// The pool is full, or its memfd could not grow.
-    pub fn create(&self, hash: u64, content: &Page) -> Result<u64, PoolError> {
-        let mut inner = self.lock();
-        let slot = match inner.free.pop() {
-            Some(slot) => slot,
-            None => self.grow(&mut inner)?,
-        };
-        self.view.write(slot, content);
-        let i = to_index(slot);
-        inner.refs[i] = 1;
-        inner.hashes[i] = hash;
-        inner.live += 1;
-        if inner.index.insert(hash, slot | CANONICAL).is_some_and(|e| e & CANONICAL == 0) {
-            inner.hints -= 1;
-        }
-        Ok(slot)
-    }
-
     /// A new slot past the end of the file, growing the file when it is full.
     fn grow(&self, inner: &mut Inner) -> Result<u64, PoolError> {
         let slot = inner.refs.len() as u64;
@@ -166,35 +139,6 @@ impl Pool {
         inner.refs.push(0);
         inner.hashes.push(0);
         Ok(slot)
-    }
-
-    /// Pins `slot` once more (for a second page about to map it).
-    pub fn pin(&self, slot: u64) {
-        self.lock().pin(slot);
-    }
-
-    /// Drops a pin of `slot`, freeing the slot when nothing refers to it any more.
-    pub fn unpin(&self, slot: u64) {
-        let mut inner = self.lock();
-        self.release(&mut inner, slot);
-    }
-
-    /// Page `idx` now maps `slot`: a pin of the caller's becomes the page's reference.
-    pub fn attach(&self, idx: u64, slot: u64) {
-        self.lock().of_page.insert(idx, slot);
-    }
-
-    /// Page `idx` no longer maps its slot; drops its reference. Returns the slot.
-    pub fn detach(&self, idx: u64) -> Option<u64> {
-        let mut inner = self.lock();
-        let slot = inner.of_page.remove(&idx)?;
-        self.release(&mut inner, slot);
-        Some(slot)
-    }
-
-    /// The slot page `idx` maps, if it is shared.
-    pub fn slot_of(&self, idx: u64) -> Option<u64> {
-        self.lock().of_page.get(&idx).copied()
     }
 
     fn release(&self, inner: &mut Inner, slot: u64) {
@@ -214,14 +158,115 @@ impl Pool {
         inner.free.push(slot);
         inner.live -= 1;
     }
+}
+
+impl SharePool for Pool {
+    /// The memfd (mapped privately over shared guest pages).
+    fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The content of live slot `slot` (unchanged while the caller holds a reference).
+    fn page(&self, slot: u64) -> Option<&Page> {
+        self.view.page(slot)
+    }
+
+    /// Looks `hash` up; a canonical slot comes back pinned.
+    fn find(&self, hash: u64) -> Found {
+        let mut inner = self.lock();
+        match inner.index.get(&hash).copied() {
+            Some(e) if e & CANONICAL != 0 => {
+                let slot = e & !CANONICAL;
+                inner.pin(slot);
+                Found::Canonical(slot)
+            }
+            Some(page) => Found::Hint(page),
+            None => Found::Nothing,
+        }
+    }
+
+    /// Remembers page `idx` as having `hash`, unless the hash is known or the hints are full.
+    fn hint(&self, hash: u64, idx: u64) {
+        let mut inner = self.lock();
+        if inner.hints < self.hint_capacity && !inner.index.contains_key(&hash) {
+            inner.index.insert(hash, idx);
+            inner.hints += 1;
+        }
+    }
+
+    /// Forgets the hint for `hash` if it names page `idx`.
+    fn forget_hint(&self, hash: u64, idx: u64) {
+        let mut inner = self.lock();
+        if inner.index.get(&hash) == Some(&idx) {
+            inner.index.remove(&hash);
+            inner.hints -= 1;
+        }
+    }
+
+    /// Drops every hint (a new pass of the scanner begins).
+    fn clear_hints(&self) {
+        let mut inner = self.lock();
+        inner.index.retain(|_, e| *e & CANONICAL != 0);
+        inner.hints = 0;
+    }
+
+    /// Stores `content` (whose hash is `hash`) in a free slot, indexed and pinned once.
+    ///
+    /// # Errors
+    /// The pool is full, or its memfd could not grow.
+    fn create(&self, hash: u64, content: &Page) -> Result<u64, PoolError> {
+        let mut inner = self.lock();
+        let slot = match inner.free.pop() {
+            Some(slot) => slot,
+            None => self.grow(&mut inner)?,
+        };
+        self.view.write(slot, content);
+        let i = to_index(slot);
+        inner.refs[i] = 1;
+        inner.hashes[i] = hash;
+        inner.live += 1;
+        if inner.index.insert(hash, slot | CANONICAL).is_some_and(|e| e & CANONICAL == 0) {
+            inner.hints -= 1;
+        }
+        Ok(slot)
+    }
+
+    /// Pins `slot` once more (for a second page about to map it).
+    fn pin(&self, slot: u64) {
+        self.lock().pin(slot);
+    }
+
+    /// Drops a pin of `slot`, freeing the slot when nothing refers to it any more.
+    fn unpin(&self, slot: u64) {
+        let mut inner = self.lock();
+        self.release(&mut inner, slot);
+    }
+
+    /// Page `idx` now maps `slot`: a pin of the caller's becomes the page's reference.
+    fn attach(&self, idx: u64, slot: u64) {
+        self.lock().of_page.insert(idx, slot);
+    }
+
+    /// Page `idx` no longer maps its slot; drops its reference. Returns the slot.
+    fn detach(&self, idx: u64) -> Option<u64> {
+        let mut inner = self.lock();
+        let slot = inner.of_page.remove(&idx)?;
+        self.release(&mut inner, slot);
+        Some(slot)
+    }
+
+    /// The slot page `idx` maps, if it is shared.
+    fn slot_of(&self, idx: u64) -> Option<u64> {
+        self.lock().of_page.get(&idx).copied()
+    }
 
     /// Slots in use: host pages backing shared guest pages.
-    pub fn live_pages(&self) -> u64 {
+    fn live_pages(&self) -> u64 {
         self.lock().live
     }
 
     /// Bytes of metadata: per slot, per shared page, per index entry.
-    pub fn metadata_bytes(&self) -> u64 {
+    fn metadata_bytes(&self) -> u64 {
         let inner = self.lock();
         let slots =
             inner.refs.capacity() * 4 + inner.hashes.capacity() * 8 + inner.free.capacity() * 8;

@@ -169,7 +169,30 @@ impl Scanner {
             Found::Canonical(slot) => self.join(idx, slot),
             Found::Hint(other) if other != idx => self.pair(other, idx, hash),
             Found::Hint(_) => {}
+            Found::Foreign => self.publish(idx, hash),
             Found::Nothing => self.merger.pool().hint(hash, idx),
+        }
+    }
+
+    /// Another VM of the sharing group saw this content: page `idx` becomes the canonical
+    /// copy, which that VM joins when its scanner next visits its page.
+    fn publish(&mut self, idx: u64, hash: u64) {
+        if !self.merger.freeze(idx, 0) {
+            return;
+        }
+        let pool = self.merger.pool();
+        // The frozen content is what goes into the pool: hash it again, as it may have
+        // changed since the copy that was hashed.
+        let slot = match self.merger.frozen(0) {
+            Some(p) if self.hash.of(p) == hash => pool.create(hash, p).ok(),
+            _ => None,
+        };
+        match slot {
+            Some(slot) if self.merger.install(idx, 0, slot) => {
+                self.stats.merged.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => {}
+            None => self.merger.thaw(idx, 0),
         }
     }
 

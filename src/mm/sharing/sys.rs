@@ -85,6 +85,21 @@ impl View {
             .then(|| (self.hva as *mut u8).wrapping_add(offset))
     }
 
+    /// The 64-bit word at index `i` of the view, shared with every process that maps the
+    /// same file (a sharing group's tables).
+    pub fn word(&self, i: u64) -> Option<&std::sync::atomic::AtomicU64> {
+        let offset = usize::try_from(i).ok()?.checked_mul(8)?;
+        if offset.checked_add(8)? > self.len {
+            return None;
+        }
+        // SAFETY: in bounds of our live mapping, 8-byte aligned (the mapping is page
+        // aligned); AtomicU64 has the layout of u64, and every process touches these words
+        // only atomically.
+        Some(unsafe {
+            &*(self.hva as *const u8).wrapping_add(offset).cast::<std::sync::atomic::AtomicU64>()
+        })
+    }
+
     /// The page of slot `slot`, which the caller knows is within the file and not being
     /// written (a canonical page never changes while anything refers to it).
     pub fn page(&self, slot: u64) -> Option<&Page> {
