@@ -447,7 +447,7 @@ fn bad_descriptions_are_refused_with_the_key_and_the_figures() {
         "--policy",
         "nope",
     ]);
-    assert!(text(&out).1.contains("policy: \"nope\" is not one of [\"esx\"]"), "{}", text(&out).1);
+    assert!(text(&out).1.contains("policy: \"nope\" is not one of [\"esx\", \"balloon-only\"]"), "{}", text(&out).1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -9,9 +9,11 @@
 //! | policy | file | believes |
 //! |---|---|---|
 //! | `esx` (default) | `esx.rs` | ESX: targets from shares with the idle memory tax, reclaimers chosen by state |
+//! | `balloon-only` | `balloon_only.rs` | the guest knows best: ask only through the balloon, never reclaim behind its back |
 //!
 //! Adding one: a file here with a type that implements [`Policy`], and a line in [`by_name`].
 
+pub mod balloon_only;
 pub mod esx;
 pub mod shares;
 
@@ -103,7 +105,7 @@ pub trait Policy: std::fmt::Debug + Send {
 }
 
 /// The policies `--policy` knows, default first.
-pub const POLICY_NAMES: [&str; 1] = ["esx"];
+pub const POLICY_NAMES: [&str; 2] = ["esx", "balloon-only"];
 
 /// What policies are built with (the host's description sets them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +128,7 @@ impl Default for PolicyParams {
 pub fn by_name(name: &str, params: PolicyParams) -> Option<Box<dyn Policy>> {
     match name {
         "esx" => Some(Box::new(esx::Esx::new(params))),
+        "balloon-only" => Some(Box::new(balloon_only::BalloonOnly)),
         _ => None,
     }
 }
