@@ -331,8 +331,10 @@ fn the_host_socket_lists_reports_passes_through_and_takes_a_budget_drop() {
     let mut toml = String::from("budget = \"1G\"\ntick_ms = 100\n");
     toml += &touch_vm("a", "128M", 25_000, 60_000, "reservation = \"16M\"");
     toml += &touch_vm("b", "128M", 25_000, 60_000, "");
+    toml += &touch_vm("late", "64M", 1000, 60_000, "start_after_ms = 1500");
     let host = Host::start("socket", &toml);
     let vms = host.ask("{\"vms\":{}}");
+    assert_eq!(vms["vms"].as_array().unwrap().len(), 2, "the late VM waits: {vms}");
     assert_eq!(vms["vms"][1]["name"], "b", "{vms}");
     assert!(Path::new(vms["vms"][0]["sock"].as_str().unwrap()).exists());
     // Per-VM pass-through.
@@ -396,6 +398,12 @@ fn the_host_socket_lists_reports_passes_through_and_takes_a_budget_drop() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(u(&host.ask("{\"host_stats\":{}}"), "budget_bytes"), 160 * MIB);
+    let start = Instant::now();
+    while host.ask("{\"vms\":{}}")["vms"].as_array().unwrap().len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the late VM never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(host.ask("{\"vms\":{}}")["vms"][2]["name"], "late");
     let metrics = host.ask("{\"metrics\":{}}");
     let text = metrics["text"].as_str().unwrap();
     assert!(text.contains("ebb_host_budget_bytes 167772160\n"), "{text}");
@@ -447,7 +455,11 @@ fn bad_descriptions_are_refused_with_the_key_and_the_figures() {
         "--policy",
         "nope",
     ]);
-    assert!(text(&out).1.contains("policy: \"nope\" is not one of [\"esx\", \"balloon-only\"]"), "{}", text(&out).1);
+    assert!(
+        text(&out).1.contains("policy: \"nope\" is not one of [\"esx\", \"balloon-only\"]"),
+        "{}",
+        text(&out).1
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

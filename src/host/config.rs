@@ -20,6 +20,7 @@
 //! limit = "512M"           # never given more (default: memory)
 //! sharing_group = "web"    # share identical pages with the VMs of this group only
 //! args = ["--zcache-max", "5%"]   # more `ebb run` options
+//! start_after_ms = 5000    # start late (default: with the host)
 //! ```
 //!
 //! Unknown keys are refused, and so are impossible values, each error naming its key.
@@ -121,6 +122,8 @@ pub struct VmEntry {
     /// More `ebb run` options.
     #[serde(default)]
     pub args: Vec<String>,
+    /// Start this many milliseconds after the host (default 0).
+    pub start_after_ms: Option<u64>,
 }
 
 /// `balloon = true` or `balloon = "stats=1"`.
@@ -161,6 +164,8 @@ pub struct VmSpec {
     pub limit_bytes: u64,
     /// The `--balloon` options, when it has a balloon.
     pub balloon: Option<String>,
+    /// When to start it, from the host's start.
+    pub start_after: Duration,
 }
 
 /// The host, checked.
@@ -274,6 +279,8 @@ impl HostConfig {
             }
             vms.push(check_vm(entry)?);
         }
+        // Start order: by start time, the file's order among equals.
+        vms.sort_by_key(|v| v.start_after);
         admit(&vms, budget_bytes)?;
         Ok(Self { budget_bytes, tick, policy, params, vms })
     }
@@ -353,7 +360,8 @@ fn check_vm(entry: VmEntry) -> Result<VmSpec, HostConfigError> {
             Some(o.clone())
         }
     };
-    Ok(VmSpec { entry, memory_bytes, shares, reservation_bytes, limit_bytes, balloon })
+    let start_after = Duration::from_millis(entry.start_after_ms.unwrap_or(0));
+    Ok(VmSpec { entry, memory_bytes, shares, reservation_bytes, limit_bytes, balloon, start_after })
 }
 
 /// Admits the VMs in order: each one's reservation must fit in what the ones before it

@@ -76,6 +76,8 @@ pub struct VmReport {
     pub alloc_wait_above_bytes: Option<u64>,
     /// Faults the gate held back so far.
     pub alloc_waits: u64,
+    /// CPU time of the VM's memory threads (fault handler, reclaim, sharing scanner), ms.
+    pub memory_cpu_ms: f64,
     /// Shares.
     pub shares: u64,
     /// Reservation.

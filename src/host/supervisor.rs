@@ -6,6 +6,7 @@
 //! [`Slot::sent`], so a lever is sent only when the policy changes it); the budget changes
 //! only through [`Shared::set_budget`], which refuses a budget below the reservations.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -71,6 +72,8 @@ struct Slot {
     last_counts: Option<(u64, u64, Instant)>,
     refaults: u64,
     alloc_waits: u64,
+    /// CPU of the VM's memory threads (handler, reclaim, sharing), ms.
+    cpu_ms: f64,
     progress: Option<u64>,
     saved: u64,
     /// What was last sent (None: nothing yet).
@@ -95,8 +98,12 @@ pub struct Supervisor {
     start: Instant,
     clock: ThreadClock,
     tick: Duration,
+    /// VMs not started yet, the next one last.
+    pending: Vec<VmSpec>,
+    exe: std::path::PathBuf,
+    dir: std::path::PathBuf,
     /// The sharing groups' memfds (kept open while the host runs).
-    _groups: Vec<(std::fs::File, std::fs::File)>,
+    groups: HashMap<String, (std::fs::File, std::fs::File)>,
 }
 
 fn field(v: &Value, key: &str) -> u64 {
@@ -122,50 +129,22 @@ impl Supervisor {
         dir: &Path,
         policy: Box<dyn Policy>,
     ) -> Result<Self, super::child::ChildError> {
-        let mut groups: std::collections::HashMap<String, (std::fs::File, std::fs::File)> =
-            std::collections::HashMap::new();
-        let mut slots = Vec::new();
-        for spec in &config.vms {
-            let group = match &spec.entry.sharing_group {
-                Some(name) if !groups.contains_key(name) => {
-                    let files = create_files(DEFAULT_GROUP_SLOTS).map_err(|source| {
-                        super::child::ChildError::Spawn { name: spec.entry.name.clone(), source }
-                    })?;
-                    Some(groups.entry(name.clone()).or_insert(files))
-                }
-                Some(name) => groups.get_mut(name),
-                None => None,
-            };
-            // Dropping `slots` kills the VMs started before a failure.
-            let proc = VmProcess::spawn(exe, spec, dir, group.map(|g| &*g))?;
-            log::info!("vm {}: started, pid {}", spec.entry.name, proc.pid());
-            slots.push(Slot {
-                spec: spec.clone(),
-                proc,
-                view: VmView::default(),
-                last_counts: None,
-                refaults: 0,
-                alloc_waits: 0,
-                progress: None,
-                saved: 0,
-                sent: None,
-                last_error: None,
-                exit_logged: false,
-            });
-        }
         let shared = Shared {
             budget_bytes: config.budget_bytes,
             reserved_bytes: config.vms.iter().map(|v| v.reservation_bytes).sum(),
             report: HostReport::default(),
-            vms: slots
-                .iter()
-                .map(|s| (s.spec.entry.name.clone(), s.proc.sock.clone(), s.proc.pid()))
-                .collect(),
+            vms: Vec::new(),
         };
         let clock = ThreadClock::default();
         clock.start_here();
-        Ok(Self {
-            slots,
+        let mut pending = config.vms.clone();
+        pending.reverse(); // popped from the end, in start order
+        let mut sup = Self {
+            slots: Vec::new(),
+            pending,
+            exe: exe.to_owned(),
+            dir: dir.to_owned(),
+            groups: HashMap::new(),
             policy,
             shared: Arc::new(Mutex::new(shared)),
             state: MemState::High,
@@ -176,8 +155,53 @@ impl Supervisor {
             start: Instant::now(),
             clock,
             tick: config.tick,
-            _groups: groups.into_values().collect(),
-        })
+        };
+        // Dropping `sup` kills the VMs started before a failure.
+        sup.start_due(Duration::ZERO)?;
+        Ok(sup)
+    }
+
+    /// Starts the VMs whose `start_after_ms` is at most `now` since the host started, in
+    /// order.
+    fn start_due(&mut self, now: Duration) -> Result<(), super::child::ChildError> {
+        while let Some(spec) = self.pending.last() {
+            if spec.start_after > now {
+                break;
+            }
+            let Some(spec) = self.pending.pop() else { break };
+            let group = match &spec.entry.sharing_group {
+                Some(name) => Some(match self.groups.entry(name.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(create_files(DEFAULT_GROUP_SLOTS).map_err(|source| {
+                            super::child::ChildError::Spawn {
+                                name: spec.entry.name.clone(),
+                                source,
+                            }
+                        })?)
+                    }
+                }),
+                None => None,
+            };
+            let proc = VmProcess::spawn(&self.exe, &spec, &self.dir, group.map(|g| &*g))?;
+            log::info!("vm {}: started, pid {}", spec.entry.name, proc.pid());
+            self.lock().vms.push((spec.entry.name.clone(), proc.sock.clone(), proc.pid()));
+            self.slots.push(Slot {
+                spec,
+                proc,
+                view: VmView::default(),
+                last_counts: None,
+                refaults: 0,
+                alloc_waits: 0,
+                cpu_ms: 0.0,
+                progress: None,
+                saved: 0,
+                sent: None,
+                last_error: None,
+                exit_logged: false,
+            });
+        }
+        Ok(())
     }
 
     /// What the control socket shares with the loop.
@@ -204,7 +228,8 @@ impl Supervisor {
             }
             let report = self.tick_once();
             on_report(&report);
-            if self.slots.iter_mut().all(|s| s.proc.poll_exit().is_some()) {
+            let all_ended = self.slots.iter_mut().all(|s| s.proc.poll_exit().is_some());
+            if all_ended && self.pending.is_empty() {
                 return None;
             }
             let wait_ms = i32::try_from(self.tick.as_millis()).unwrap_or(i32::MAX);
@@ -218,6 +243,9 @@ impl Supervisor {
     /// One tick: returns the report it published.
     pub fn tick_once(&mut self) -> HostReport {
         let cpu_before = self.clock.ns();
+        if let Err(e) = self.start_due(self.start.elapsed()) {
+            log::error!("{e}");
+        }
         self.reap();
         for i in 0..self.slots.len() {
             if self.slots[i].proc.poll_exit().is_none() {
@@ -308,6 +336,8 @@ impl Supervisor {
         s.last_counts = Some((faults, refaults, now));
         s.refaults = refaults;
         s.alloc_waits = field(&stats, "alloc_waits");
+        let ms = |k: &str| stats.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+        s.cpu_ms = ms("handler_cpu_ms") + ms("reclaim_cpu_ms") + ms("sharing_cpu_ms");
         s.progress = stats.get("guest_progress").and_then(Value::as_u64);
         s.saved =
             field(&stats, "sharing_saved_bytes") + field(&stats, "zero_pages_shared") * PAGE_SIZE;
@@ -432,6 +462,7 @@ impl Slot {
             share_scan_rate: sent.share_scan_rate,
             alloc_wait_above_bytes: sent.alloc_wait_above_bytes,
             alloc_waits: self.alloc_waits,
+            memory_cpu_ms: self.cpu_ms,
             shares: self.spec.shares,
             reservation_bytes: self.spec.reservation_bytes,
             limit_bytes: self.spec.limit_bytes,

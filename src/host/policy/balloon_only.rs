@@ -61,7 +61,12 @@ mod tests {
             ..Default::default()
         };
         let mut snap = Snapshot {
-            host: HostView { budget_bytes: 600 * MIB, free_bytes: 0, min_free_bytes: 100 * MIB, state: MemState::Soft },
+            host: HostView {
+                budget_bytes: 600 * MIB,
+                free_bytes: 0,
+                min_free_bytes: 100 * MIB,
+                state: MemState::Soft,
+            },
             vms: vec![vm("a", true), vm("b", false)],
         };
         let a = BalloonOnly.decide(&snap);
