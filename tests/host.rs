@@ -456,7 +456,7 @@ fn bad_descriptions_are_refused_with_the_key_and_the_figures() {
         "nope",
     ]);
     assert!(
-        text(&out).1.contains("policy: \"nope\" is not one of [\"esx\", \"balloon-only\"]"),
+        text(&out).1.contains("policy: \"nope\" is not one of [\"esx\", \"balloon-only\", \"swap-only\", \"feedback\"]"),
         "{}",
         text(&out).1
     );

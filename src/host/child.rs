@@ -117,7 +117,8 @@ pub fn run_args(vm: &VmSpec, sock: &Path) -> Vec<String> {
 
 impl VmProcess {
     /// Starts `exe run ...` for `vm` with its socket in `dir`, and waits for the socket.
-    /// `group` holds the memfds of its sharing group's pool, which the child inherits.
+    /// `group` holds the memfds of its sharing group's pool, which the child inherits;
+    /// `extra` are more options (the policy's).
     ///
     /// # Errors
     /// The process cannot start, ends first, or its socket does not come up.
@@ -126,12 +127,13 @@ impl VmProcess {
         vm: &VmSpec,
         dir: &Path,
         group: Option<&(File, File)>,
+        extra: &[String],
     ) -> Result<Self, ChildError> {
         let name = vm.entry.name.clone();
         let sock = dir.join(format!("{name}.sock"));
         let parent = std::process::id();
         let mut cmd = Command::new(exe);
-        cmd.args(run_args(vm, &sock)).stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.args(run_args(vm, &sock)).args(extra).stdin(Stdio::null()).stdout(Stdio::null());
         let inherit = group.map(|(d, m)| [d.as_raw_fd(), m.as_raw_fd()]);
         if let Some([d, m]) = inherit {
             cmd.arg(format!("--share-group-fds={d},{m}"));

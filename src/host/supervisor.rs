@@ -183,7 +183,8 @@ impl Supervisor {
                 }),
                 None => None,
             };
-            let proc = VmProcess::spawn(&self.exe, &spec, &self.dir, group.map(|g| &*g))?;
+            let extra = self.policy.vm_args();
+            let proc = VmProcess::spawn(&self.exe, &spec, &self.dir, group.map(|g| &*g), &extra)?;
             log::info!("vm {}: started, pid {}", spec.entry.name, proc.pid());
             self.lock().vms.push((spec.entry.name.clone(), proc.sock.clone(), proc.pid()));
             self.slots.push(Slot {

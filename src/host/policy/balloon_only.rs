@@ -24,11 +24,7 @@ impl Policy for BalloonOnly {
         snap.vms
             .iter()
             .map(|vm| {
-                let fair = u64::try_from(
-                    u128::from(available) * u128::from(vm.shares) / u128::from(total_shares),
-                )
-                .unwrap_or(u64::MAX)
-                .clamp(vm.reservation_bytes, vm.limit_bytes.max(vm.reservation_bytes));
+                let fair = super::fair_share(available, vm, total_shares);
                 let over = vm.consumed_bytes.saturating_sub(fair);
                 let room = vm.configured_bytes.saturating_sub(vm.reservation_bytes);
                 let balloon_bytes = match snap.host.state {

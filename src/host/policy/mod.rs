@@ -10,12 +10,16 @@
 //! |---|---|---|
 //! | `esx` (default) | `esx.rs` | ESX: targets from shares with the idle memory tax, reclaimers chosen by state |
 //! | `balloon-only` | `balloon_only.rs` | the guest knows best: ask only through the balloon, never reclaim behind its back |
+//! | `swap-only` | `swap_only.rs` | a host without cooperation: page out to the swap file, nothing else |
+//! | `feedback` | `feedback.rs` | TMO/Senpai: squeeze each VM until its refaults reach a target |
 //!
 //! Adding one: a file here with a type that implements [`Policy`], and a line in [`by_name`].
 
 pub mod balloon_only;
 pub mod esx;
+pub mod feedback;
 pub mod shares;
+pub mod swap_only;
 
 use serde::Serialize;
 
@@ -102,10 +106,24 @@ pub trait Policy: std::fmt::Debug + Send {
     fn name(&self) -> &'static str;
     /// One action per VM of `snap`, in its order.
     fn decide(&mut self, snap: &Snapshot) -> Vec<VmAction>;
+    /// More `ebb run` options every VM starts with under this policy (the mechanisms it
+    /// believes in), none by default.
+    fn vm_args(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// `vm`'s part of `available` bytes by shares (of `total_shares`), within its reservation
+/// and limit.
+pub fn fair_share(available: u64, vm: &VmView, total_shares: u64) -> u64 {
+    let part = u128::from(available) * u128::from(vm.shares) / u128::from(total_shares.max(1));
+    u64::try_from(part)
+        .unwrap_or(u64::MAX)
+        .clamp(vm.reservation_bytes, vm.limit_bytes.max(vm.reservation_bytes))
 }
 
 /// The policies `--policy` knows, default first.
-pub const POLICY_NAMES: [&str; 2] = ["esx", "balloon-only"];
+pub const POLICY_NAMES: [&str; 4] = ["esx", "balloon-only", "swap-only", "feedback"];
 
 /// What policies are built with (the host's description sets them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +147,8 @@ pub fn by_name(name: &str, params: PolicyParams) -> Option<Box<dyn Policy>> {
     match name {
         "esx" => Some(Box::new(esx::Esx::new(params))),
         "balloon-only" => Some(Box::new(balloon_only::BalloonOnly)),
+        "swap-only" => Some(Box::new(swap_only::SwapOnly)),
+        "feedback" => Some(Box::new(feedback::Feedback::default())),
         _ => None,
     }
 }
