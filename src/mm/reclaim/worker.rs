@@ -19,6 +19,10 @@ use crate::units::PAGE_SIZE;
 
 /// How often the worker ages pages and checks the target.
 pub const TICK: Duration = Duration::from_millis(100);
+/// While nothing needs evicting, the worker reads KVM's dirty log only every this many
+/// ticks (1 s): reading it write-protects every page the guest dirtied again, which on a
+/// shadow-paging host (PVM) costs the guest a trap per hot page per read.
+pub const IDLE_AGING_TICKS: u32 = 10;
 /// Most pages evicted per tick: 32 MiB, so that a new target is reached at up to 320 MiB/s
 /// without the worker hogging a core the guest may need.
 pub const PAGES_PER_TICK: u64 = 8192;
@@ -32,6 +36,8 @@ struct Worker {
     victims: Victims,
     dirty_log: Option<DirtyLog>,
     bitmap: Vec<u64>,
+    /// Ticks since the worker last evicted a page or aged the pages.
+    quiet_ticks: u32,
 }
 
 /// Starts the worker; it stops when `stop` is written.
@@ -58,6 +64,7 @@ pub(crate) fn spawn(
         victims,
         dirty_log,
         bitmap: Vec::new(),
+        quiet_ticks: 0,
     };
     std::thread::Builder::new().name("ebb-reclaim".into()).spawn(move || {
         let fds = [&stop, &control.kick];
@@ -71,9 +78,23 @@ impl Worker {
     /// One wake-up: age the pages on a tick, then evict toward the target.
     fn wake(&mut self, ticked: bool) -> Result<(), crate::mm::uffd::UffdError> {
         if ticked {
-            self.age();
+            self.quiet_ticks = self.quiet_ticks.saturating_add(1);
+            if self.over_target() || self.quiet_ticks >= IDLE_AGING_TICKS {
+                self.age();
+                self.quiet_ticks = 0;
+            }
         }
-        self.reclaim()
+        let evicted = self.reclaim()?;
+        if evicted > 0 {
+            self.quiet_ticks = 0;
+        }
+        Ok(())
+    }
+
+    /// True if the guest is over its target: victims are needed now, and they should be
+    /// picked by fresh ages. (A guest sitting at its target ages once a second.)
+    fn over_target(&self) -> bool {
+        self.control.target().is_some_and(|t| self.resident_pages() > t / PAGE_SIZE)
     }
 
     /// Folds the dirty log (if any) and the refault marks into the pages' ages.
@@ -96,9 +117,10 @@ impl Worker {
         self.table.count(PageState::Resident)
     }
 
-    /// Evicts until the target is met, this tick's budget is spent, or nothing moves.
-    fn reclaim(&mut self) -> Result<(), crate::mm::uffd::UffdError> {
-        let Some(target) = self.control.target() else { return Ok(()) };
+    /// Evicts until the target is met, this tick's budget is spent, or nothing moves;
+    /// returns the pages evicted.
+    fn reclaim(&mut self) -> Result<u64, crate::mm::uffd::UffdError> {
+        let Some(target) = self.control.target() else { return Ok(0) };
         let target_pages = target / PAGE_SIZE;
         let mut budget = PAGES_PER_TICK;
         while self.resident_pages() > target_pages && budget > 0 {
@@ -118,6 +140,6 @@ impl Worker {
             budget = budget.saturating_sub(done.pages);
         }
         self.victims.reset_threshold();
-        Ok(())
+        Ok(PAGES_PER_TICK - budget)
     }
 }
