@@ -266,8 +266,8 @@ impl Engine {
     pub fn metadata_bytes(&self) -> u64 {
         self.core.table.metadata_bytes()
             + self.core.backing.as_ref().map_or(0, |b| b.metadata_bytes())
-            // The pool's tables, and the scanner's 4 bytes of hash per page.
-            + self.sharing.as_ref().map_or(0, |s| s.pages.pool.metadata_bytes() + 4 * self.core.table.len())
+            // The pool's tables, and the scanner's 4 bytes of hash and 2 of backoff per page.
+            + self.sharing.as_ref().map_or(0, |s| s.pages.pool.metadata_bytes() + 6 * self.core.table.len())
             + std::mem::size_of::<FaultStats>() as u64
             + std::mem::size_of::<ActiveStats>() as u64
     }
@@ -342,6 +342,7 @@ impl Engine {
             share_merged: get(&st.merged),
             share_collisions: get(&st.collisions),
             cow_breaks: get(&st.cow_breaks),
+            share_backoff_skips: get(&st.backoff_skips),
             share_map_failures: get(&st.map_failures),
             share_map_limited: get(&st.map_limited),
             sharing_cpu_ms: s.control.cpu_ns() as f64 / 1e6,

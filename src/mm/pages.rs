@@ -79,6 +79,10 @@ pub const FLAG_SAMPLED: u8 = 0x40;
 /// Flag: the page faulted back in after an eviction since the reclaim worker last looked:
 /// it is in use (a read counts too), so it is not the next victim.
 pub const FLAG_REFERENCED: u8 = 0x20;
+/// Flag: the guest wrote the page while it was shared (a copy-on-write break) since the
+/// sharing scanner last looked: it is written often, and the scanner backs off from it.
+pub const FLAG_UNSHARED: u8 = 0x10;
+const _: () = assert!(FLAG_UNSHARED & STATE_MASK == 0);
 
 /// The transition table of the module docs: `ALLOWED[from][to]`.
 const ALLOWED: [[bool; NUM_STATES]; NUM_STATES] = {
@@ -382,6 +386,19 @@ impl PageTable {
     pub(in crate::mm) fn take_referenced(&self, idx: u64) -> bool {
         self.slot(idx)
             .is_ok_and(|s| s.fetch_and(!FLAG_REFERENCED, Ordering::AcqRel) & FLAG_REFERENCED != 0)
+    }
+
+    /// Sets [`FLAG_UNSHARED`] on page `idx`.
+    pub(in crate::mm) fn mark_unshared(&self, idx: u64) {
+        if let Ok(slot) = self.slot(idx) {
+            slot.fetch_or(FLAG_UNSHARED, Ordering::AcqRel);
+        }
+    }
+
+    /// Clears [`FLAG_UNSHARED`] on page `idx`; true if it was set.
+    pub(in crate::mm) fn take_unshared(&self, idx: u64) -> bool {
+        self.slot(idx)
+            .is_ok_and(|s| s.fetch_and(!FLAG_UNSHARED, Ordering::AcqRel) & FLAG_UNSHARED != 0)
     }
 
     /// Clears [`FLAG_SAMPLED`] on page `idx`; returns the byte before (state and flags).

@@ -276,6 +276,8 @@ pub struct ShareStats {
     pub share_collisions: u64,
     /// Shared pages the guest wrote, each given a private copy.
     pub cow_breaks: u64,
+    /// Scanner visits skipped because the page was written while shared not long ago.
+    pub share_backoff_skips: u64,
     /// Candidates left private because the pool page could not be mapped over them.
     pub share_map_failures: u64,
     /// Candidates skipped because shared pages use their share of `vm.max_map_count`.

@@ -134,6 +134,8 @@ pub struct SharingStats {
     pub collisions: AtomicU64,
     /// Shared pages the guest wrote (each got a private copy).
     pub cow_breaks: AtomicU64,
+    /// Visits skipped because the page was written while shared not long ago (backoff).
+    pub backoff_skips: AtomicU64,
     /// Candidates left private because mapping the pool page failed.
     pub map_failures: AtomicU64,
     /// Candidates skipped because shared pages use their share of `vm.max_map_count`.
@@ -283,6 +285,7 @@ impl SharedPages {
             Ok((Resolved::Mapped | Resolved::AlreadyMapped, _)) => {
                 self.pool.detach(idx);
                 table.finish(idx);
+                table.mark_unshared(idx);
                 return Ok(Unshared::Done);
             }
             Ok((Resolved::NoMemory, _)) => Ok(Unshared::NoMemory),

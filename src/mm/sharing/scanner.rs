@@ -16,6 +16,12 @@
 //!
 //! A hash match alone never shares: a candidate that differs (a collision) is put back
 //! unchanged and counted.
+//!
+//! A page rewritten with the same bytes keeps its hash, so the stable-hash rule alone would
+//! merge it again after every copy-on-write break: a busy guest's hot pages would churn
+//! between private and shared, each round a fault. So a page the guest wrote while shared
+//! (the handler sets `FLAG_UNSHARED`) is skipped for 1, 3, 7, ... up to 63 passes, doubling
+//! with each break ([`Backoff`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -37,6 +43,40 @@ use crate::mm::zcache::{Page, PAGE_BYTES};
 pub const TICK: Duration = Duration::from_millis(20);
 /// Most wall time of work per tick: half a core at most, whatever the rate asks.
 pub const MAX_WORK_PER_TICK: Duration = Duration::from_millis(10);
+/// Highest backoff level: a page broken that often is skipped for 2^6 - 1 = 63 passes.
+const MAX_BACKOFF: u8 = 6;
+
+/// Per page, how many passes to skip it, grown with each copy-on-write break.
+#[derive(Debug)]
+struct Backoff {
+    level: Vec<u8>,
+    skip: Vec<u8>,
+}
+
+impl Backoff {
+    fn new(pages: usize) -> Self {
+        Self { level: vec![0; pages], skip: vec![0; pages] }
+    }
+
+    /// One visit of page `i` (once a pass); `broken`: written while shared since the last
+    /// visit. True if the page is to be skipped this time.
+    fn skips(&mut self, i: usize, broken: bool) -> bool {
+        let (Some(level), Some(skip)) = (self.level.get_mut(i), self.skip.get_mut(i)) else {
+            return false;
+        };
+        if broken {
+            *level = (*level + 1).min(MAX_BACKOFF);
+            *skip = (1 << *level) - 1;
+            return true;
+        }
+        if *skip > 0 {
+            *skip -= 1;
+            return true;
+        }
+        false
+    }
+}
+
 /// Share of `vm.max_map_count` that shared pages may use: each costs up to two mappings
 /// (the pool page and the split of guest RAM around it).
 const MAP_COUNT_SHARE: u64 = 4;
@@ -51,6 +91,7 @@ struct Scanner {
     cursor: u64,
     max_shared: u64,
     buf: Box<Page>,
+    backoff: Backoff,
 }
 
 /// Starts the scanner; it stops when `stop` is written.
@@ -76,6 +117,7 @@ pub(crate) fn spawn(
         cursor: 0,
         max_shared: max_map_count() / MAP_COUNT_SHARE,
         buf: Box::new([0; PAGE_BYTES]),
+        backoff: Backoff::new(pages),
     };
     std::thread::Builder::new().name("ebb-share".into()).spawn(move || {
         let fds = [&stop, &control.kick];
@@ -118,6 +160,14 @@ impl Scanner {
         if table.get(idx) != Some(PageState::Resident)
             || table.flags(idx) & (FLAG_IN_FLIGHT | FLAG_SAMPLED) != 0
         {
+            return;
+        }
+        let i = usize::try_from(idx).unwrap_or(usize::MAX);
+        if self.backoff.skips(i, table.take_unshared(idx)) {
+            self.stats.backoff_skips.fetch_add(1, Ordering::Relaxed);
+            if let Some(seen) = self.seen.get_mut(i) {
+                *seen = 0; // stable again only over two visits after the backoff
+            }
             return;
         }
         let Some(hash) = self.hash_of(idx) else { return };
@@ -252,5 +302,25 @@ impl Scanner {
         let merged = u64::from(self.merger.install(hint, 1, slot))
             + u64::from(self.merger.install(idx, 0, slot));
         self.stats.merged.fetch_add(merged, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_break_doubles_the_passes_a_page_is_skipped() {
+        let mut b = Backoff::new(2);
+        assert!(!b.skips(0, false), "a page never broken is never skipped");
+        for skipped in [1, 3, 7, 15, 31, 63, 63] {
+            assert!(b.skips(0, true), "the visit that finds the break skips");
+            for _ in 0..skipped {
+                assert!(b.skips(0, false));
+            }
+            assert!(!b.skips(0, false), "then it is looked at again");
+        }
+        assert!(!b.skips(1, false), "pages back off alone");
+        assert!(!b.skips(7, true), "out of range: never skipped");
     }
 }
