@@ -4,14 +4,20 @@
 //! | state | what it does |
 //! |---|---|
 //! | High | shares pages in the background; deflates balloons, stops reclaim |
-//! | Clear | shares pages faster; holds balloons and reclaim where they are |
+//! | Clear | shares pages faster; holds the levers of VMs over target where they are |
 //! | Soft | balloons VMs over target (compresses those without a balloon driver) |
 //! | Hard | balloons and compresses/swaps VMs over target |
 //! | Low | as Hard, and new memory of VMs over target waits for reclaim (`mm::gate`) |
 //!
-//! Targets aim to leave [`GOAL_FREE_PERCENT`] of minFree free, which is past Soft's exit,
-//! so that reclaim that meets its targets lifts the host out of Soft. A VM above its limit
-//! is reclaimed to it in every state.
+//! In every state but High, a VM *under* its target has its levers eased up to the target,
+//! so that memory taken from it earlier (before Active memory told the idle VMs from the
+//! busy ones, say) flows back as its target rises.
+//!
+//! A VM's claim is its demand: what it consumes plus what was compressed or swapped from it
+//! (what it would hold unconstrained), so that a VM squeezed early still counts what it
+//! wants. Targets aim to leave [`GOAL_FREE_PERCENT`] of minFree free, which is past Soft's
+//! exit, so that reclaim that meets its targets lifts the host out of Soft. A VM above its
+//! limit is reclaimed to it in every state.
 
 use std::collections::HashMap;
 
@@ -21,6 +27,12 @@ use crate::host::pressure::MemState;
 
 /// Free memory the targets leave, in percent of minFree.
 pub const GOAL_FREE_PERCENT: u64 = 125;
+
+/// What `vm` would hold unconstrained: what it consumes, plus what was compressed or
+/// swapped from it (plus its balloon, which it would take back).
+fn demand(vm: &VmView) -> u64 {
+    vm.consumed_bytes + vm.compressed_bytes + vm.swapped_bytes + vm.ballooned_bytes
+}
 
 /// ESX's policy, remembering what it last asked of each VM (Clear holds it).
 #[derive(Debug, Default)]
@@ -54,13 +66,26 @@ impl Esx {
             },
             ..held.clone()
         };
+        let room = target.saturating_sub(vm.consumed_bytes);
         match state {
             MemState::High => {
                 action.balloon_bytes = 0;
                 action.reclaim_target_bytes = None;
             }
+            // A VM that may have all it wants: nothing holds it back. (Its resident goal
+            // would, by its cache's slabs, which shrink as its pages come back, and a
+            // lever a few pages short of a busy VM's set makes it thrash.)
+            _ if target >= demand(vm) => {
+                action.balloon_bytes = 0;
+                action.reclaim_target_bytes = None;
+            }
+            // Under target: ease the levers so that the VM can grow to it.
+            _ if over == 0 => {
+                action.balloon_bytes = held.balloon_bytes.saturating_sub(room);
+                action.reclaim_target_bytes =
+                    held.reclaim_target_bytes.map(|t| t.max(resident_goal));
+            }
             MemState::Clear => {}
-            _ if over == 0 => {}
             MemState::Soft if vm.balloon_ready => action.balloon_bytes = balloon_more,
             MemState::Soft => action.reclaim_target_bytes = Some(resident_goal),
             MemState::Hard | MemState::Low => {
@@ -94,7 +119,7 @@ impl Policy for Esx {
             .vms
             .iter()
             .map(|v| Claim {
-                consumed: v.consumed_bytes,
+                consumed: demand(v),
                 active: v.active_bytes,
                 reservation: v.reservation_bytes,
                 limit: v.limit_bytes,
@@ -191,12 +216,36 @@ mod tests {
     }
 
     #[test]
+    fn memory_taken_early_flows_back_once_the_idle_vm_is_known() {
+        // Hard, nothing known of Active yet: both VMs squeezed alike to 450.
+        let mut p = Esx::new(PolicyParams::default());
+        let first = p.decide(&snap(MemState::Hard, vec![vm("a", 500, false), vm("b", 500, false)]));
+        assert_eq!(first[0].reclaim_target_bytes, Some(450 * MIB));
+        assert_eq!(first[1].reclaim_target_bytes, Some(450 * MIB));
+        // Later, 100 MiB of each swapped out; a is known idle and b busy. b may now have
+        // all it wants (500): its lever is lifted; a's target falls to 400 and its lever
+        // holds in Clear.
+        let mut a = vm("a", 400, false);
+        a.swapped_bytes = 100 * MIB;
+        let mut b = vm("b", 400, false);
+        b.swapped_bytes = 100 * MIB;
+        b.active_bytes = 400 * MIB;
+        let acts = p.decide(&snap(MemState::Clear, vec![a, b]));
+        assert_eq!((acts[0].target_bytes, acts[1].target_bytes), (400 * MIB, 500 * MIB));
+        assert_eq!(acts[1].reclaim_target_bytes, None);
+        assert_eq!(acts[0].reclaim_target_bytes, Some(450 * MIB));
+    }
+
+    #[test]
     fn clear_holds_what_soft_asked_and_high_lets_go() {
         let mut p = Esx::new(PolicyParams::default());
         p.decide(&snap(MemState::Soft, vec![vm("b", 1000, false)]));
-        let held = p.decide(&snap(MemState::Clear, vec![vm("b", 900, false)]));
+        // 100 MiB went to the swap file: b still wants 1000, more than the 900 available.
+        let mut b = vm("b", 900, false);
+        b.swapped_bytes = 100 * MIB;
+        let held = p.decide(&snap(MemState::Clear, vec![b.clone()]));
         assert_eq!(held[0].reclaim_target_bytes, Some(900 * MIB));
-        let released = p.decide(&snap(MemState::High, vec![vm("b", 900, false)]));
+        let released = p.decide(&snap(MemState::High, vec![b]));
         assert_eq!(released[0].reclaim_target_bytes, None);
     }
 
