@@ -12,6 +12,7 @@
 //! | [`devices`] | what the guest talks to: buses, UART, i8042, virtio-mmio, the balloon |
 //! | [`mm`] | the overcommit engine: page states, userfaultfd, Active memory |
 //! | [`host`] | `ebb host`: many VM processes under one budget, the memory states, policies, `ebb top` |
+//! | [`lab`] | `ebb lab`: scenarios run under several policies, tables and charts |
 //! | [`api`] | the control socket and its client |
 //! | [`metrics`] | the `--stats-json` writer |
 //! | [`accel`] | which accelerator backs `/dev/kvm` |
@@ -26,6 +27,7 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod host;
+pub mod lab;
 pub mod metrics;
 pub mod mm;
 pub mod units;

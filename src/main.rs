@@ -41,6 +41,33 @@ enum Command {
     Host(HostArgs),
     /// A live view of a running host (q quits).
     Top(TopArgs),
+    /// Compare reclamation policies on scenarios, with the real host and VMs.
+    Lab(LabArgs),
+}
+
+#[derive(Args)]
+struct LabArgs {
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Run scenarios (lab/scenarios/*.toml) under policies; print a table per scenario.
+    Run {
+        /// Scenario files.
+        #[arg(required = true, value_name = "SCENARIO")]
+        scenarios: Vec<PathBuf>,
+        /// A policy to run (repeatable) [default: every shipped policy].
+        #[arg(long = "policy", value_name = "NAME")]
+        policies: Vec<String>,
+        /// Write PNG charts into this directory.
+        #[arg(long, value_name = "DIR")]
+        plot: Option<PathBuf>,
+        /// Multiply the scenarios' sizes and times by this (0.5: half as big and long).
+        #[arg(long, value_name = "FACTOR", default_value_t = 1.0)]
+        scale: f64,
+    },
 }
 
 #[derive(Args)]
@@ -349,6 +376,7 @@ fn main() -> ExitCode {
         Command::Ctl(args) => return ctl(args),
         Command::Host(args) => return host(args),
         Command::Top(args) => return top(&args),
+        Command::Lab(args) => return lab(args),
     };
     let result = build_config(args).and_then(|c| Ok(ebb::run(&c)?));
     match result {
@@ -553,5 +581,33 @@ fn top(args: &TopArgs) -> ExitCode {
     match ebb::host::top::run(&args.api_sock, interval) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report_error(&anyhow::anyhow!("ebb top: {e}")),
+    }
+}
+
+/// `ebb lab run`: the tables on stdout (progress on stderr when it is a terminal); exit 1 if
+/// a run failed or a guest found a bad page.
+fn lab(args: LabArgs) -> ExitCode {
+    let LabCommand::Run { scenarios, policies, plot, scale } = args.command;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return report_error(&anyhow::anyhow!("cannot find the ebb executable: {e}")),
+    };
+    // SAFETY: isatty only inspects descriptor 2.
+    let progress = unsafe { libc::isatty(2) } == 1;
+    let opts = ebb::lab::LabOptions { scenarios, policies, plot, scale, exe, progress };
+    let mut stdout = std::io::stdout();
+    match ebb::lab::run(&opts, &mut stdout) {
+        Ok(outcome) => {
+            for chart in &outcome.charts {
+                println!("chart: {}", chart.display());
+            }
+            if outcome.all_correct() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: a run failed (checksums FAILED in the table above)");
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => report_error(&e.into()),
     }
 }

@@ -4,7 +4,7 @@
 //! | state | what it does |
 //! |---|---|
 //! | High | shares pages in the background; deflates balloons, stops reclaim |
-//! | Clear | shares pages faster; holds the levers of VMs over target where they are |
+//! | Clear | shares pages faster; holds the levers of VMs over target where they are (reclaims them to target while free memory is below minFree) |
 //! | Soft | balloons VMs over target (compresses those without a balloon driver) |
 //! | Hard | balloons and compresses/swaps VMs over target |
 //! | Low | as Hard, and new memory of VMs over target waits for reclaim (`mm::gate`) |
@@ -48,7 +48,8 @@ impl Esx {
         Self { params, last: HashMap::new() }
     }
 
-    fn act(&self, vm: &VmView, target: u64, state: MemState) -> VmAction {
+    /// `short`: free memory is below minFree (Clear then reclaims too).
+    fn act(&self, vm: &VmView, target: u64, state: MemState, short: bool) -> VmAction {
         let held = self.last.get(&vm.name).cloned().unwrap_or_default();
         let over = vm.consumed_bytes.saturating_sub(target);
         // What is not resident (cache slabs, pool pages) counts against the target too.
@@ -85,6 +86,9 @@ impl Esx {
                 action.reclaim_target_bytes =
                     held.reclaim_target_bytes.map(|t| t.max(resident_goal));
             }
+            // Clear holds, unless free memory fell below minFree: then VMs over target
+            // are brought to it before the host gets to Soft.
+            MemState::Clear if short => action.reclaim_target_bytes = Some(resident_goal),
             MemState::Clear => {}
             MemState::Soft if vm.balloon_ready => action.balloon_bytes = balloon_more,
             MemState::Soft => action.reclaim_target_bytes = Some(resident_goal),
@@ -114,6 +118,8 @@ impl Policy for Esx {
 
     fn decide(&mut self, snap: &Snapshot) -> Vec<VmAction> {
         let goal_free = snap.host.min_free_bytes.saturating_mul(GOAL_FREE_PERCENT) / 100;
+        let short =
+            snap.host.free_bytes < i64::try_from(snap.host.min_free_bytes).unwrap_or(i64::MAX);
         let available = snap.host.budget_bytes.saturating_sub(goal_free);
         let claims: Vec<Claim> = snap
             .vms
@@ -128,7 +134,7 @@ impl Policy for Esx {
             .collect();
         let targets = shares::targets(&claims, available, self.params.tax_percent);
         let actions: Vec<VmAction> = (snap.vms.iter().zip(targets))
-            .map(|(vm, target)| self.act(vm, target, snap.host.state))
+            .map(|(vm, target)| self.act(vm, target, snap.host.state, short))
             .collect();
         self.last =
             snap.vms.iter().zip(&actions).map(|(v, a)| (v.name.clone(), a.clone())).collect();
@@ -160,7 +166,7 @@ mod tests {
         Snapshot {
             host: HostView {
                 budget_bytes: 1000 * MIB,
-                free_bytes: 0,
+                free_bytes: 100 << 20, // above minFree: Clear holds
                 min_free_bytes: 80 * MIB,
                 state,
                 // 1000 - 125% of 80 = 900 MiB available to the VMs.
@@ -234,6 +240,16 @@ mod tests {
         assert_eq!((acts[0].target_bytes, acts[1].target_bytes), (400 * MIB, 500 * MIB));
         assert_eq!(acts[1].reclaim_target_bytes, None);
         assert_eq!(acts[0].reclaim_target_bytes, Some(450 * MIB));
+    }
+
+    #[test]
+    fn clear_reclaims_vms_over_target_while_free_memory_is_below_min_free() {
+        let mut p = Esx::new(PolicyParams::default());
+        let mut s = snap(MemState::Clear, vec![vm("a", 1000, false)]);
+        s.host.free_bytes = 90 << 20; // above minFree (80): hold
+        assert_eq!(p.decide(&s)[0].reclaim_target_bytes, None);
+        s.host.free_bytes = 70 << 20;
+        assert_eq!(p.decide(&s)[0].reclaim_target_bytes, Some(900 * MIB));
     }
 
     #[test]
