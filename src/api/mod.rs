@@ -70,20 +70,33 @@ fn error(msg: impl std::fmt::Display) -> Value {
     json!({ "error": msg.to_string() })
 }
 
+/// The verb and arguments of request `line` (an object with one key), or the error reply
+/// that names `verbs`, the requests the socket knows.
+///
+/// # Errors
+/// The reply to send: the line is not JSON, or not an object with one key.
+pub fn parse_request(line: &str, verbs: &str) -> Result<(String, Value), Value> {
+    let request: Value =
+        serde_json::from_str(line).map_err(|e| error(format!("invalid JSON: {e}")))?;
+    match request {
+        Value::Object(o) if o.len() == 1 => {
+            o.into_iter().next().ok_or_else(|| error("empty request"))
+        }
+        _ => Err(error(format!("a request is an object with one key: {verbs}"))),
+    }
+}
+
+/// The requests a VM's socket knows.
+const VERBS: &str = "alloc, balloon, balloon_stats, reclaim, sharing or stats";
+
 impl ApiContext {
     /// Handles one request line; always returns one reply object.
     pub fn handle(&self, line: &str) -> Value {
-        let request: Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(e) => return error(format!("invalid JSON: {e}")),
+        let (verb, args) = match parse_request(line, VERBS) {
+            Ok(r) => r,
+            Err(reply) => return reply,
         };
-        let Some((verb, args)) =
-            request.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next())
-        else {
-            return error(
-                "a request is an object with one key: alloc, balloon, balloon_stats, reclaim, sharing or stats",
-            );
-        };
+        let args = &args;
         match verb.as_str() {
             "balloon" => self.balloon_target(args),
             "balloon_stats" => self.balloon_stats(),
@@ -94,9 +107,7 @@ impl ApiContext {
                 let t_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
                 serde_json::to_value(self.stats.snapshot(t_ms)).unwrap_or_else(error)
             }
-            other => error(format!(
-                "unknown request {other:?}: use alloc, balloon, balloon_stats, reclaim, sharing or stats"
-            )),
+            other => error(format!("unknown request {other:?}: use {VERBS}")),
         }
     }
 

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::child::{request_with_timeout, REPLY_TIMEOUT};
 use super::supervisor::Shared;
-use crate::api::Handler;
+use crate::api::{parse_request, Handler};
 
 /// What the host's requests act on.
 #[derive(Debug)]
@@ -87,15 +87,11 @@ impl HostApi {
 
 impl Handler for HostApi {
     fn handle(&self, line: &str) -> Value {
-        let request: Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(e) => return error(format!("invalid JSON: {e}")),
+        let (verb, args) = match parse_request(line, VERBS) {
+            Ok(r) => r,
+            Err(reply) => return reply,
         };
-        let Some((verb, args)) =
-            request.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next())
-        else {
-            return error(format!("a request is an object with one key: {VERBS}"));
-        };
+        let args = &args;
         match verb.as_str() {
             "vms" => self.vms(),
             "host_stats" => serde_json::to_value(&self.lock().report).unwrap_or_else(error),

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Once;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::runner::Run;
@@ -78,6 +79,44 @@ fn vm_names(reports: &[HostReport]) -> Vec<String> {
     names
 }
 
+/// A chart's drawing context: time in seconds across, MiB up.
+type Chart<'a> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The axes of a chart titled `caption` on `root`, up to `t_max` s and `y_max` MiB.
+fn axes<'a>(
+    root: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+    caption: String,
+    (t_max, y_max): (f64, f64),
+    grid: bool,
+) -> Result<Chart<'a>, String> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..t_max, 0f64..y_max)
+        .map_err(|e| e.to_string())?;
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc("time (s)").y_desc("MiB");
+    if !grid {
+        mesh.light_line_style(WHITE);
+    }
+    mesh.draw().map_err(|e| e.to_string())?;
+    Ok(chart)
+}
+
+/// Draws the legend of `chart` in its upper right corner.
+fn legend(chart: &mut Chart<'_>) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 /// Draws `run` of `scenario` into `path`.
 ///
 /// # Errors
@@ -117,20 +156,7 @@ pub fn run_chart(path: &Path, scenario: &str, run: &Run) -> Result<(), ChartErro
         run.policy,
         names.join(", ")
     );
-    let mut chart = ChartBuilder::on(&root)
-        .caption(caption, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..t_max, 0f64..y_max)
-        .map_err(|e| err(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("time (s)")
-        .y_desc("MiB")
-        .light_line_style(WHITE)
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
+    let mut chart = axes(&root, caption, (t_max, y_max), false).map_err(&err)?;
     // State bands.
     let bands = reports.windows(2).map(|w| {
         let s = STATE_NAMES.iter().position(|n| *n == w[0].state).unwrap_or(0);
@@ -203,14 +229,7 @@ pub fn run_chart(path: &Path, scenario: &str, run: &Run) -> Result<(), ChartErro
         .map_err(|e| err(e.to_string()))?
         .label("host memory consumed")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(1)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
+    legend(&mut chart).map_err(&err)?;
     root.present().map_err(|e| err(e.to_string()))
 }
 
@@ -242,22 +261,8 @@ pub fn compare_chart(path: &Path, scenario: &str, runs: &[Run]) -> Result<(), Ch
         * 1.08;
     let root = BitMapBackend::new(path, COMPARE_CHART).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{scenario}: host memory consumed by the VMs, per policy"),
-            ("sans-serif", 20),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..t_max, 0f64..y_max)
-        .map_err(|e| err(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("time (s)")
-        .y_desc("MiB")
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
+    let caption = format!("{scenario}: host memory consumed by the VMs, per policy");
+    let mut chart = axes(&root, caption, (t_max, y_max), true).map_err(&err)?;
     if let Some(first) = runs.iter().find(|r| r.policy != "unconstrained") {
         let budget: Vec<(f64, f64)> =
             first.reports.iter().map(|r| (secs(r), r.budget_bytes as f64 / MIB)).collect();
@@ -276,13 +281,6 @@ pub fn compare_chart(path: &Path, scenario: &str, runs: &[Run]) -> Result<(), Ch
             .label(run.policy.clone())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 12, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
+    legend(&mut chart).map_err(&err)?;
     root.present().map_err(|e| err(e.to_string()))
 }

@@ -4,7 +4,7 @@
 //! | state | what it does |
 //! |---|---|
 //! | High | shares pages in the background; deflates balloons, stops reclaim |
-//! | Clear | shares pages faster; holds the levers of VMs over target where they are (reclaims them to target while free memory is below minFree) |
+//! | Clear | shares pages faster; holds the levers of VMs over target where they are (reclaims them to target while free memory is below the goal) |
 //! | Soft | balloons VMs over target (compresses those without a balloon driver) |
 //! | Hard | balloons and compresses/swaps VMs over target |
 //! | Low | as Hard, and new memory of VMs over target waits for reclaim (`mm::gate`) |
@@ -48,7 +48,7 @@ impl Esx {
         Self { params, last: HashMap::new() }
     }
 
-    /// `short`: free memory is below minFree (Clear then reclaims too).
+    /// `short`: free memory is below the goal (Clear then reclaims too).
     fn act(&self, vm: &VmView, target: u64, state: MemState, short: bool) -> VmAction {
         let held = self.last.get(&vm.name).cloned().unwrap_or_default();
         let over = vm.consumed_bytes.saturating_sub(target);
@@ -86,8 +86,8 @@ impl Esx {
                 action.reclaim_target_bytes =
                     held.reclaim_target_bytes.map(|t| t.max(resident_goal));
             }
-            // Clear holds, unless free memory fell below minFree: then VMs over target
-            // are brought to it before the host gets to Soft.
+            // Clear holds, unless free memory fell below the goal: then VMs over target
+            // are brought to it, so that the host settles above minFree, not at it.
             MemState::Clear if short => action.reclaim_target_bytes = Some(resident_goal),
             MemState::Clear => {}
             MemState::Soft if vm.balloon_ready => action.balloon_bytes = balloon_more,
@@ -118,8 +118,7 @@ impl Policy for Esx {
 
     fn decide(&mut self, snap: &Snapshot) -> Vec<VmAction> {
         let goal_free = snap.host.min_free_bytes.saturating_mul(GOAL_FREE_PERCENT) / 100;
-        let short =
-            snap.host.free_bytes < i64::try_from(snap.host.min_free_bytes).unwrap_or(i64::MAX);
+        let short = snap.host.free_bytes < i64::try_from(goal_free).unwrap_or(i64::MAX);
         let available = snap.host.budget_bytes.saturating_sub(goal_free);
         let claims: Vec<Claim> = snap
             .vms
@@ -243,12 +242,12 @@ mod tests {
     }
 
     #[test]
-    fn clear_reclaims_vms_over_target_while_free_memory_is_below_min_free() {
+    fn clear_reclaims_vms_over_target_while_free_memory_is_below_the_goal() {
         let mut p = Esx::new(PolicyParams::default());
         let mut s = snap(MemState::Clear, vec![vm("a", 1000, false)]);
-        s.host.free_bytes = 90 << 20; // above minFree (80): hold
+        s.host.free_bytes = 100 << 20; // the goal: 125% of minFree (80): hold
         assert_eq!(p.decide(&s)[0].reclaim_target_bytes, None);
-        s.host.free_bytes = 70 << 20;
+        s.host.free_bytes = 90 << 20;
         assert_eq!(p.decide(&s)[0].reclaim_target_bytes, Some(900 * MIB));
     }
 
