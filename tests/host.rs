@@ -628,3 +628,50 @@ fn vms_share_pages_within_their_sharing_group_and_never_across() {
     let (code, stderr) = host.wait(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+#[test]
+fn under_pressure_the_esx_policy_balloons_a_linux_guest_whose_driver_is_up() {
+    let test = "under_pressure_the_esx_policy_balloons_a_linux_guest_whose_driver_is_up";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(guest) = common::guest_or_skip(test) else { return };
+    let _serial = serial();
+    // A touch VM writing 98 MiB of random pages keeps the host short of memory for two
+    // minutes; beside it a Linux guest with a balloon driver and few shares, so that memory
+    // is taken from it first.
+    let mut toml = String::from("budget = \"96M\"\ntick_ms = 200\n");
+    toml += "[[vm]]\nname = \"busy\"\nmemory = \"128M\"\nfirmware = \"touch\"\n\
+             firmware_args = [\"pages=25000\", \"pattern=random\", \"loop_ms=120000\", \"hot=5000\"]\n";
+    toml += &format!(
+        "[[vm]]\nname = \"linux\"\nmemory = \"256M\"\nkernel = \"{}\"\ncmdline = \"root=/dev/vda rootwait\"\nballoon = \"stats=1\"\nshares = 10\n",
+        guest.vmlinux.display()
+    );
+    let host = Host::start("balloon", &toml);
+    let start = Instant::now();
+    let r = loop {
+        let r = host.ask("{\"host_stats\":{}}");
+        let linux = &r["vms"][1];
+        if linux["balloon_ready"] == true && linux["ballooned_bytes"].as_u64() > Some(0) {
+            break r;
+        }
+        assert!(linux["running"] != false, "the Linux guest ended: {r}");
+        assert!(start.elapsed() < Duration::from_secs(300), "no ballooning: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let linux = &r["vms"][1];
+    assert_ne!(r["state"], "high", "ballooning only under pressure: {r}");
+    assert!(u(linux, "balloon_target_bytes") >= u(linux, "ballooned_bytes"), "{r}");
+    // The guest's own driver gave the pages: the VM says so too.
+    let b = host.ask("{\"vm\":{\"name\":\"linux\",\"request\":{\"balloon_stats\":{}}}}");
+    assert!(b["actual_mib"].as_u64() > Some(0), "{b}");
+    eprintln!(
+        "{test}: ballooned {} MiB of the Linux guest after {:.1} s, state {}",
+        u(linux, "ballooned_bytes") >> 20,
+        start.elapsed().as_secs_f64(),
+        r["state"]
+    );
+    std::process::Command::new("kill").args(["-TERM", &host_pid(&host)]).status().unwrap();
+    let (code, stderr) = host.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(143), "{stderr}");
+}
