@@ -578,6 +578,9 @@ fn top(args: &TopArgs) -> ExitCode {
     let Ok(interval) = Duration::try_from_secs_f64(args.interval) else {
         return usage_error(&format!("--interval {} is not a number of seconds", args.interval));
     };
+    if interval < Duration::from_millis(100) {
+        return usage_error("--interval: at least 0.1 s");
+    }
     match ebb::host::top::run(&args.api_sock, interval) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report_error(&anyhow::anyhow!("ebb top: {e}")),

@@ -66,7 +66,8 @@ pub struct ApiContext {
 /// Longest request line accepted (requests are small JSON objects).
 pub const MAX_REQUEST_BYTES: usize = 4096;
 
-fn error(msg: impl std::fmt::Display) -> Value {
+/// The error reply `{"error": msg}`.
+pub(crate) fn error(msg: impl std::fmt::Display) -> Value {
     json!({ "error": msg.to_string() })
 }
 

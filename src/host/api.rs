@@ -6,7 +6,10 @@
 //! | `{"host_stats": {}}` | the host's report: budget, free, minFree, state, time in each state, transitions, every VM's figures and targets |
 //! | `{"metrics": {}}` | `{"text": "..."}`: the report in Prometheus's text format |
 //! | `{"budget": {"mib": N}}` | `{"ok": true}`: the new budget (not below the reservations) |
-//! | `{"vm": {"name": "a", "request": {...}}}` | VM `a`'s reply to the request |
+//! | `{"vm": {"name": "a", "request": {...}}}` | VM `a`'s reply to the request (not the levers the host owns: balloon, reclaim, sharing, alloc) |
+//!
+//! A pass-through waits for the VM (at most 2 s to connect and 2 s to answer) on the socket's
+//! thread: the one request here that can delay the host's other clients, by as long.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -15,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::child::{request_with_timeout, REPLY_TIMEOUT};
 use super::supervisor::Shared;
-use crate::api::{parse_request, Handler};
+use crate::api::{error, parse_request, Handler};
 
 /// What the host's requests act on.
 #[derive(Debug)]
@@ -25,11 +28,9 @@ pub struct HostApi {
     wake: EventFd,
 }
 
-fn error(msg: impl std::fmt::Display) -> Value {
-    json!({ "error": msg.to_string() })
-}
-
 const VERBS: &str = "vms, host_stats, metrics, budget or vm";
+/// A VM's requests that move the levers the host's policy owns.
+const HOST_LEVERS: [&str; 4] = ["balloon", "reclaim", "sharing", "alloc"];
 
 impl HostApi {
     /// Requests on `shared`; `wake` is written on a budget change.
@@ -76,6 +77,13 @@ impl HostApi {
         else {
             return error("vm needs {\"name\": \"NAME\", \"request\": {...}}");
         };
+        // The host owns the levers: a client moving one behind the policy would fight it.
+        let verb = request.as_object().and_then(|o| o.keys().next()).map(String::as_str);
+        if let Some(lever) = verb.filter(|v| HOST_LEVERS.contains(v)) {
+            return error(format!(
+                "{lever} is the host's lever: change the budget, the VM's controls or the policy instead"
+            ));
+        }
         let sock = self.lock().vms.iter().find(|(n, _, _)| n == name).map(|(_, s, _)| s.clone());
         let Some(sock) = sock else {
             return error(format!("no VM named {name:?}"));

@@ -77,6 +77,22 @@ pub struct VmProcess {
     exit: Option<ExitStatus>,
 }
 
+/// The policy's `--option value` pairs in `extra`, less those the VM's own `args` set (the
+/// user's word wins, and `ebb run` refuses an option twice).
+fn policy_args(extra: &[String], own: &[String]) -> Vec<String> {
+    let set_by_user = |opt: &str| own.iter().any(|a| a == opt || a.starts_with(&format!("{opt}=")));
+    let mut out = Vec::new();
+    for pair in extra.chunks(2) {
+        match pair.first() {
+            Some(opt) if set_by_user(opt) => {
+                log::warn!("the policy's {opt} is left out: the VM's args set it");
+            }
+            _ => out.extend(pair.iter().cloned()),
+        }
+    }
+    out
+}
+
 /// `status` as a person reads it: `exit status 3` or `killed by signal 9`.
 pub fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
@@ -133,7 +149,8 @@ impl VmProcess {
         let sock = dir.join(format!("{name}.sock"));
         let parent = std::process::id();
         let mut cmd = Command::new(exe);
-        cmd.args(run_args(vm, &sock)).args(extra).stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.args(run_args(vm, &sock)).args(policy_args(extra, &vm.entry.args));
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         let inherit = group.map(|(d, m)| [d.as_raw_fd(), m.as_raw_fd()]);
         if let Some([d, m]) = inherit {
             cmd.arg(format!("--share-group-fds={d},{m}"));
@@ -265,7 +282,7 @@ impl VmProcess {
 /// # Errors
 /// The socket fails or times out, or the reply is not JSON.
 pub fn request_with_timeout(path: &Path, req: &Value, timeout: Duration) -> std::io::Result<Value> {
-    let mut stream = UnixStream::connect(path)?;
+    let mut stream = connect_within(path, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(format!("{req}\n").as_bytes())?;
@@ -273,6 +290,61 @@ pub fn request_with_timeout(path: &Path, req: &Value, timeout: Duration) -> std:
     BufReader::new(stream).take(1 << 20).read_line(&mut line)?;
     serde_json::from_str(line.trim())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Connects to `path`, giving up after `timeout`. A plain connect waits as long as the
+/// listener's backlog is full: a VM that stopped accepting would freeze the host.
+fn connect_within(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    let start = Instant::now();
+    loop {
+        match nonblocking_connect(path) {
+            Ok(s) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the control socket accepts no connection",
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One non-blocking connect: `WouldBlock` when the listener's backlog is full.
+fn nonblocking_connect(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all zeros is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "socket path too long"));
+    }
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or(1);
+    for (dst, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = libc::c_char::from_ne_bytes([b]);
+    }
+    let kind = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, kind, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap_or(0);
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes that lives across the call.
+    let ret = unsafe { libc::connect(fd, std::ptr::addr_of!(addr).cast(), len) };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 impl Drop for VmProcess {

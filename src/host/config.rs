@@ -41,6 +41,8 @@ pub const MIN_TICK: Duration = Duration::from_millis(50);
 pub const DEFAULT_TAX_PERCENT: u8 = 75;
 /// Default shares per MiB of configured memory (ESX's "normal": 10 per MB).
 pub const SHARES_PER_MIB: u64 = 10;
+/// Most shares one VM may have (their sum over every VM stays far from overflowing).
+pub const MAX_SHARES: u64 = 1 << 32;
 /// Most VMs one host runs.
 pub const MAX_VMS: usize = 64;
 
@@ -335,8 +337,8 @@ fn check_vm(entry: VmEntry) -> Result<VmSpec, HostConfigError> {
         ));
     }
     let shares = entry.shares.unwrap_or((memory_bytes >> 20) * SHARES_PER_MIB);
-    if shares == 0 {
-        return Err(invalid(key("shares"), "must be more than 0"));
+    if shares == 0 || shares > MAX_SHARES {
+        return Err(invalid(key("shares"), format!("1 to {MAX_SHARES}")));
     }
     if entry.kernel.is_some() && entry.firmware.is_some() {
         return Err(invalid(key("kernel"), "a VM boots a kernel or a firmware, not both"));
@@ -440,6 +442,8 @@ mod tests {
         let e = err(&format!("{base}reservation = \"100M\"\nlimit = \"50M\"\n"));
         assert!(e.starts_with("vm \"a\".limit: 50 MiB is below the reservation"), "{e}");
         assert!(err(&format!("{base}shares = 0\n")).starts_with("vm \"a\".shares"));
+        assert!(err(&format!("{base}shares = 9223372036854775807\n"))
+            .starts_with("vm \"a\".shares: 1 to"));
         assert!(err(&format!("{base}kernel = \"k\"\nfirmware = \"touch\"\n")).contains(".kernel"));
         assert!(err(&format!("{base}balloon = \"bogus\"\n")).starts_with("vm \"a\".balloon"));
         assert!(err("budget = \"1X\"\n").starts_with("budget:"));

@@ -44,7 +44,7 @@ pub fn min_free_bytes(budget_bytes: u64) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemState {
-    /// Free memory at or above 300% of minFree: share pages in the background.
+    /// No pressure: free memory never fell below 300% of minFree, or rose back to 400%.
     High,
     /// Below 300%: share pages more aggressively.
     Clear,

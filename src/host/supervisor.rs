@@ -23,6 +23,8 @@ use crate::mm::sharing::group::{create_files, DEFAULT_GROUP_SLOTS};
 use crate::mm::thread::ThreadClock;
 use crate::units::PAGE_SIZE;
 
+/// Largest budget: 1 PiB.
+pub const MAX_BUDGET_BYTES: u64 = 1 << 50;
 /// Host memory kept out of `free` beyond what `MemAvailable` says (other processes' room).
 pub const HOST_MARGIN_BYTES: u64 = 64 << 20;
 
@@ -40,16 +42,18 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The budget, bytes.
-    pub fn budget_bytes(&self) -> u64 {
-        self.budget_bytes
-    }
-
     /// Sets the budget.
     ///
     /// # Errors
     /// A budget below the reservations, with the figures.
     pub fn set_budget(&mut self, bytes: u64) -> Result<(), String> {
+        if bytes > MAX_BUDGET_BYTES {
+            return Err(format!(
+                "a budget of {} MiB is more than the {} MiB ebb manages",
+                bytes >> 20,
+                MAX_BUDGET_BYTES >> 20
+            ));
+        }
         if bytes == 0 || bytes < self.reserved_bytes {
             return Err(format!(
                 "a budget of {} MiB is below the VMs' reservations ({} MiB)",
@@ -76,8 +80,10 @@ struct Slot {
     cpu_ms: f64,
     progress: Option<u64>,
     saved: u64,
-    /// What was last sent (None: nothing yet).
+    /// What the policy last asked (reported).
     sent: Option<VmAction>,
+    /// Each lever's last request the VM accepted: a lever is sent when its request differs.
+    levers: HashMap<&'static str, Value>,
     /// The last lever error, logged once.
     last_error: Option<String>,
     /// Its end was logged.
@@ -198,6 +204,7 @@ impl Supervisor {
                 progress: None,
                 saved: 0,
                 sent: None,
+                levers: HashMap::new(),
                 last_error: None,
                 exit_logged: false,
             });
@@ -364,36 +371,23 @@ impl Supervisor {
     /// Moves VM `i`'s levers where `action` differs from what was sent.
     fn apply(&mut self, i: usize, action: VmAction) {
         let s = &mut self.slots[i];
-        let sent = s.sent.clone();
-        let mut requests = Vec::new();
-        let changed =
-            |f: fn(&VmAction) -> Value| sent.as_ref().is_none_or(|old| f(old) != f(&action));
-        if s.spec.balloon.is_some() && changed(|a| json!(a.balloon_bytes >> 20)) {
-            requests.push(json!({ "balloon": { "target_mib": action.balloon_bytes >> 20 } }));
-        }
-        if changed(|a| json!(a.reclaim_target_bytes.map(|b| (b >> 20).max(1)))) {
-            requests.push(match action.reclaim_target_bytes {
-                None => json!({ "reclaim": { "off": true } }),
-                Some(b) => json!({ "reclaim": { "target_mib": (b >> 20).max(1) } }),
-            });
-        }
-        if changed(|a| json!(a.share_scan_rate)) {
-            requests.push(json!({ "sharing": { "scan_rate": action.share_scan_rate } }));
-        }
-        if changed(|a| json!(a.alloc_wait_above_bytes.map(|b| b >> 20))) {
-            requests.push(match action.alloc_wait_above_bytes {
-                None => json!({ "alloc": { "off": true } }),
-                Some(b) => json!({ "alloc": { "wait_above_mib": b >> 20 } }),
-            });
-        }
-        for req in requests {
-            if let Err(e) = s.proc.request(&req) {
-                let msg = e.to_string();
-                if s.proc.poll_exit().is_some() {
-                    log::debug!("{msg} (it has ended)");
-                } else if s.last_error.as_deref() != Some(msg.as_str()) {
-                    log::warn!("{msg}");
-                    s.last_error = Some(msg);
+        for (lever, req) in lever_requests(&action, s.spec.balloon.is_some()) {
+            if s.levers.get(lever) == Some(&req) {
+                continue; // sent already, and accepted
+            }
+            match s.proc.request(&req) {
+                Ok(_) => {
+                    s.levers.insert(lever, req);
+                }
+                Err(e) => {
+                    // Not recorded as sent: the next tick tries again.
+                    let msg = e.to_string();
+                    if s.proc.poll_exit().is_some() {
+                        log::debug!("{msg} (it has ended)");
+                    } else if s.last_error.as_deref() != Some(msg.as_str()) {
+                        log::warn!("{msg}");
+                        s.last_error = Some(msg);
+                    }
                 }
             }
         }
@@ -474,12 +468,37 @@ impl Slot {
     }
 }
 
+/// The control-socket request of each lever of `action` (the balloon's only with a balloon).
+fn lever_requests(action: &VmAction, balloon: bool) -> Vec<(&'static str, Value)> {
+    let mut out = Vec::with_capacity(4);
+    if balloon {
+        out.push(("balloon", json!({ "balloon": { "target_mib": action.balloon_bytes >> 20 } })));
+    }
+    out.push((
+        "reclaim",
+        match action.reclaim_target_bytes {
+            None => json!({ "reclaim": { "off": true } }),
+            Some(b) => json!({ "reclaim": { "target_mib": (b >> 20).max(1) } }),
+        },
+    ));
+    out.push(("sharing", json!({ "sharing": { "scan_rate": action.share_scan_rate } })));
+    out.push((
+        "alloc",
+        match action.alloc_wait_above_bytes {
+            None => json!({ "alloc": { "off": true } }),
+            Some(b) => json!({ "alloc": { "wait_above_mib": (b >> 20).max(1) } }),
+        },
+    ));
+    out
+}
+
 /// Free memory: the budget less what the VMs use, but never more than the host has
 /// available (less a margin), so that other processes' pressure counts too.
 pub fn free_bytes(budget: u64, used: u64, available: Option<u64>) -> i64 {
     let by_budget = i128::from(budget) - i128::from(used);
     let by_host = available.map_or(i128::MAX, |a| i128::from(a) - i128::from(HOST_MARGIN_BYTES));
-    i64::try_from(by_budget.min(by_host)).unwrap_or(i64::MIN)
+    let free = by_budget.min(by_host);
+    i64::try_from(free).unwrap_or(if free < 0 { i64::MIN } else { i64::MAX })
 }
 
 #[cfg(test)]

@@ -115,7 +115,8 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<LabOutcome, LabErro
         std::fs::create_dir_all(dir).map_err(dir_error(dir))?;
     }
     let runs_each = policies.len() + 1;
-    let total_ms: u64 = scenarios.iter().map(|s| s.duration_ms * runs_each as u64).sum();
+    let total_ms: u64 =
+        scenarios.iter().map(|s| s.duration_ms.saturating_mul(runs_each as u64)).sum();
     let mut done_ms = 0u64;
     let mut outcome = LabOutcome::default();
     let result = (|| {

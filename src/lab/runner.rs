@@ -51,6 +51,16 @@ pub struct Run {
     pub wall: Duration,
 }
 
+/// Sends `sig` to our unreaped child `pid`.
+fn signal(pid: u32, sig: i32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        if pid > 0 {
+            // SAFETY: kill(2) on our own child, not yet reaped: the pid is still its.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     let what = what.into();
     move |source| RunError::Io { what, source }
@@ -107,8 +117,10 @@ pub fn run(
         }
         if elapsed > limit && !timed_out {
             timed_out = true;
-            // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe { libc::kill(libc::pid_t::try_from(host.id()).unwrap_or(0), libc::SIGTERM) };
+            signal(host.id(), libc::SIGTERM);
+        }
+        if elapsed > limit + RUN_GRACE {
+            signal(host.id(), libc::SIGKILL); // the VMs follow it (their death signal)
         }
         std::thread::sleep(POLL);
     };

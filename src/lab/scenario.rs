@@ -38,6 +38,10 @@ use crate::units::{human_bytes, parse_size, PAGE_SIZE};
 
 /// Default host tick of a scenario, ms.
 pub const DEFAULT_TICK_MS: u64 = 100;
+/// Largest budget or VM a scenario may have, after scaling: 1 TiB.
+const MAX_BYTES: u64 = 1 << 40;
+/// Longest scenario: an hour.
+const MAX_DURATION_MS: u64 = 3_600_000;
 /// The lab's Active-memory sampling interval at scale 1, ms.
 pub const ACTIVE_INTERVAL_MS: u64 = 250;
 /// Smallest VM after scaling, MiB.
@@ -208,6 +212,12 @@ impl Scenario {
                 .map(|b| scaled(b, scale))
         };
         let budget_bytes = size("budget", &f.budget)?;
+        if budget_bytes > MAX_BYTES {
+            return Err(invalid("budget", format!("more than {}", human_bytes(MAX_BYTES))));
+        }
+        if f.duration_ms > MAX_DURATION_MS {
+            return Err(invalid("duration_ms", format!("more than {MAX_DURATION_MS} (an hour)")));
+        }
         if budget_bytes < (16 << 20) {
             return Err(invalid(
                 "budget",
@@ -293,7 +303,10 @@ fn check_vm(
     let memory = parse_size(&v.memory)
         .map_err(|_| invalid(&key("memory"), format!("{:?} is not a size", v.memory)))?;
     let memory_mib = scaled(memory >> 20, scale).max(MIN_VM_MIB);
-    let memory_bytes = memory_mib << 20;
+    let memory_bytes = memory_mib
+        .checked_mul(1 << 20)
+        .filter(|&b| b <= MAX_BYTES)
+        .ok_or_else(|| invalid(&key("memory"), format!("more than {}", human_bytes(MAX_BYTES))))?;
     let pages = scaled(v.pages, scale).max(1);
     // touch keeps the first 2 MiB or so for itself: leave it room.
     let room = (memory_bytes / PAGE_SIZE).saturating_sub(1024);

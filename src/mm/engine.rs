@@ -493,6 +493,10 @@ fn inherited(fd: i32) -> Result<std::fs::File, UffdError> {
             format!("sharing group descriptor {fd}: {e}"),
         )));
     }
+    // The inherited number is ours alone (the host passed it to this process only): close it,
+    // so that nothing is left open that the engine does not own.
+    // SAFETY: `fd` is open (F_DUPFD succeeded) and nothing else in this process uses it.
+    unsafe { libc::close(fd) };
     // SAFETY: `dup` is a fresh descriptor we own.
     Ok(unsafe { std::fs::File::from_raw_fd(dup) })
 }

@@ -1,13 +1,14 @@
 //! The allocation gate: the lever that makes a VM's new memory wait (ESX's Low state
 //! blocks VMs above their target from allocating).
 //!
-//! While the gate is set to a cap, a guest write to a page that has no host memory yet
-//! (a first touch, or a page the balloon gave back) waits while the VM's resident pages
-//! are at or above the cap: the fault handler puts it back on its retry list and looks
-//! again every few milliseconds, as reclaim brings the VM down. Reads map the zero page
-//! and consume nothing, so they never wait, nor do swap-ins (the page already counts
-//! against the VM). A fault waits at most [`MAX_WAIT`]: the gate slows a VM, it never
-//! stops it for good (reclaim might be unable to make room).
+//! While the gate is set to a cap, a guest write that takes a new host page (a first touch,
+//! the first write to a zero-page mapping, a page the balloon gave back) waits while the
+//! VM's resident pages are at or above the cap: the fault handler puts it back on its retry
+//! list and looks again every 10 ms, as reclaim brings the VM down; such a write maps only
+//! its own page (no fault-around). Reads map the zero page and consume nothing, so they
+//! never wait, nor do swap-ins (the page already counts against the VM). Once faults have
+//! been held for [`MAX_WAIT`], they go through until the VM is under its cap again: the
+//! gate slows a VM, it never stops it for good (reclaim might be unable to make room).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,7 +27,7 @@ pub struct AllocGate {
     cap_pages: AtomicU64,
     /// Faults held back (each retry of a held fault counts once more).
     pub waits: AtomicU64,
-    /// Faults let through after waiting [`MAX_WAIT`].
+    /// Held periods that ran past [`MAX_WAIT`] (faults then went through).
     pub timeouts: AtomicU64,
 }
 
@@ -41,7 +42,7 @@ impl Default for AllocGate {
 }
 
 impl AllocGate {
-    /// New allocations wait while more than `bytes` are resident (None: never).
+    /// New allocations wait while `bytes` or more are resident (None: never).
     pub fn set(&self, bytes: Option<u64>) {
         self.cap_pages.store(bytes.map_or(OPEN, |b| b / PAGE_SIZE), Ordering::Relaxed);
     }

@@ -1,7 +1,7 @@
 //! Reclamation policies: what the host asks of each VM, given a snapshot of all of them.
 //!
 //! A policy is a [`Policy`]: it gets a [`Snapshot`] (the host's budget, free memory, minFree
-//! and state; each VM's figures and controls) once per tick and on every state change, and
+//! and state; each VM's figures and controls) once per tick (and at once after a budget change), and
 //! returns one [`VmAction`] per VM, in the snapshot's order. The host turns actions into
 //! control-socket requests, sending only what changed. A policy never talks to a VM itself,
 //! so policies are plain values that tests drive with hand-made snapshots.

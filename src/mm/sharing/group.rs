@@ -280,6 +280,21 @@ impl GroupPool {
         self.entry(hole).0.store(0, Ordering::Relaxed);
     }
 
+    /// Removes this member's hints from the index; the lock is held.
+    fn clear_own_hints(&self) {
+        let mine: Vec<u64> = (0..self.index_len)
+            .filter_map(|i| {
+                let (k, v) = self.entry(i);
+                let (k, v) = (k.load(Ordering::Relaxed), v.load(Ordering::Relaxed));
+                (k != 0 && v & CANONICAL == 0 && v >> MEMBER_SHIFT == self.member).then_some(k)
+            })
+            .collect();
+        for key in &mine {
+            self.remove(*key);
+        }
+        self.add(W_HINTS, -i64::try_from(mine.len()).unwrap_or(0));
+    }
+
     fn hint_entry(&self, idx: u64) -> u64 {
         (self.member << MEMBER_SHIFT) | idx
     }
@@ -289,9 +304,14 @@ impl GroupPool {
             return;
         }
         let refs = self.refs(slot);
-        let n = refs.load(Ordering::Relaxed).saturating_sub(1);
-        refs.store(n, Ordering::Relaxed);
-        if n > 0 {
+        let n = refs.load(Ordering::Relaxed);
+        if n == 0 {
+            // Released twice (a bug): freeing it again would push it on the free stack twice.
+            log::error!("sharing group: slot {slot} released with no reference");
+            return;
+        }
+        refs.store(n - 1, Ordering::Relaxed);
+        if n > 1 {
             return;
         }
         let key = key_of(self.hash_word(slot).load(Ordering::Relaxed));
@@ -379,17 +399,7 @@ impl SharePool for GroupPool {
 
     fn clear_hints(&self) {
         let _held = self.lock();
-        let mine: Vec<u64> = (0..self.index_len)
-            .filter_map(|i| {
-                let (k, v) = self.entry(i);
-                let (k, v) = (k.load(Ordering::Relaxed), v.load(Ordering::Relaxed));
-                (k != 0 && v & CANONICAL == 0 && v >> MEMBER_SHIFT == self.member).then_some(k)
-            })
-            .collect();
-        for key in &mine {
-            self.remove(*key);
-        }
-        self.add(W_HINTS, -i64::try_from(mine.len()).unwrap_or(0));
+        self.clear_own_hints();
     }
 
     /// Another member may have stored the same content since this member looked the hash
@@ -471,10 +481,12 @@ impl SharePool for GroupPool {
 }
 
 impl Drop for GroupPool {
-    /// A member that ends gives back the references of its shared pages.
+    /// A member that ends gives back the references of its shared pages, and its hints.
     fn drop(&mut self) {
         let pages: Vec<u64> = self.local().of_page.drain().map(|(_, slot)| slot).collect();
         let _held = self.lock();
+        // Hints count against the group's cap: a member's would block the others' forever.
+        self.clear_own_hints();
         for slot in pages {
             self.add(W_ATTACHED, -1);
             self.release(slot);
@@ -561,7 +573,9 @@ mod tests {
         let (a, b) = group(16);
         let slot = a.create(1, &page_of(1)).unwrap();
         a.attach(0, slot);
+        a.hint(77, 5);
         drop(a);
+        assert_eq!(b.find(77), Found::Nothing, "and its hints");
         assert_eq!(b.find(1), Found::Nothing);
         assert_eq!(b.group_live_pages(), Some(0));
     }

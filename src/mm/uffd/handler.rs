@@ -128,6 +128,9 @@ pub struct FaultHandler {
     short_of_memory: Option<Instant>,
     /// Since when the allocation gate holds faults (None: it does not).
     gated_since: Option<Instant>,
+    /// The gate's longest wait ran out in this held period: faults go through until the VM
+    /// is under its cap again.
+    gate_gave_way: bool,
 }
 
 impl FaultHandler {
@@ -172,6 +175,7 @@ impl FaultHandler {
             oom_wait,
             short_of_memory,
             gated_since: None,
+            gate_gave_way: false,
         })
     }
 
@@ -321,13 +325,16 @@ impl FaultHandler {
         let resident = self.core.table.count(Resident);
         if !self.core.gate.holds(resident) {
             self.gated_since = None;
+            self.gate_gave_way = false;
             return false;
         }
         let since = *self.gated_since.get_or_insert_with(Instant::now);
         if since.elapsed() < MAX_WAIT {
             return true;
         }
-        self.core.gate.timeouts.fetch_add(1, Ordering::Relaxed);
+        if !std::mem::replace(&mut self.gate_gave_way, true) {
+            self.core.gate.timeouts.fetch_add(1, Ordering::Relaxed); // once per held period
+        }
         false
     }
 
@@ -360,9 +367,13 @@ impl FaultHandler {
         if table.flags(idx) & FLAG_IN_FLIGHT != 0 {
             return Ok(Step::Retry);
         }
-        if table.get(idx) == Some(Shared) {
-            return self.unshare(page, idx);
+        match table.get(idx) {
+            Some(Shared) => return self.unshare(page, idx),
+            // The zero page's first write takes a host page: a new allocation.
+            Some(ZeroMapped) if self.gate_holds() => return Ok(Step::Gated),
+            _ => {}
         }
+        let table = &self.core.table;
         if table.transition(idx, StateSet::of(&[ZeroMapped]), Resident).is_err() {
             table.clear_sampled(idx);
         }
@@ -523,7 +534,8 @@ impl FaultHandler {
     /// Moves the untouched pages after `idx` to `target`, as many as the window allows (none
     /// unless `grow`); returns the pages to map, the faulting one included.
     fn claim_neighbours(&mut self, idx: u64, grow: bool, target: PageState) -> u64 {
-        if !grow {
+        // Under an allocation cap, a fault maps its own page only.
+        if !grow || (target == Resident && self.core.gate.cap_bytes().is_some()) {
             return 1;
         }
         let room = self.core.map.pages_left_in_region(idx).saturating_sub(1);
