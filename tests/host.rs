@@ -345,6 +345,8 @@ fn the_host_socket_lists_reports_passes_through_and_takes_a_budget_drop() {
     // Per-VM pass-through.
     let stats = host.ask("{\"vm\":{\"name\":\"a\",\"request\":{\"stats\":{}}}}");
     assert!(stats["consumed_bytes"].is_u64(), "{stats}");
+    let lever = host.ask("{\"vm\":{\"name\":\"a\",\"request\":{\"reclaim\":{\"target_mib\":8}}}}");
+    assert!(lever["error"].as_str().unwrap().contains("the host's lever"), "{lever}");
     let nope = host.ask("{\"vm\":{\"name\":\"zz\",\"request\":{\"stats\":{}}}}");
     assert_eq!(nope["error"], "no VM named \"zz\"");
     // ebb ctl speaks to a host too.

@@ -352,3 +352,45 @@ impl Drop for VmProcess {
         self.kill();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_option_the_vm_sets_itself_is_left_out() {
+        let extra: Vec<String> = ["--zcache-max", "0", "--swap-max", "0"].map(String::from).into();
+        let own: Vec<String> = ["--zcache-max=5%"].map(String::from).into();
+        assert_eq!(policy_args(&extra, &own), ["--swap-max", "0"]);
+        assert_eq!(policy_args(&extra, &[]), extra);
+    }
+
+    #[test]
+    fn a_vm_that_accepts_no_connection_costs_at_most_the_timeout() {
+        let path = std::env::temp_dir().join(format!("ebb-full-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Fill the backlog: nothing accepts.
+        let mut held = Vec::new();
+        while let Ok(s) = nonblocking_connect(&path) {
+            held.push(s);
+            assert!(held.len() < 100_000, "the backlog never filled");
+        }
+        let start = Instant::now();
+        let err = request_with_timeout(&path, &serde_json::json!({}), Duration::from_millis(300))
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_socket_nobody_listens_on_fails_at_once() {
+        let path = std::env::temp_dir().join(format!("ebb-nobody-{}.sock", std::process::id()));
+        let start = Instant::now();
+        assert!(
+            request_with_timeout(&path, &serde_json::json!({}), Duration::from_secs(2)).is_err()
+        );
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+}
