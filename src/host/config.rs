@@ -299,12 +299,15 @@ fn size(key: &str, s: &str) -> Result<u64, HostConfigError> {
     parse_size(s).map_err(|_| invalid(key, format!("{s:?} is not a size (e.g. 512M, 2G)")))
 }
 
+/// 1 to 32 letters, digits, `-` or `_`: a VM's or a group's name (it goes into paths).
+fn valid_name(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 fn check_vm(entry: VmEntry) -> Result<VmSpec, HostConfigError> {
     let key = |k: &str| format!("vm {:?}.{k}", entry.name);
-    let name_ok = !entry.name.is_empty()
-        && entry.name.len() <= 32
-        && entry.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if !name_ok {
+    if !valid_name(&entry.name) {
         return Err(invalid(key("name"), "1 to 32 letters, digits, - or _"));
     }
     let memory_bytes = size(&key("memory"), &entry.memory)?;
@@ -347,10 +350,7 @@ fn check_vm(entry: VmEntry) -> Result<VmSpec, HostConfigError> {
         return Err(invalid(key("initrd"), "initrd and cmdline need a kernel"));
     }
     if let Some(g) = &entry.sharing_group {
-        if g.is_empty()
-            || g.len() > 32
-            || !g.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !valid_name(g) {
             return Err(invalid(key("sharing_group"), "1 to 32 letters, digits, - or _"));
         }
     }

@@ -19,12 +19,10 @@ impl Policy for BalloonOnly {
     }
 
     fn decide(&mut self, snap: &Snapshot) -> Vec<VmAction> {
-        let available = snap.host.budget_bytes.saturating_sub(snap.host.min_free_bytes);
-        let total_shares: u64 = snap.vms.iter().map(|v| v.shares).sum::<u64>().max(1);
         snap.vms
             .iter()
-            .map(|vm| {
-                let fair = super::fair_share(available, vm, total_shares);
+            .zip(super::fair_shares(snap))
+            .map(|(vm, fair)| {
                 let over = vm.consumed_bytes.saturating_sub(fair);
                 let room = vm.configured_bytes.saturating_sub(vm.reservation_bytes);
                 let balloon_bytes = match snap.host.state {

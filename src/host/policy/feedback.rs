@@ -49,13 +49,11 @@ impl Policy for Feedback {
     }
 
     fn decide(&mut self, snap: &Snapshot) -> Vec<VmAction> {
-        let available = snap.host.budget_bytes.saturating_sub(snap.host.min_free_bytes);
-        let total_shares: u64 = snap.vms.iter().map(|v| v.shares).sum::<u64>().max(1);
         let actions: Vec<VmAction> = snap
             .vms
             .iter()
-            .map(|vm| {
-                let fair = super::fair_share(available, vm, total_shares);
+            .zip(super::fair_shares(snap))
+            .map(|(vm, fair)| {
                 let target = self.next_target(vm, fair, snap.host.state);
                 VmAction { target_bytes: fair, reclaim_target_bytes: target, ..VmAction::default() }
             })

@@ -113,6 +113,14 @@ pub trait Policy: std::fmt::Debug + Send {
     }
 }
 
+/// Each VM's fair part of what the host may give (the budget less minFree), by shares, within
+/// its reservation and limit: the split a policy that knows nothing of Active memory makes.
+pub fn fair_shares(snap: &Snapshot) -> Vec<u64> {
+    let available = snap.host.budget_bytes.saturating_sub(snap.host.min_free_bytes);
+    let total_shares: u64 = snap.vms.iter().map(|v| v.shares).sum();
+    snap.vms.iter().map(|vm| fair_share(available, vm, total_shares)).collect()
+}
+
 /// `vm`'s part of `available` bytes by shares (of `total_shares`), within its reservation
 /// and limit.
 pub fn fair_share(available: u64, vm: &VmView, total_shares: u64) -> u64 {

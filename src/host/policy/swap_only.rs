@@ -21,13 +21,11 @@ impl Policy for SwapOnly {
     }
 
     fn decide(&mut self, snap: &Snapshot) -> Vec<VmAction> {
-        let available = snap.host.budget_bytes.saturating_sub(snap.host.min_free_bytes);
-        let total_shares: u64 = snap.vms.iter().map(|v| v.shares).sum::<u64>().max(1);
         let squeeze = matches!(snap.host.state, MemState::Soft | MemState::Hard | MemState::Low);
         snap.vms
             .iter()
-            .map(|vm| {
-                let fair = super::fair_share(available, vm, total_shares);
+            .zip(super::fair_shares(snap))
+            .map(|(vm, fair)| {
                 let overhead = vm.consumed_bytes.saturating_sub(vm.resident_bytes);
                 let reclaim =
                     (squeeze && vm.consumed_bytes > fair).then(|| fair.saturating_sub(overhead));

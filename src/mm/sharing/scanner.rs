@@ -172,9 +172,7 @@ impl Scanner {
         }
         let Some(hash) = self.hash_of(idx) else { return };
         self.stats.scanned.fetch_add(1, Ordering::Relaxed);
-        let Some(seen) = usize::try_from(idx).ok().and_then(|i| self.seen.get_mut(i)) else {
-            return;
-        };
+        let Some(seen) = self.seen.get_mut(i) else { return };
         let short = u32::try_from(hash >> 32).unwrap_or(u32::MAX).max(1);
         let stable = *seen == short;
         *seen = short;
