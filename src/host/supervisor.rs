@@ -16,12 +16,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::child::{describe, VmProcess};
 use super::config::{HostConfig, VmSpec};
-use super::policy::{HostView, Policy, Snapshot, VmAction, VmView};
+use super::policy::{keep_reservation, HostView, Policy, Snapshot, VmAction, VmView};
 use super::pressure::{min_free_bytes, MemState, DEFAULT_THRESHOLDS};
 use super::report::{HostReport, VmReport};
 use crate::mm::sharing::group::{create_files, DEFAULT_GROUP_SLOTS};
 use crate::mm::thread::ThreadClock;
-use crate::units::PAGE_SIZE;
+use crate::units::{MIB, PAGE_SIZE};
 
 /// Largest budget: 1 PiB.
 pub const MAX_BUDGET_BYTES: u64 = 1 << 50;
@@ -277,8 +277,9 @@ impl Supervisor {
             vms: running.iter().map(|&i| self.slots[i].view.clone()).collect(),
         };
         let actions = self.policy.decide(&snap);
-        for (&i, action) in running.iter().zip(actions) {
-            self.apply(i, action);
+        // The host keeps every reservation, whatever the policy asked.
+        for ((&i, action), vm) in running.iter().zip(actions).zip(&snap.vms) {
+            self.apply(i, keep_reservation(action, vm));
         }
         self.ticks += 1;
         let tick_cpu_us = self.clock.ns().saturating_sub(cpu_before) / 1000;
@@ -478,7 +479,9 @@ fn lever_requests(action: &VmAction, balloon: bool) -> Vec<(&'static str, Value)
         "reclaim",
         match action.reclaim_target_bytes {
             None => json!({ "reclaim": { "off": true } }),
-            Some(b) => json!({ "reclaim": { "target_mib": (b >> 20).max(1) } }),
+            // Rounded up: a lever rounded down would reclaim below a reservation that is
+            // not a whole number of MiB.
+            Some(b) => json!({ "reclaim": { "target_mib": b.div_ceil(MIB).max(1) } }),
         },
     ));
     out.push(("sharing", json!({ "sharing": { "scan_rate": action.share_scan_rate } })));
@@ -486,7 +489,7 @@ fn lever_requests(action: &VmAction, balloon: bool) -> Vec<(&'static str, Value)
         "alloc",
         match action.alloc_wait_above_bytes {
             None => json!({ "alloc": { "off": true } }),
-            Some(b) => json!({ "alloc": { "wait_above_mib": (b >> 20).max(1) } }),
+            Some(b) => json!({ "alloc": { "wait_above_mib": b.div_ceil(MIB).max(1) } }),
         },
     ));
     out

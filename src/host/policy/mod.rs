@@ -113,6 +113,22 @@ pub trait Policy: std::fmt::Debug + Send {
     }
 }
 
+/// `action` made to keep `vm`'s reservation, whatever the policy asked: memory below the
+/// reservation is never reclaimed. The reclaim lever counts the guest's resident pages only,
+/// so a floor there is exact: the guest keeps at least its reservation resident, and what it
+/// consumes besides (its compression cache, its part of a sharing pool, metadata) only adds
+/// to that. (A floor of reservation less that overhead, as a policy may compute from
+/// consumption, breaks the promise as soon as the cache shrinks: it is written back to swap
+/// when full, and the guest's consumption falls below its reservation.) The balloon never
+/// asks for the reserved part, and new memory is never held back below it.
+pub fn keep_reservation(mut action: VmAction, vm: &VmView) -> VmAction {
+    let floor = vm.reservation_bytes;
+    action.reclaim_target_bytes = action.reclaim_target_bytes.map(|t| t.max(floor));
+    action.alloc_wait_above_bytes = action.alloc_wait_above_bytes.map(|t| t.max(floor));
+    action.balloon_bytes = action.balloon_bytes.min(vm.configured_bytes.saturating_sub(floor));
+    action
+}
+
 /// Each VM's fair part of what the host may give (the budget less minFree), by shares, within
 /// its reservation and limit: the split a policy that knows nothing of Active memory makes.
 pub fn fair_shares(snap: &Snapshot) -> Vec<u64> {
@@ -158,5 +174,76 @@ pub fn by_name(name: &str, params: PolicyParams) -> Option<Box<dyn Policy>> {
         "swap-only" => Some(Box::new(swap_only::SwapOnly)),
         "feedback" => Some(Box::new(feedback::Feedback::default())),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn reserved_vm() -> VmView {
+        VmView {
+            name: "r".into(),
+            configured_bytes: 256 * MIB,
+            consumed_bytes: 170 * MIB,
+            resident_bytes: 160 * MIB,
+            reservation_bytes: 160 * MIB,
+            limit_bytes: 256 * MIB,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_reclaim_target_below_the_reservation_is_raised_to_it() {
+        // What ESX computed before the fix: the reservation less the VM's overhead.
+        let asked = VmAction {
+            reclaim_target_bytes: Some(150 * MIB),
+            alloc_wait_above_bytes: Some(150 * MIB),
+            balloon_bytes: 200 * MIB,
+            ..Default::default()
+        };
+        let kept = keep_reservation(asked, &reserved_vm());
+        assert_eq!(kept.reclaim_target_bytes, Some(160 * MIB));
+        assert_eq!(kept.alloc_wait_above_bytes, Some(160 * MIB));
+        assert_eq!(kept.balloon_bytes, 96 * MIB, "the balloon leaves the reservation alone");
+    }
+
+    #[test]
+    fn levers_above_the_reservation_or_off_are_left_alone() {
+        let asked = VmAction {
+            reclaim_target_bytes: Some(200 * MIB),
+            balloon_bytes: 10 * MIB,
+            ..Default::default()
+        };
+        assert_eq!(keep_reservation(asked.clone(), &reserved_vm()), asked);
+        let off = VmAction::default();
+        assert_eq!(keep_reservation(off.clone(), &reserved_vm()), off);
+    }
+
+    #[test]
+    fn every_policy_keeps_the_reservation_through_the_host() {
+        // Under the deepest state, every policy's action, as the host sends it, leaves the
+        // reserved VM at least its reservation resident.
+        let snap = Snapshot {
+            host: HostView {
+                budget_bytes: 288 * MIB,
+                free_bytes: -(64 << 20),
+                min_free_bytes: 20 * MIB,
+                state: MemState::Low,
+            },
+            vms: vec![
+                VmView { compressed_bytes: 8 * MIB, ..reserved_vm() },
+                VmView { name: "o".into(), reservation_bytes: 0, ..reserved_vm() },
+            ],
+        };
+        for name in POLICY_NAMES {
+            let mut policy = by_name(name, PolicyParams::default()).unwrap();
+            let action = policy.decide(&snap).remove(0);
+            let kept = keep_reservation(action, &snap.vms[0]);
+            assert!(kept.reclaim_target_bytes.is_none_or(|t| t >= 160 * MIB), "{name}: {kept:?}");
+            assert!(kept.balloon_bytes <= 96 * MIB, "{name}: {kept:?}");
+        }
     }
 }
