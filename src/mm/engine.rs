@@ -97,6 +97,7 @@ impl Sharing {
     /// scanner's `mremap` waits for the handler to read its remap event. If the handler is
     /// gone the scanner may never return; it is left to end with the process.
     fn stop(self) {
+        self.pages.stop();
         let _ = self.stop.write(1);
         let started = std::time::Instant::now();
         while !self.thread.is_finished() && started.elapsed() < Self::STOP_PATIENCE {
@@ -477,7 +478,8 @@ fn shared_pages(
         }
     };
     let stats = Arc::new(SharingStats::default());
-    Ok(Some(Arc::new(SharedPages::new(pool, stats, uffd.clone()))))
+    let pages = SharedPages::new(pool, stats, uffd.clone()).map_err(UffdError::Setup)?;
+    Ok(Some(Arc::new(pages)))
 }
 
 /// A duplicate of inherited descriptor `fd`, close-on-exec, as a `File`.

@@ -19,6 +19,7 @@
 
 use std::sync::Arc;
 
+use super::claim::Claim;
 use super::layout::{PageRange, RamMap};
 use super::pages::{PageError, PageState, PageTable, StateSet};
 use super::reclaim::store::Backing;
@@ -158,70 +159,72 @@ impl MemoryManager {
             return Ok(Released { pages: range.pages, ..Released::default() });
         };
         let mut done = Released::default();
-        let mut run: Vec<(u64, PageState)> = Vec::new();
+        let mut run: Vec<Claim<&PageTable>> = Vec::new();
         for idx in range.first_idx..range.first_idx + range.pages {
-            match table.begin(idx, how.sources(), how.target()) {
-                Ok(old) => {
-                    run.push((idx, old));
+            match Claim::new(&**table, idx, how.sources(), how.target()) {
+                Ok(claim) => {
+                    run.push(claim);
                     continue;
                 }
                 Err(PageError::InFlight { .. }) => done.busy += 1,
                 Err(_) => done.skipped += 1,
             }
-            done.pages += self.drop_run(table, &range, &mut run)?;
+            done.pages += self.drop_run(&range, std::mem::take(&mut run))?;
         }
-        done.pages += self.drop_run(table, &range, &mut run)?;
+        done.pages += self.drop_run(&range, run)?;
         Ok(done)
     }
 
-    /// Drops the backing of the claimed pages in `run` (consecutive) and ends their claims.
-    fn drop_run(
-        &self,
-        table: &PageTable,
-        range: &PageRange,
-        run: &mut Vec<(u64, PageState)>,
-    ) -> Result<u64, MmError> {
-        let Some(&(first, _)) = run.first() else { return Ok(0) };
+    /// Drops the backing of the claimed pages of `run` (consecutive) and ends their claims:
+    /// finished where the backing went, aborted (dropped) where it stays.
+    fn drop_run(&self, range: &PageRange, run: Vec<Claim<&PageTable>>) -> Result<u64, MmError> {
+        let Some(first) = run.first().map(Claim::idx) else { return Ok(0) };
         let hva = range.hva + (first - range.first_idx) * PAGE_SIZE;
         let pages = run.len() as u64;
-        let kept_shared = self.release_shared(range, run);
+        let (released_shared, rest) = self.release_shared(range, run);
         let result = drop_backing(hva, pages * PAGE_SIZE);
-        for &(idx, old) in run.iter() {
-            if kept_shared.contains(&idx) {
-                table.abort(idx, old);
-                continue;
-            }
-            match result {
-                Ok(()) => {
-                    // An evicted page's copy goes with it: the guest gave the page up.
-                    if matches!(old, Compressed | Swapped) {
-                        if let Some(b) = &self.backing {
-                            b.discard(idx);
-                        }
+        let mut dropped = released_shared.len() as u64;
+        // A released shared page has empty memory of its own already, whatever `madvise`
+        // said: it is released. (Put back to Shared, it would claim a pool page it no
+        // longer maps.)
+        released_shared.into_iter().for_each(Claim::finish);
+        if result.is_ok() {
+            for claim in rest {
+                // An evicted page's copy goes with it: the guest gave the page up.
+                if matches!(claim.old(), Compressed | Swapped) {
+                    if let Some(b) = &self.backing {
+                        b.discard(claim.idx());
                     }
-                    table.finish(idx);
                 }
-                Err(_) => table.abort(idx, old),
+                claim.finish();
+                dropped += 1;
             }
         }
-        run.clear();
-        result.map(|()| pages - kept_shared.len() as u64)
+        result.map(|()| dropped)
     }
 
     /// Gives the Shared pages of `run` fresh memory instead of their pool page
-    /// (`MADV_DONTNEED` would bring the pool page back); returns those that could not be,
-    /// which stay shared.
-    fn release_shared(&self, range: &PageRange, run: &[(u64, PageState)]) -> Vec<u64> {
-        let Some(sharing) = self.sharing.get() else { return Vec::new() };
-        let shared = run.iter().filter(|&&(_, old)| old == Shared);
-        shared
-            .filter_map(|&(idx, _)| {
+    /// (`MADV_DONTNEED` would bring the pool page back). Returns them, and the rest of the
+    /// run; a shared page that could not be released is dropped from both (its claim
+    /// aborted: it stays shared).
+    fn release_shared<'t>(
+        &self,
+        range: &PageRange,
+        run: Vec<Claim<&'t PageTable>>,
+    ) -> (Vec<Claim<&'t PageTable>>, Vec<Claim<&'t PageTable>>) {
+        let Some(sharing) = self.sharing.get() else { return (Vec::new(), run) };
+        let (shared, rest): (Vec<_>, Vec<_>) = run.into_iter().partition(|c| c.old() == Shared);
+        let released = shared
+            .into_iter()
+            .filter(|claim| {
+                let idx = claim.idx();
                 let hva = range.hva + (idx - range.first_idx) * PAGE_SIZE;
-                let e = sharing.release(idx, hva).err()?;
+                let Err(e) = sharing.release(idx, hva) else { return true };
                 log::warn!("releasing shared page {idx}: {e}; it stays shared");
-                Some(idx)
+                false
             })
-            .collect()
+            .collect();
+        (released, rest)
     }
 
     /// Hands guest RAM to the kernel's KSM (`--ksm`): the baseline ebb's own sharing is

@@ -9,6 +9,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`pages`] | page states, the transition table, the in-flight flag, per-state counts |
+//! | [`claim`] | claims on pages as guards: a claim not finished is aborted when dropped |
 //! | [`manager`] | releasing and deflating guest-physical ranges |
 //! | [`engine`] | one VM's userfaultfd registration, handler thread and statistics |
 //! | [`uffd`] | the userfaultfd descriptor, the fault handler, fault-around |
@@ -23,8 +24,11 @@
 //! | `sys` | the raw system calls (`madvise`, `mincore`, `poll`, thread CPU clocks) |
 
 pub mod active;
+pub mod claim;
 pub mod engine;
 pub mod gate;
+#[doc(hidden)]
+pub mod hooks;
 pub mod layout;
 pub mod manager;
 pub mod pages;

@@ -139,6 +139,34 @@ pub fn mapped_pages_from(hva: u64, pages: usize) -> io::Result<usize> {
         .count())
 }
 
+/// `/proc/self/pagemap`, kept open: whether a page is mapped, without faulting it in.
+#[derive(Debug)]
+pub struct Pagemap(std::fs::File);
+
+impl Pagemap {
+    /// Opens this process's pagemap.
+    ///
+    /// # Errors
+    /// The open error.
+    pub fn open() -> io::Result<Self> {
+        std::fs::File::open("/proc/self/pagemap").map(Self)
+    }
+
+    /// True if the page at `hva` is mapped (present, or swapped out by the kernel, which
+    /// brings it back itself): an access to it never reaches a userfaultfd handler.
+    ///
+    /// # Errors
+    /// The read error.
+    pub fn is_mapped(&self, hva: u64) -> io::Result<bool> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        let mut entry = [0u8; 8];
+        self.0.read_exact_at(&mut entry, hva / crate::units::PAGE_SIZE * 8)?;
+        Ok(u64::from_le_bytes(entry) & (PRESENT | SWAPPED) != 0)
+    }
+}
+
 /// Which pages of the mapping `[hva, hva + pages * 4 KiB)` are resident, one bool per page.
 ///
 /// # Errors

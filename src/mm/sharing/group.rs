@@ -32,7 +32,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::pool::{Found, PoolError, SharePool};
 use super::sys::{memfd, punch_hole, View};
-use crate::mm::zcache::Page;
+use crate::mm::zcache::{Page, PAGE_BYTES};
 use crate::units::PAGE_SIZE;
 
 /// "ebbgroup" in ASCII: the meta memfd's first word.
@@ -359,8 +359,8 @@ impl SharePool for GroupPool {
         &self.data
     }
 
-    fn page(&self, slot: u64) -> Option<&Page> {
-        self.view.page(slot)
+    fn read(&self, slot: u64, out: &mut Page) -> bool {
+        self.view.read(slot, out)
     }
 
     fn find(&self, hash: u64) -> Found {
@@ -408,7 +408,8 @@ impl SharePool for GroupPool {
         let _held = self.lock();
         if let Some(e) = self.lookup(key_of(hash)).filter(|e| e & CANONICAL != 0) {
             let slot = e & !CANONICAL;
-            if self.view.page(slot).is_some_and(|p| p == content) {
+            let mut stored = Box::new([0u8; PAGE_BYTES]);
+            if self.view.read(slot, &mut stored) && *stored == *content {
                 self.refs(slot).fetch_add(1, Ordering::Relaxed);
                 return Ok(slot);
             }
@@ -515,7 +516,9 @@ mod tests {
         let slot = a.create(42, &page_of(7)).unwrap();
         a.attach(3, slot);
         assert_eq!(b.find(42), Found::Canonical(slot));
-        assert_eq!(b.page(slot).unwrap()[100], 7);
+        let mut seen = Box::new([0u8; PAGE_BYTES]);
+        assert!(b.read(slot, &mut seen));
+        assert_eq!(seen[100], 7);
         b.attach(9, slot);
         assert_eq!(a.group_live_pages(), Some(1));
         // Each member's part: half of the one live page, rounded down.

@@ -7,6 +7,7 @@
 //! | `pool.rs` | the canonical pages (a memfd), their reference counts, the hash index |
 //! | `merge.rs` | freezing candidates, comparing them, mapping a pool page over a guest page |
 //! | `scanner.rs` | the rate-limited scanner thread |
+//! | `unshare.rs` | the unsharer thread: copy-on-write breaks |
 //! | `sys.rs` | the raw calls: memfd, `mremap`, `mmap` over a guest page |
 //!
 //! # The mechanism, and why
@@ -18,12 +19,18 @@
 //!   (`MAP_PRIVATE`): the kernel serves every read from the pool page with no trip to ebb.
 //!   The mapping is registered on the fault handler's descriptor in write-protect mode and
 //!   protected before it is moved over the guest page (see `merge.rs`), so the first guest
-//!   write faults to the handler, which **unshares**: it claims the page, maps fresh
-//!   anonymous memory over it, registers it as guest RAM is registered, copies the pool page
-//!   in with `UFFDIO_COPY` (which wakes the writer) and drops the page's reference. The
-//!   table says Resident again, and the page is an ordinary guest page: it can be sampled,
-//!   evicted, ballooned.
+//!   write faults to the handler, which claims the page and hands it to the **unsharer**
+//!   (`unshare.rs`): it gives the page fresh registered memory and copies the pool page in,
+//!   which wakes the writer. The table says Resident again, and the page is an ordinary guest
+//!   page: it can be sampled, evicted, ballooned.
 //!
+//! A guest page is never left empty and unregistered: any access then (the event loop
+//! reading a virtqueue through the mapping, another vCPU) would get the kernel's zero page
+//! behind ebb's back. Fresh memory is therefore registered *before* it is moved over the
+//! guest page; the move keeps the registration through a remap event, which is why the
+//! moves happen on threads other than the fault handler's (`mremap` waits for the handler
+//! to read that event).
+
 //! The alternatives were weighed and measured: KSM on exactly the pages ebb found identical
 //! merges across every process with mergeable pages, which breaks per-VM isolation, and
 //! still converges at ksmd's pace; one KVM memory slot per shared range makes every guest
@@ -49,6 +56,7 @@ mod merge;
 pub mod pool;
 mod scanner;
 mod sys;
+mod unshare;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,11 +65,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use merge::Merger;
 pub(crate) use scanner::spawn;
+pub use unshare::Queued;
 
-use crate::mm::pages::{PageState, PageTable, StateSet};
-use crate::mm::uffd::{Resolved, Uffd, UffdError};
+use crate::mm::pages::PageTable;
+use crate::mm::uffd::{Uffd, UffdError};
 use crate::units::PAGE_SIZE;
 use pool::SharePool;
+use unshare::Unsharer;
 
 /// How the scanner hashes pages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -140,26 +150,21 @@ pub struct SharingStats {
     pub map_failures: AtomicU64,
     /// Candidates skipped because shared pages use their share of `vm.max_map_count`.
     pub map_limited: AtomicU64,
+    /// Resident pages skipped because they were not mapped when the scanner looked (a
+    /// state that would be a bug: see `scanner.rs`).
+    pub unmapped_skips: AtomicU64,
 }
 
 /// Errors of unsharing or releasing a shared page.
 #[derive(Debug, thiserror::Error)]
 pub enum SharingError {
-    /// Fresh guest memory could not be mapped over the page.
+    /// The fresh private page could not be made or moved over the guest page.
     #[error("mapping guest memory over shared page {idx}: {source}")]
     Map {
         /// Page index.
         idx: u64,
-        /// The `mmap` error.
+        /// The `mmap` or `mremap` error.
         source: std::io::Error,
-    },
-    /// The pool page of a shared page could not be copied into its fresh memory.
-    #[error("copying the pool page of shared page {idx}: {source}")]
-    Copy {
-        /// Page index.
-        idx: u64,
-        /// The error.
-        source: UffdError,
     },
     /// A Shared page maps no pool page (a bug: the table and the pool disagree).
     #[error("shared page {idx} maps no pool page")]
@@ -175,21 +180,33 @@ pub enum SharingError {
         /// The error.
         source: UffdError,
     },
+    /// The pool page of a shared page could not be copied into its fresh memory.
+    #[error("copying the pool page of shared page {idx}: {source}")]
+    Copy {
+        /// Page index.
+        idx: u64,
+        /// The error.
+        source: UffdError,
+    },
+    /// The fresh memory of an unshared page was mapped by someone else before the copy,
+    /// although it was registered and claimed (a bug).
+    #[error("unshared page {idx} was mapped behind ebb's back before its contents were copied in")]
+    MappedBehindOurBack {
+        /// Page index.
+        idx: u64,
+    },
 }
 
-/// What an unshare did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unshared {
-    /// The page is private and the writer woken.
-    Done,
-    /// The page has its fresh memory, and its copy is on the pending list (it said
-    /// EAGAIN): [`SharedPages::retry`] finishes it and wakes the writer.
-    Pending,
-    /// Not now (a mover holds the page): try the fault again later.
-    Later,
-    /// The kernel had no memory (for the fresh mapping: the page stays shared; or for the
-    /// copy: it is on the pending list too): try again later.
-    NoMemory,
+impl SharingError {
+    /// True if the kernel was short of memory: waited out, not a failure.
+    pub fn is_no_memory(&self) -> bool {
+        let enomem = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOMEM);
+        match self {
+            Self::Map { source, .. } => enomem(source),
+            Self::Register { source: UffdError::Register { source, .. }, .. } => enomem(source),
+            _ => false,
+        }
+    }
 }
 
 /// The shared pages of one VM, as the fault handler and the memory manager see them.
@@ -200,116 +217,69 @@ pub struct SharedPages {
     /// The counters.
     pub stats: Arc<SharingStats>,
     uffd: Arc<Uffd>,
+    unsharer: Unsharer,
 }
 
 impl SharedPages {
-    /// Shared pages of a VM whose faults `uffd` serves.
-    pub fn new(pool: Arc<dyn SharePool>, stats: Arc<SharingStats>, uffd: Arc<Uffd>) -> Self {
-        Self { pool, stats, uffd }
-    }
-
-    /// Gives page `idx` at `hva`, claimed by the caller, fresh empty guest memory registered
-    /// as guest RAM is. Its pool reference is the caller's to drop.
-    fn remap_private(&self, idx: u64, hva: u64) -> Result<(), SharingError> {
-        // SAFETY: `hva` is the guest page `idx`, claimed by the caller: its contents are in
-        // the pool, and nothing refers into it.
-        unsafe { sys::map_anon_over(hva) }.map_err(|source| SharingError::Map { idx, source })?;
-        let wp = self.uffd.has_wp();
-        // Without registration the kernel would serve the page's next fault a zero page
-        // behind ebb's back: that is an error the VM cannot survive, not a retry.
-        self.uffd
-            .register(hva, PAGE_SIZE, wp)
-            .map_err(|source| SharingError::Register { idx, source })
-    }
-
-    /// A guest write to shared page `idx` at `hva` (a write-protect fault): the page gets a
-    /// private copy of the pool page, and the writer wakes. Called on the fault handler's
-    /// thread; a copy that says EAGAIN or ENOMEM goes on `pending`, for
-    /// [`retry`](Self::retry).
+    /// Shared pages of a VM whose faults `uffd` serves; starts their unsharer thread.
     ///
     /// # Errors
-    /// The page could not be given guest memory of its own, or the copy failed for good.
-    pub fn unshare(
-        &self,
-        table: &PageTable,
-        idx: u64,
-        hva: u64,
-        pending: &mut Vec<(u64, u64)>,
-    ) -> Result<Unshared, SharingError> {
-        if table.begin(idx, StateSet::of(&[PageState::Shared]), PageState::Resident).is_err() {
-            return Ok(Unshared::Later);
-        }
-        if let Err(e) = self.remap_private(idx, hva) {
-            if matches!(e, SharingError::Map { .. }) {
-                table.abort(idx, PageState::Shared); // still shared: the write waits
-                return Ok(Unshared::NoMemory);
-            }
-            return Err(e);
-        }
-        let outcome = self.copy_in(table, idx, hva)?;
-        if outcome != Unshared::Done {
-            pending.push((idx, hva));
-        }
-        Ok(outcome)
+    /// The unsharer could not be started.
+    pub fn new(
+        pool: Arc<dyn SharePool>,
+        stats: Arc<SharingStats>,
+        uffd: Arc<Uffd>,
+    ) -> std::io::Result<Self> {
+        let unsharer = Unsharer::start(pool.clone(), stats.clone(), uffd.clone())?;
+        Ok(Self { pool, stats, uffd, unsharer })
     }
 
-    /// Retries the copies of unshares that said EAGAIN or ENOMEM; keeps those that still do.
-    ///
-    /// # Errors
-    /// A copy failed for good.
-    pub fn retry(
-        &self,
-        table: &PageTable,
-        pending: &mut Vec<(u64, u64)>,
-    ) -> Result<(), SharingError> {
-        let mut result = Ok(());
-        pending.retain(|&(idx, hva)| match self.copy_in(table, idx, hva) {
-            Ok(Unshared::Done) => false,
-            Ok(_) => true,
-            Err(e) => {
-                result = Err(e);
-                true
-            }
-        });
-        result
+    /// A guest write to shared page `idx` at `hva` (a write-protect fault): the page is
+    /// claimed and queued for its private copy (see `unshare.rs`), whose ioctl wakes the
+    /// writer. Called on the fault handler's thread; never blocks or allocates.
+    pub fn unshare(&self, table: &Arc<PageTable>, idx: u64, hva: u64) -> Queued {
+        self.unsharer.queue(table, idx, hva)
     }
 
-    /// Copies the pool page of claimed page `idx` into its fresh memory at `hva`.
-    fn copy_in(&self, table: &PageTable, idx: u64, hva: u64) -> Result<Unshared, SharingError> {
-        let Some(page) = self.pool.slot_of(idx).and_then(|s| self.pool.page(s)) else {
-            return Err(SharingError::NoPoolPage { idx });
-        };
-        // Counted before the copy, which wakes the writer: it may read the statistics at once.
-        self.stats.cow_breaks.fetch_add(1, Ordering::Relaxed);
-        let outcome = match self.uffd.copy(hva, &page[..], false) {
-            Ok((Resolved::Mapped | Resolved::AlreadyMapped, _)) => {
-                self.pool.detach(idx);
-                table.finish(idx);
-                table.mark_unshared(idx);
-                return Ok(Unshared::Done);
-            }
-            Ok((Resolved::NoMemory, _)) => Ok(Unshared::NoMemory),
-            Ok((Resolved::Retry, _)) => Ok(Unshared::Pending),
-            Err(source) => Err(SharingError::Copy { idx, source }),
-        };
-        self.stats.cow_breaks.fetch_sub(1, Ordering::Relaxed);
-        outcome
+    /// Readable once a copy-on-write break failed for good ([`take_failure`](Self::take_failure)).
+    pub fn failed_event(&self) -> &EventFd {
+        self.unsharer.failed_event()
+    }
+
+    /// The error a copy-on-write break failed on, if one did: the VM cannot go on.
+    pub fn take_failure(&self) -> Option<SharingError> {
+        self.unsharer.take_failure()
+    }
+
+    /// Stops the unsharer (the fault handler must still be reading events).
+    pub fn stop(&self) {
+        self.unsharer.stop();
     }
 
     /// Releases shared page `idx` at `hva`, claimed by the caller on its way to a state
-    /// without memory (ballooned, untouched): fresh empty guest memory replaces the pool
-    /// page, whose reference is dropped. (`MADV_DONTNEED` would not do: on a private file
-    /// mapping it brings the file's page back, not zeros.)
+    /// without memory (ballooned, untouched): fresh empty guest memory, registered, replaces
+    /// the pool page, whose reference is dropped. (`MADV_DONTNEED` would not do: on a private
+    /// file mapping it brings the file's page back, not zeros.) Never called on the fault
+    /// handler's thread: the move waits for the handler to read its remap event.
     ///
     /// # Errors
-    /// The page could not be given guest memory of its own (it stays shared).
+    /// The fresh page could not be made, registered or moved: the page stays shared.
     pub fn release(&self, idx: u64, hva: u64) -> Result<(), SharingError> {
-        match self.remap_private(idx, hva) {
-            Err(e @ SharingError::Map { .. }) => return Err(e),
-            // The guest gave the page up, so its (zero) contents do not matter; only its
-            // next faults will not reach ebb.
-            Err(e) => log::error!("page sharing: {e}; the page is released untracked"),
-            Ok(()) => {}
+        let staging = sys::map_anon_page().map_err(|source| SharingError::Map { idx, source })?;
+        let moved = self
+            .uffd
+            .register(staging, PAGE_SIZE, self.uffd.has_wp())
+            .map_err(|source| SharingError::Register { idx, source })
+            .and_then(|()| {
+                // SAFETY: `staging` is our own empty page; `hva` is guest page `idx`, claimed
+                // by the caller, whose contents the guest gave up.
+                unsafe { sys::remap_page_over(staging, hva) }
+                    .map_err(|source| SharingError::Map { idx, source })
+            });
+        if let Err(e) = moved {
+            // SAFETY: not moved, and nothing refers into it (unmapping also unregisters).
+            unsafe { sys::unmap_page(staging) };
+            return Err(e);
         }
         self.pool.detach(idx);
         Ok(())

@@ -44,8 +44,8 @@ pub enum Found {
 pub trait SharePool: std::fmt::Debug + Send + Sync {
     /// The memfd of canonical pages.
     fn file(&self) -> &File;
-    /// The content of live slot `slot`.
-    fn page(&self, slot: u64) -> Option<&Page>;
+    /// Copies the content of live slot `slot` into `out`; false if there is no such slot.
+    fn read(&self, slot: u64, out: &mut Page) -> bool;
     /// Looks `hash` up; a canonical slot comes back pinned.
     fn find(&self, hash: u64) -> Found;
     /// Remembers page `idx` as having `hash`, unless known or the hints are full.
@@ -166,9 +166,9 @@ impl SharePool for Pool {
         &self.file
     }
 
-    /// The content of live slot `slot` (unchanged while the caller holds a reference).
-    fn page(&self, slot: u64) -> Option<&Page> {
-        self.view.page(slot)
+    /// Copies the content of live slot `slot` (unchanged while the caller holds a reference).
+    fn read(&self, slot: u64, out: &mut Page) -> bool {
+        self.view.read(slot, out)
     }
 
     /// Looks `hash` up; a canonical slot comes back pinned.
@@ -296,11 +296,17 @@ mod tests {
         Box::new([byte; 4096])
     }
 
+    fn content(pool: &dyn SharePool, slot: u64) -> Box<Page> {
+        let mut out = Box::new([0xffu8; 4096]);
+        assert!(pool.read(slot, &mut out));
+        out
+    }
+
     #[test]
     fn a_created_slot_holds_its_content_and_is_found_pinned() {
         let pool = Pool::new(16, 8).unwrap();
         let slot = pool.create(7, &page_of(3)).unwrap();
-        assert_eq!(pool.page(slot).unwrap()[100], 3);
+        assert_eq!(content(&pool, slot)[100], 3);
         assert_eq!(pool.find(7), Found::Canonical(slot));
         assert_eq!(pool.live_pages(), 1);
     }
@@ -317,7 +323,7 @@ mod tests {
         assert_eq!(pool.detach(11), Some(slot));
         assert_eq!(pool.live_pages(), 0);
         assert_eq!(pool.find(7), Found::Nothing);
-        assert_eq!(pool.page(slot).unwrap()[100], 0, "the hole reads as zeros");
+        assert_eq!(content(&pool, slot)[100], 0, "the hole reads as zeros");
         assert_eq!(pool.create(8, &page_of(4)).unwrap(), slot, "the slot is reused");
     }
 

@@ -4,7 +4,7 @@
 //! For each page, in order, wrapping around (a pass):
 //! 1. skip it unless it is Resident and neither claimed by a mover nor in the Active sample;
 //! 2. hash a copy of it (claimed for the instant of the copy, so that no mover takes it
-//!    away meanwhile); keep 32 bits of the hash per page, and go on only if they are what the
+//!    away meanwhile, and read only once `/proc/self/pagemap` shows it mapped); keep 32 bits of the hash per page, and go on only if they are what the
 //!    last pass saw: a page written between two visits is volatile, and sharing it would buy
 //!    a copy-on-write fault soon (KSM's rule);
 //! 3. an all-zero page is frozen, checked, and dropped: it reads as the zero page afterwards;
@@ -35,7 +35,9 @@ use super::merge::Merger;
 use super::pool::Found;
 use super::sys::{max_map_count, read_page_racy};
 use super::{ShareHash, SharingControl, SharingStats};
+use crate::mm::claim::Claim;
 use crate::mm::pages::{PageState, StateSet, FLAG_IN_FLIGHT, FLAG_SAMPLED};
+use crate::mm::sys::Pagemap;
 use crate::mm::thread::serve_lever;
 use crate::mm::zcache::{Page, PAGE_BYTES};
 
@@ -92,6 +94,7 @@ struct Scanner {
     max_shared: u64,
     buf: Box<Page>,
     backoff: Backoff,
+    pagemap: Pagemap,
 }
 
 /// Starts the scanner; it stops when `stop` is written.
@@ -118,6 +121,7 @@ pub(crate) fn spawn(
         max_shared: max_map_count() / MAP_COUNT_SHARE,
         buf: Box::new([0; PAGE_BYTES]),
         backoff: Backoff::new(pages),
+        pagemap: Pagemap::open()?,
     };
     std::thread::Builder::new().name("ebb-share".into()).spawn(move || {
         let fds = [&stop, &control.kick];
@@ -188,15 +192,26 @@ impl Scanner {
         }
     }
 
-    /// Hashes a copy of page `idx`, claimed for the copy; None if a mover has it.
+    /// Hashes a copy of page `idx`, claimed for the copy; None if a mover has it or it is
+    /// not mapped.
+    ///
+    /// The claim keeps every mover away, and only a mover unmaps a page, so a page claimed
+    /// and then found mapped stays mapped until the claim ends: reading it never faults.
+    /// (The table alone is not proof: a page the fault handler is mapping is Resident before
+    /// its ioctl, and a read of it would be a fault that the handler defers while the page
+    /// is claimed, for ever if the ioctl failed. The handler claims such pages too now; the
+    /// check costs one `pread` and keeps the scanner safe whatever else a state means.)
     fn hash_of(&mut self, idx: u64) -> Option<u64> {
         let table = self.merger.table();
         let hva = self.merger.map().hva_of_idx(idx)?;
         let resident = StateSet::of(&[PageState::Resident]);
-        table.begin(idx, resident, PageState::Resident).ok()?;
-        // SAFETY: the page is Resident and claimed, so it stays mapped during the copy.
+        let _claim = Claim::new(table, idx, resident, PageState::Resident).ok()?;
+        if !self.pagemap.is_mapped(hva).unwrap_or(false) {
+            self.stats.unmapped_skips.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        // SAFETY: claimed and mapped, so it stays mapped during the copy (see above).
         unsafe { read_page_racy(hva, &mut self.buf) };
-        table.abort(idx, PageState::Resident);
         Some(self.hash.of(&self.buf[..]))
     }
 
@@ -251,10 +266,8 @@ impl Scanner {
             pool.unpin(slot);
             return;
         }
-        let equal = match (self.merger.frozen(0), pool.page(slot)) {
-            (Some(a), Some(b)) => a == b,
-            _ => false,
-        };
+        let equal = pool.read(slot, &mut self.buf)
+            && self.merger.frozen(0).is_some_and(|frozen| *frozen == *self.buf);
         if !equal {
             self.stats.collisions.fetch_add(1, Ordering::Relaxed);
             pool.unpin(slot);

@@ -100,12 +100,20 @@ impl View {
         })
     }
 
-    /// The page of slot `slot`, which the caller knows is within the file and not being
-    /// written (a canonical page never changes while anything refers to it).
-    pub fn page(&self, slot: u64) -> Option<&Page> {
-        // SAFETY: in bounds of our live mapping; the caller keeps the page unchanged while
-        // the reference (tied to &self) lives.
-        self.at(slot).map(|p| unsafe { &*p.cast::<Page>() })
+    /// Copies the page of slot `slot` into `out`; false past the end of the view. The
+    /// mapping is shared with other processes (a sharing group's members), which may write
+    /// it whatever the protocol says, so it is copied out with volatile reads, never
+    /// borrowed: a torn copy is at worst wrong bytes, never undefined behaviour.
+    pub fn read(&self, slot: u64, out: &mut Page) -> bool {
+        let Some(p) = self.at(slot) else { return false };
+        let src = p.cast::<u64>().cast_const();
+        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: in bounds of our live mapping (`at` checked the whole page), 8-byte
+            // aligned (page aligned plus a multiple of 8); `i` < 512.
+            let word = unsafe { std::ptr::read_volatile(src.add(i)) };
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        true
     }
 
     /// Writes `content` into slot `slot`, which nothing maps or reads yet.
@@ -143,7 +151,7 @@ pub fn map_private_page(file: &File, offset: u64) -> io::Result<u64> {
     Ok(p as u64)
 }
 
-/// Unmaps one page mapped by [`map_private_page`] that was not moved.
+/// Unmaps one page mapped by [`map_private_page`] or [`map_anon_page`] that was not moved.
 ///
 /// # Safety
 /// `hva` must be such a page, with no references into it.
@@ -188,24 +196,20 @@ pub unsafe fn remap_page_over(from: u64, to: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Replaces the page at `hva` with fresh private anonymous memory (no swap reservation),
-/// as guest RAM is mapped: the page is empty afterwards.
-///
-/// # Safety
-/// `hva` must be a page of guest RAM whose contents the caller has in hand or gives up,
-/// with no references into it.
+/// Maps one fresh private anonymous page (no swap reservation, as guest RAM is mapped) at
+/// an address the kernel picks: empty until written.
 ///
 /// # Errors
-/// The `mmap` error (the old mapping stays).
-pub unsafe fn map_anon_over(hva: u64) -> io::Result<()> {
+/// The `mmap` error.
+pub fn map_anon_page() -> io::Result<u64> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED;
-    // SAFETY: the caller guarantees the page may be replaced.
-    let p = unsafe { libc::mmap(hva as *mut libc::c_void, PAGE_BYTES, prot, flags, -1, 0) };
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: a fresh mapping at an address the kernel picks; nothing else refers to it.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), PAGE_BYTES, prot, flags, -1, 0) };
     if p == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(p as u64)
 }
 
 /// Copies the page at `hva` into `out` with volatile reads: the guest may be writing it, so

@@ -36,11 +36,12 @@ use vmm_sys_util::eventfd::EventFd;
 use super::around::{FaultAround, Window, MAX_FAULT_AROUND};
 use super::{Event, Resolved, Uffd, UffdError};
 use crate::mm::active::{ActiveConfig, ActiveStats, Sampler};
+use crate::mm::claim::ClaimRun;
 use crate::mm::gate::{AllocGate, MAX_WAIT};
 use crate::mm::layout::RamMap;
 use crate::mm::pages::{PageState, PageTable, StateSet, FLAG_IN_FLIGHT};
 use crate::mm::reclaim::store::Backing;
-use crate::mm::sharing::{SharedPages, Unshared};
+use crate::mm::sharing::{Queued, SharedPages};
 use crate::mm::stats::FaultStats;
 use crate::mm::sys::poll_readable;
 use crate::mm::zcache::{Page, PAGE_BYTES};
@@ -121,8 +122,6 @@ pub struct FaultHandler {
     retrying: Vec<Event>,
     /// Zero pages mapped but not yet write-protected (EAGAIN): their threads sleep.
     pending_protect: Vec<(u64, u64)>,
-    /// Unshared pages (index, address) whose copy said EAGAIN: their writers sleep.
-    pending_unshare: Vec<(u64, u64)>,
     oom_wait: std::time::Duration,
     /// Since when the kernel refuses pages (None: it does not).
     short_of_memory: Option<Instant>,
@@ -171,7 +170,6 @@ impl FaultHandler {
             retry,
             retrying,
             pending_protect: Vec::new(),
-            pending_unshare: Vec::new(),
             oom_wait,
             short_of_memory,
             gated_since: None,
@@ -188,20 +186,26 @@ impl FaultHandler {
         self.prefault();
         self.core.stats.set_cpu_clock_of_current_thread();
         let timer_fd = self.sampler.as_ref().map_or(-1, |s| s.timer().as_raw_fd());
-        let fds = [self.uffd.as_raw_fd(), stop.as_raw_fd(), timer_fd];
+        let unshare_failed =
+            self.core.sharing.as_ref().map_or(-1, |s| s.failed_event().as_raw_fd());
+        let fds = [self.uffd.as_raw_fd(), stop.as_raw_fd(), timer_fd, unshare_failed];
         loop {
-            let idle = self.retry.is_empty()
-                && self.pending_protect.is_empty()
-                && self.pending_unshare.is_empty();
+            let idle = self.retry.is_empty() && self.pending_protect.is_empty();
             let pressed = self.short_of_memory.is_some() || self.gated_since.is_some();
             let timeout = match (idle, pressed) {
                 (true, _) => -1,
                 (false, false) => RETRY_POLL_MS,
                 (false, true) => PRESSURE_POLL_MS,
             };
-            let [_, stopped, tick] = poll_readable(fds, timeout).map_err(UffdError::Poll)?;
+            let [_, stopped, tick, unshare_failed] =
+                poll_readable(fds, timeout).map_err(UffdError::Poll)?;
             if stopped {
                 return Ok(());
+            }
+            if unshare_failed {
+                if let Some(e) = self.core.sharing.as_ref().and_then(|s| s.take_failure()) {
+                    return Err(UffdError::Sharing(e.into()));
+                }
             }
             if tick {
                 if let Some(s) = self.sampler.as_mut() {
@@ -277,11 +281,6 @@ impl FaultHandler {
         self.retrying.clear();
         for (addr, len) in std::mem::take(&mut self.pending_protect) {
             self.protect_and_wake(addr, len)?;
-        }
-        if let Some(sharing) = &self.core.sharing {
-            sharing
-                .retry(&self.core.table, &mut self.pending_unshare)
-                .map_err(|e| UffdError::Sharing(e.into()))?;
         }
         Ok(())
     }
@@ -389,33 +388,38 @@ impl FaultHandler {
         let Some(sharing) = self.core.sharing.clone() else {
             return Err(UffdError::Unrestorable { idx, state: Shared });
         };
-        let result = sharing.unshare(&self.core.table, idx, page, &mut self.pending_unshare);
-        match result.map_err(|e| UffdError::Sharing(e.into()))? {
-            // A copy left pending wakes the writer when it succeeds.
-            Unshared::Done | Unshared::Pending => Ok(Step::Done),
-            Unshared::Later => Ok(Step::Retry),
-            Unshared::NoMemory => Ok(Step::NoMemory),
+        match sharing.unshare(&self.core.table, idx, page) {
+            // The unsharer's copy wakes the writer.
+            Queued::Yes => Ok(Step::Done),
+            Queued::Later => Ok(Step::Retry),
         }
     }
 
     /// A missing page: map a private zeroed page (`write`) or the zero page, plus untouched
     /// neighbours as the fault-around window says.
     ///
-    /// The table and counters move before the ioctl, because the ioctl wakes the faulting
-    /// thread, which may read the stats at once; what the ioctl did not map is moved back
-    /// after it (a compare-and-swap, so a page a mover took meanwhile stays the mover's).
+    /// The pages are claimed (in flight, their state already the destination) before the
+    /// ioctl, because the ioctl wakes the faulting thread, which may read the stats at once;
+    /// the claims end once the ioctl has mapped them, and what it did not map goes back.
+    /// Until then no mover takes them: a page the table calls Resident and that is not in
+    /// flight is mapped, which the sharing scanner relies on when it reads one (a neighbour
+    /// marked Resident before its copy, then claimed and read by the scanner while the copy
+    /// failed, made the scanner wait on a fault the handler deferred for ever).
     fn fill(&mut self, page: u64, idx: u64, write: bool) -> Result<Step, UffdError> {
         let table = Arc::clone(&self.core.table);
         if table.flags(idx) & FLAG_IN_FLIGHT != 0 {
             return Ok(Step::Retry); // a mover holds it: look again once it is done
         }
         let target = if write { Resident } else { ZeroMapped };
-        let first_was = match table.get(idx) {
+        let run = match table.get(idx) {
             Some(Untouched | Ballooned) if write && self.gate_holds() => return Ok(Step::Gated),
-            Some(Untouched | Ballooned) => match table.transition(idx, FAULTABLE, target) {
-                Ok(old) => Some(old),
-                Err(_) => return Ok(Step::Retry), // it changed under us: look again
-            },
+            Some(Untouched | Ballooned) => {
+                let extra = self.neighbours(idx, target);
+                match ClaimRun::new(&table, idx, FAULTABLE, extra, UNTOUCHED, target) {
+                    Ok(run) => Some(run),
+                    Err(_) => return Ok(Step::Retry), // it changed under us: look again
+                }
+            }
             // A duplicate event for a page resolved meanwhile: the ioctl says EEXIST and
             // the waiter is woken below.
             Some(Resident | ZeroMapped) | None => None,
@@ -424,11 +428,9 @@ impl FaultHandler {
             // now, and the woken thread finds it (or write-faults to unshare it).
             Some(Shared) => return Ok(retry_unless_done(self.uffd.wake(page, PAGE_SIZE)?)),
         };
-        let pages = self.claim_neighbours(idx, first_was.is_some(), target);
-        let stats = &self.core.stats;
-        let counter = if write { &stats.copy } else { &stats.zero };
-        counter.fetch_add(1, Ordering::Relaxed);
-        stats.around_pages.fetch_add(pages - 1, Ordering::Relaxed);
+        let pages = run.as_ref().map_or(1, ClaimRun::len);
+        self.count_fill(pages, write, true);
+        crate::mm::hooks::FILL_BEFORE_MAP.reach();
         let len = pages * PAGE_SIZE;
         // Zero pages are mapped without waking the faulting thread, then write-protected,
         // then the thread is woken: its first write then faults to us and the page is counted
@@ -439,22 +441,25 @@ impl FaultHandler {
             true => self.uffd.copy(page, self.zeros.get(..to_usize(len)).unwrap_or(&[]), false),
             false => self.uffd.zeropage(page, len, !protect_zero),
         };
-        let (resolved, done) =
-            result.inspect_err(|_| self.undo(idx, 0, pages, first_was, write))?;
+        // On an error the run is dropped, which puts every page back.
+        let (resolved, done) = result.inspect_err(|_| self.count_fill(pages, write, false))?;
         let mapped = (done / PAGE_SIZE).min(pages);
-        match resolved {
-            // EEXIST on the faulting page itself: it is mapped, whatever the table said.
-            Resolved::AlreadyMapped if mapped == 0 => self.undo(idx, 0, pages, None, write),
-            _ => self.undo(idx, mapped, pages, first_was, write),
+        // EEXIST on the faulting page itself: it is mapped, whatever the table said.
+        let kept = if resolved == Resolved::AlreadyMapped && mapped == 0 { 1 } else { mapped };
+        if let Some(run) = run {
+            run.finish_first(kept);
+            self.uncount_fill(kept, pages, write);
+        } else {
+            self.uncount_fill(0, pages, write);
         }
         if mapped > 0 {
             self.window.filled(idx, mapped);
             if protect_zero {
                 self.protect_and_wake(page, mapped * PAGE_SIZE)?;
             }
-            if first_was.is_none() && write {
-                // Mapped although the table said ZeroMapped: the zero page was dropped
-                // behind our back, and the page is private now.
+            if write {
+                // Mapped although the table said ZeroMapped (a duplicate): the zero page was
+                // dropped behind our back, and the page is private now.
                 let _ = table.transition(idx, StateSet::of(&[ZeroMapped]), Resident);
             }
         }
@@ -531,34 +536,35 @@ impl FaultHandler {
         step
     }
 
-    /// Moves the untouched pages after `idx` to `target`, as many as the window allows (none
-    /// unless `grow`); returns the pages to map, the faulting one included.
-    fn claim_neighbours(&mut self, idx: u64, grow: bool, target: PageState) -> u64 {
+    /// How many untouched neighbours after `idx` to claim with it, as the window allows.
+    fn neighbours(&mut self, idx: u64, target: PageState) -> u64 {
         // Under an allocation cap, a fault maps its own page only.
-        if !grow || (target == Resident && self.core.gate.cap_bytes().is_some()) {
-            return 1;
+        if target == Resident && self.core.gate.cap_bytes().is_some() {
+            return 0;
         }
         let room = self.core.map.pages_left_in_region(idx).saturating_sub(1);
-        let extra = self.window.neighbours(idx).min(room);
-        let table = &self.core.table;
-        1 + (1..=extra)
-            .take_while(|&i| table.transition(idx + i, UNTOUCHED, target).is_ok())
-            .count() as u64
+        self.window.neighbours(idx).min(room)
     }
 
-    /// Undoes the early moves of [`fill`](Self::fill) for pages `idx + kept .. idx + planned`,
-    /// which the ioctl did not map (`first_was`: what the faulting page was, if it moved),
-    /// and the counters of what was not mapped.
-    fn undo(&self, idx: u64, kept: u64, planned: u64, first_was: Option<PageState>, write: bool) {
-        let table = &self.core.table;
-        let target = StateSet::of(&[if write { Resident } else { ZeroMapped }]);
-        for i in kept..planned {
-            let back = if i == 0 { first_was } else { Some(Untouched) };
-            if let Some(back) = back {
-                // Fails only if a mover took the page meanwhile: then its state is the mover's.
-                let _ = table.transition(idx + i, target, back);
+    /// Counts a fill of `pages` pages (the faulting one and its neighbours) before its
+    /// ioctl, or takes the count back (`add` false) after one that failed outright.
+    fn count_fill(&self, pages: u64, write: bool, add: bool) {
+        let stats = &self.core.stats;
+        let counter = if write { &stats.copy } else { &stats.zero };
+        let op = |c: &std::sync::atomic::AtomicU64, n| {
+            if add {
+                c.fetch_add(n, Ordering::Relaxed)
+            } else {
+                c.fetch_sub(n, Ordering::Relaxed)
             }
-        }
+        };
+        op(counter, 1);
+        op(&stats.around_pages, pages - 1);
+    }
+
+    /// Takes back the counts of a fill's pages `kept .. planned`, which its ioctl did not
+    /// map (the fault itself too if nothing was kept).
+    fn uncount_fill(&self, kept: u64, planned: u64, write: bool) {
         let stats = &self.core.stats;
         let neighbours_unmapped = (planned - 1) - kept.saturating_sub(1).min(planned - 1);
         stats.around_pages.fetch_sub(neighbours_unmapped, Ordering::Relaxed);

@@ -1,0 +1,211 @@
+//! The memory engine's races, each made deterministic: an engine thread is stopped at a
+//! pause point (`ebb::mm::hooks`) inside the window, the test does the racing access, then
+//! lets the thread go on. Real userfaultfd on a real guest-RAM mapping, host threads as
+//! vCPUs and as the event loop; no KVM.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ebb::mm::engine::{Engine, EngineConfig};
+use ebb::mm::hooks;
+use ebb::mm::pages::{PageState, FLAG_IN_FLIGHT};
+use ebb::mm::uffd::around::FaultAround;
+use ebb::mm::MemoryManager;
+use ebb::vstate::memory::GuestRam;
+
+const PAGE: u64 = 4096;
+/// How long a thread the test expects to finish may take (a loaded 2-core machine).
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The pause points are global to the process: one test at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn engine_or_skip(
+    test: &str,
+    config: EngineConfig,
+    need_sharing: bool,
+) -> Option<(Arc<GuestRam>, Arc<MemoryManager>, Engine)> {
+    let ram = GuestRam::new(16 << 20, 48).unwrap();
+    let mm = Arc::new(MemoryManager::new(&ram.regions(), true));
+    match Engine::start(&mm, &config, None) {
+        Ok(engine) if !need_sharing || engine.sharing().is_some() => {
+            Some((Arc::new(ram), mm, engine))
+        }
+        Ok(_) => {
+            eprintln!("\n*** SKIPPED {test}: this kernel cannot share pages (needs UFFDIO_MOVE and memfd write protection) ***\n");
+            None
+        }
+        Err(e) => {
+            eprintln!("\n*** SKIPPED {test}: userfaultfd unavailable here ({e}) ***\n");
+            None
+        }
+    }
+}
+
+fn ptr(ram: &GuestRam, pfn: u64) -> *mut u64 {
+    (ram.regions()[0].hva + pfn * PAGE) as *mut u64
+}
+
+fn write_word(ram: &GuestRam, pfn: u64, word: usize, v: u64) {
+    // SAFETY: pfn is inside the test's guest RAM mapping, word < 512.
+    unsafe { ptr(ram, pfn).add(word).write_volatile(v) }
+}
+
+fn read_word(ram: &GuestRam, pfn: u64, word: usize) -> u64 {
+    // SAFETY: as above.
+    unsafe { ptr(ram, pfn).add(word).read_volatile() }
+}
+
+/// True if the page at `hva` is mapped, as `/proc/self/pagemap` says (reading it never
+/// faults the page in).
+fn mapped(hva: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut entry = [0u8; 8];
+    file.read_exact_at(&mut entry, hva / PAGE * 8).unwrap();
+    u64::from_le_bytes(entry) & (1 << 63 | 1 << 62) != 0
+}
+
+/// Runs `f` on a thread; its result, or None if it did not end within [`PATIENCE`].
+fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
+}
+
+/// Finding: fault-around marked neighbours Resident before mapping them, without a claim.
+/// A mover (the sharing scanner) could claim such a page and read it: a fault the handler
+/// defers while the page is claimed, so if the mapping then failed (EAGAIN, ENOMEM) the
+/// scanner and every vCPU touching that page waited for ever. Now the pages are in flight
+/// until mapped: a page the table calls Resident and not in flight is mapped.
+#[test]
+fn pages_being_filled_are_in_flight_until_they_are_mapped() {
+    let test = "pages_being_filled_are_in_flight_until_they_are_mapped";
+    let _serial = serial();
+    let mut config = EngineConfig::default();
+    config.handler.fault_around = FaultAround::Fixed(8);
+    config.handler.active = None;
+    let Some((ram, _mm, engine)) = engine_or_skip(test, config, false) else { return };
+    let first = 100;
+    hooks::FILL_BEFORE_MAP.arm();
+    let writer = {
+        let ram = ram.clone();
+        on_thread(move || write_word(&ram, first, 0, 0xfeed))
+    };
+    assert!(hooks::FILL_BEFORE_MAP.wait_reached(PATIENCE), "the fault never reached the handler");
+    // The handler stands between claiming the pages and mapping them: what would a mover see?
+    let table = engine.table();
+    let base = ram.regions()[0].hva;
+    let seen: Vec<(u64, PageState, bool, bool)> = (first..first + 9)
+        .map(|i| {
+            let state = table.get(i).unwrap();
+            (i, state, table.flags(i) & FLAG_IN_FLIGHT != 0, mapped(base + i * PAGE))
+        })
+        .collect();
+    hooks::FILL_BEFORE_MAP.release();
+    writer.recv_timeout(PATIENCE).expect("the writer never woke");
+    for &(i, state, in_flight, is_mapped) in &seen {
+        assert!(
+            state != PageState::Resident || in_flight || is_mapped,
+            "page {i} is Resident, not in flight and not mapped: a mover may claim it and read it, \
+             and wait for ever if its mapping fails: {seen:?}"
+        );
+    }
+    assert!(seen.iter().filter(|s| s.1 == PageState::Resident).count() == 9, "{seen:?}");
+    // Afterwards every page is mapped, Resident, and free of claims (the claims end just
+    // after the ioctl that woke the writer).
+    let started = Instant::now();
+    while (first..first + 9).any(|i| table.flags(i) & FLAG_IN_FLIGHT != 0)
+        && started.elapsed() < PATIENCE
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for i in first..first + 9 {
+        assert_eq!(table.get(i), Some(PageState::Resident));
+        assert_eq!(table.flags(i) & FLAG_IN_FLIGHT, 0, "page {i} still in flight");
+        assert!(mapped(base + i * PAGE), "page {i} not mapped");
+    }
+    assert_eq!(read_word(&ram, first, 0), 0xfeed);
+}
+
+/// Waits until page `pfn` is Shared; false after [`PATIENCE`].
+fn wait_shared(engine: &Engine, pfn: u64) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < PATIENCE {
+        if engine.table().get(pfn) == Some(PageState::Shared) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// Finding: a copy-on-write break mapped fresh anonymous memory over the guest page and only
+/// then registered it with userfaultfd. An access in between (the event loop reading a
+/// virtqueue through the mapping, another vCPU) got the kernel's zero page behind ebb's
+/// back; the copy of the shared contents then said EEXIST, which counted as success: the
+/// page kept zeros, and the writer was never woken. Now the fresh memory is registered
+/// before it replaces the pool page, so such an access faults and waits for the copy.
+#[test]
+fn a_read_during_a_copy_on_write_break_sees_the_shared_contents() {
+    let test = "a_read_during_a_copy_on_write_break_sees_the_shared_contents";
+    let _serial = serial();
+    let config = EngineConfig { share_scan_rate: 1 << 20, ..Default::default() };
+    let Some((ram, _mm, engine)) = engine_or_skip(test, config, true) else { return };
+    let shared_word = |w: usize| 0x5a5a_0000 + w as u64;
+    for pfn in 0..64 {
+        for w in 0..512 {
+            write_word(&ram, pfn, w, shared_word(w)); // 64 identical pages
+        }
+    }
+    let victim = 10;
+    assert!(wait_shared(&engine, victim), "page {victim} was never shared");
+    engine.sharing().unwrap().set_scan_rate(0);
+    hooks::UNSHARE_BEFORE_COPY.arm();
+    let writer = {
+        let ram = ram.clone();
+        on_thread(move || write_word(&ram, victim, 0, 0xbeef))
+    };
+    assert!(hooks::UNSHARE_BEFORE_COPY.wait_reached(PATIENCE), "the write never broke the sharing");
+    // The event loop reads the page while the break stands in the window.
+    let reader = {
+        let ram = ram.clone();
+        on_thread(move || [1usize, 100, 511].map(|w| read_word(&ram, victim, w)))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    hooks::UNSHARE_BEFORE_COPY.release();
+    let during = reader.recv_timeout(PATIENCE).expect("the reader never woke");
+    let woke = writer.recv_timeout(PATIENCE).is_ok();
+    assert_eq!(
+        during,
+        [1usize, 100, 511].map(shared_word),
+        "a read during the break saw other bytes than the shared page's"
+    );
+    assert!(woke, "the writer was never woken");
+    assert_eq!(read_word(&ram, victim, 0), 0xbeef);
+    for w in 1..512 {
+        assert_eq!(read_word(&ram, victim, w), shared_word(w), "word {w}");
+    }
+    assert!(engine.failure().is_none(), "{:?}", engine.failure());
+    let started = Instant::now();
+    while engine.table().get(victim) != Some(PageState::Resident) && started.elapsed() < PATIENCE {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(engine.table().get(victim), Some(PageState::Resident));
+    // The page is guest RAM again: its next release reaches the handler (a remove event),
+    // and the page reads as zeros afterwards.
+    let removes = engine.snapshot(0).remove_events;
+    // SAFETY: the page is in the test's guest RAM; the guest gives it up.
+    let rc = unsafe { libc::madvise(ptr(&ram, victim).cast(), PAGE as usize, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert!(engine.snapshot(0).remove_events > removes, "the page is no longer registered");
+    assert_eq!(read_word(&ram, victim, 1), 0);
+}
