@@ -139,6 +139,73 @@ impl Mounted {
     }
 }
 
+impl Mounted {
+    /// Changes one byte in every 4 KiB block of the file that process `pid` has open on
+    /// this mount (its swap file), in the loop device's backing image, then drops the
+    /// file's cached pages so that its next reads come from the device. Returns the blocks
+    /// changed.
+    fn flip_a_byte_per_block_of_the_file_of(&self, pid: u32) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let (_, img) = self.backing.as_ref().expect("a loop device over an image");
+        let swap = open_file_below(pid, &self.point.0);
+        let image = std::fs::OpenOptions::new().read(true).write(true).open(img).unwrap();
+        let mut flipped = 0;
+        for (physical, len) in extents(&swap) {
+            for block in (physical..physical + len).step_by(4096) {
+                let mut byte = [0u8];
+                image.read_exact_at(&mut byte, block + 100).unwrap();
+                byte[0] ^= 0x01;
+                image.write_all_at(&byte, block + 100).unwrap();
+                flipped += 1;
+            }
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&swap);
+        // SAFETY: advice on our own descriptor; no memory is passed.
+        assert_eq!(unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+        flipped
+    }
+}
+
+/// The file that process `pid` has open below `dir` (through `/proc`, as it has no name).
+fn open_file_below(pid: u32, dir: &Path) -> std::fs::File {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let link = fd.unwrap().path();
+        if std::fs::read_link(&link).is_ok_and(|t| t.starts_with(dir)) {
+            return std::fs::File::open(&link).unwrap();
+        }
+    }
+    panic!("process {pid} has no file open below {}", dir.display());
+}
+
+/// `(physical byte offset, length)` of the written extents of `file` (`FS_IOC_FIEMAP`,
+/// after writing its dirty pages out).
+fn extents(file: &std::fs::File) -> Vec<(u64, u64)> {
+    /// `_IOWR('f', 11, struct fiemap)`.
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const FIEMAP_FLAG_SYNC: u32 = 1;
+    /// Extents the kernel has not written (they read as zeros) or not placed yet.
+    const SKIP: u32 = 0x800 | 0x4 | 0x2;
+    /// `struct fiemap` is 32 bytes (4 words); each `struct fiemap_extent` 56 (7 words).
+    const HEADER_WORDS: usize = 4;
+    const EXTENT_WORDS: usize = 7;
+    const MAX_EXTENTS: usize = 512;
+    let mut buf = vec![0u64; HEADER_WORDS + EXTENT_WORDS * MAX_EXTENTS];
+    buf[1] = u64::MAX; // fm_length: the whole file
+    buf[2] = u64::from(FIEMAP_FLAG_SYNC); // fm_flags (fm_mapped_extents above it: 0)
+    buf[3] = MAX_EXTENTS as u64; // fm_extent_count
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    // SAFETY: FS_IOC_FIEMAP reads the header and writes at most fm_extent_count extents,
+    // all within `buf`.
+    let ret = unsafe { libc::ioctl(fd, FS_IOC_FIEMAP, buf.as_mut_ptr()) };
+    assert_eq!(ret, 0, "FIEMAP: {}", std::io::Error::last_os_error());
+    let mapped = usize::try_from(buf[2] >> 32).unwrap(); // fm_mapped_extents
+    (0..mapped.min(MAX_EXTENTS))
+        .map(|i| &buf[HEADER_WORDS + i * EXTENT_WORDS..][..EXTENT_WORDS])
+        .filter(|e| u32::try_from(e[5] & 0xffff_ffff).unwrap() & SKIP == 0) // fe_flags
+        .map(|e| (e[1], e[2])) // fe_physical, fe_length
+        .collect()
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = sh(Command::new("umount").args(["-l", self.point.path()]));
@@ -321,6 +388,67 @@ fn a_swap_read_error_ends_the_vm_with_a_clear_error() {
         assert!(stderr.contains(needle), "the error says what happened ({needle}):\n{stderr}");
     }
     assert!(!stderr.contains("guest crashed"), "the guest never ran on a zero page:\n{stderr}");
+}
+
+/// A byte changes on the device under the swap file, below pages already swapped: the
+/// guest's next read of such a page finds its checksum wrong, and the VM ends with that
+/// cause; the guest never runs on the changed bytes.
+#[test]
+fn a_byte_changed_on_the_swap_device_ends_the_vm_with_the_cause() {
+    let test = "a_byte_changed_on_the_swap_device_ends_the_vm_with_the_cause";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(disk) = Mounted::failing_ext4(test) else { return };
+    let stats = temp_file(&format!("{test}.json"), b"");
+    let touch = ["pages=4096", "pattern=random", "idle_ms=8000"];
+    let extra = ["--reclaim-target", "2M", "--swap-dir", disk.point.path()];
+    let argv = touch_argv("64M", stats.to_str().unwrap(), &touch, &extra);
+    let out_path = temp_file(&format!("{test}.stdout"), b"");
+    let err_path = temp_file(&format!("{test}.stderr"), b"");
+    let mut child = ebb()
+        .args(&argv)
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    // Idle (every page written and verified once), with 8 MiB in the swap file.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let idle = || std::fs::read_to_string(&out_path).unwrap().contains("touch: idle");
+    while !idle() || stats_lines(&stats).pop().is_none_or(|v| num(&v, "swapped_bytes") < 8 << 20) {
+        assert!(
+            Instant::now() < deadline,
+            "never idle with 8 MiB swapped: {:?}",
+            stats_lines(&stats).pop()
+        );
+        assert!(child.try_wait().unwrap().is_none(), "ebb exited early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let flipped = disk.flip_a_byte_per_block_of_the_file_of(child.id());
+    assert!(flipped >= 2048, "only {flipped} blocks of the swap file found on the device");
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline + Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("ebb did not end after bytes changed under its swap file");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap();
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(code, Some(1), "the VM ends with an error:\n{stdout}\n{stderr}");
+    for needle in [
+        "came back from swap slot",
+        "with other bytes than were written (checksum",
+        "the device or file system under the swap file changed them",
+        "never gives the guest zeros",
+    ] {
+        assert!(stderr.contains(needle), "the error says what happened ({needle}):\n{stderr}");
+    }
+    assert!(!stdout.contains(" bad="), "the guest never ran on the changed page:\n{stdout}");
+    assert!(!stderr.contains("guest crashed"), "{stderr}");
 }
 
 /// `kill -9` while pages are in the swap file: nothing is left in the swap directory (the

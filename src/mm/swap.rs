@@ -13,12 +13,19 @@
 //!   shrinks ([`SwapFile::file_bytes`] is the high-water mark).
 //! - Pages are written and read only in allocated slots; a write or read of any other slot
 //!   is [`SwapError::BadSlot`] and touches nothing.
-//! - A failed write reports exactly the slots whose pages are not fully on the file, so the
-//!   caller keeps those pages where they were; a failed or short read is an error, never a
-//!   page of zeros.
-//! - A batch is on the device when [`SwapFile::write_batch`] returns `Ok` (it waits for
-//!   writeback, so a device error is reported to the caller, who still has the pages), and
-//!   out of the page cache (the host memory is freed, not moved to the cache).
+//! - A failed write reports exactly the slots whose pages are not known to be on the device,
+//!   so the caller keeps those pages where they were; a failed or short read is an error,
+//!   never a page of zeros.
+//! - Every page written has a checksum ([`page_sum`], xxh3 of the exact bytes handed to the
+//!   kernel, seeded with the slot), which the caller keeps and gives back to
+//!   [`SwapFile::read`]: a page that comes back with other bytes (a flipped bit on the
+//!   device, a lost or misdirected write, a hole read as zeros) is
+//!   [`SwapError::Checksum`], never a page for the guest.
+//! - Each batch's outcome is its own: [`SwapFile::write_batch`] waits for the writeback of
+//!   every page it wrote, whatever became of its other runs, so a device error is reported
+//!   to the caller of that batch, who still has the pages, and never to the next one. The
+//!   pages it reports written are then on the device, and out of the page cache (the host
+//!   memory is freed, not moved to the cache).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -49,6 +56,16 @@ const WORD_BITS_U64: u64 = 64;
 const _: () = assert!(WORD_BITS as u64 == WORD_BITS_U64);
 /// Slots listed in an error message before "and N more".
 const SLOTS_SHOWN: usize = 8;
+/// Most slots a swap file has (4 TiB of pages): a page's location word (`reclaim::store`)
+/// keeps the slot in 30 bits, beside its 32-bit checksum and 2 bits of tag.
+pub const MAX_SLOTS: u64 = 1 << 30;
+
+/// The checksum of a page written to `slot`: the high half of the page's xxh3, seeded with
+/// the slot so that another slot's bytes (a misdirected write or read) do not pass either.
+pub fn page_sum(slot: u64, bytes: &[u8]) -> u32 {
+    let hash = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, slot);
+    u32::try_from(hash >> 32).unwrap_or(u32::MAX)
+}
 
 /// How the file came to be unnamed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +127,27 @@ pub enum SwapError {
         /// Slots whose pages are not on the file.
         failed: FailedSlots,
     },
+    /// The page came back with other bytes than were written to it: the device or the file
+    /// system under the swap file changed them, and the page is lost.
+    #[error(
+        "swap slot {slot} does not hold what was written to it (checksum {found:#010x}, \
+         written {expected:#010x}): the device or file system under the swap file changed it"
+    )]
+    Checksum {
+        /// The slot read.
+        slot: u64,
+        /// The checksum of the bytes written.
+        expected: u32,
+        /// The checksum of the bytes read.
+        found: u32,
+    },
+    /// The kernel had no memory for the read (`ENOMEM`: a page cache allocation in a memory
+    /// cgroup at its limit). Nothing is lost: the read may be tried again.
+    #[error("swap file read of slot {slot}: no memory for the read (ENOMEM)")]
+    NoMemory {
+        /// The slot read.
+        slot: u64,
+    },
     /// A read failed: the page is lost.
     #[error("swap file read of slot {slot} failed: {source}")]
     Read {
@@ -153,7 +191,8 @@ pub struct SwapErrorCounts {
     pub io: u64,
     /// Batches whose write returned 0 bytes.
     pub short_write: u64,
-    /// Reads that failed or came back short.
+    /// Reads that failed, came back short, or came back changed (not `ENOMEM`, which is
+    /// retried).
     pub read: u64,
 }
 
@@ -323,6 +362,9 @@ pub struct SwapFile {
     io_errors: AtomicU64,
     short_writes: AtomicU64,
     read_errors: AtomicU64,
+    /// Errors to inject in place of the system's (tests only).
+    #[cfg(test)]
+    faults: Mutex<faults::Faults>,
 }
 
 /// Buffers of the one batch being written.
@@ -394,21 +436,6 @@ fn create_unlinked_named(dir: &Path) -> io::Result<File> {
     Err(last)
 }
 
-/// Writes all of `buf` at `offset`: `Ok(())`, or the bytes written before the error.
-fn write_all_at(file: &File, buf: &[u8], offset: u64) -> Result<(), (usize, WriteFailure)> {
-    let mut done = 0;
-    while done < buf.len() {
-        let at = offset + u64::try_from(done).unwrap_or(u64::MAX);
-        match file.write_at(&buf[done..], at) {
-            Ok(0) => return Err((done, WriteFailure::Short)),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((done, WriteFailure::Os(e))),
-        }
-    }
-    Ok(())
-}
-
 /// Why one write of a batch stopped.
 enum WriteFailure {
     Short,
@@ -423,8 +450,9 @@ impl WriteFailure {
 }
 
 impl SwapFile {
-    /// Creates the swap file of at most `max_bytes` (rounded down to whole slots) in `dir`,
-    /// unnamed from the start. Takes no disk space until pages are written.
+    /// Creates the swap file of at most `max_bytes` (rounded down to whole slots, and at
+    /// most [`MAX_SLOTS`]) in `dir`, unnamed from the start. Takes no disk space until pages
+    /// are written.
     ///
     /// # Errors
     /// [`SwapError::Create`], naming `dir` and what to do about it (the directory is
@@ -453,7 +481,7 @@ impl SwapFile {
             file,
             dir: dir.to_path_buf(),
             creation,
-            slots: Mutex::new(SlotAllocator::new(max_bytes / SLOT_BYTES)),
+            slots: Mutex::new(SlotAllocator::new((max_bytes / SLOT_BYTES).min(MAX_SLOTS))),
             writer: Mutex::new(Writer {
                 staging: vec![0u8; MAX_RUN_PAGES * PAGE_BYTES],
                 order: Vec::new(),
@@ -462,6 +490,8 @@ impl SwapFile {
             io_errors: AtomicU64::new(0),
             short_writes: AtomicU64::new(0),
             read_errors: AtomicU64::new(0),
+            #[cfg(test)]
+            faults: Mutex::default(),
         })
     }
 
@@ -477,15 +507,26 @@ impl SwapFile {
     }
 
     /// Writes each page to its slot (all allocated), coalescing runs of consecutive slots
-    /// into one write of up to [`MAX_RUN_PAGES`] pages. After an error in one run the other
-    /// runs are still tried, so as many pages as possible reach the file.
+    /// into one write of up to [`MAX_RUN_PAGES`] pages, and puts in `sums[i]` the checksum
+    /// ([`page_sum`]) of the bytes written for page `i`, which [`read`](Self::read) needs
+    /// back. After an error in one run the other runs are still tried, so as many pages as
+    /// possible reach the file; and every page written is waited for before this returns,
+    /// so the batch's outcome is exact and no error of it is left for the next batch.
     ///
     /// # Errors
     /// [`SwapError::BadSlot`] (nothing written) if a slot is not allocated; otherwise
-    /// [`SwapError::NoSpace`], [`SwapError::Io`] or [`SwapError::ShortWrite`] after the
-    /// first failed run's kind, listing every slot (in slot order) whose page is not fully
-    /// on the file: the caller keeps those pages and may free those slots.
-    pub fn write_batch(&self, pages: &[(u64, &Page)]) -> Result<(), SwapError> {
+    /// [`SwapError::NoSpace`], [`SwapError::Io`] or [`SwapError::ShortWrite`], listing every
+    /// slot (in slot order) whose page is not known to be on the device: the caller keeps
+    /// those pages and may free those slots. The pages of the other slots are on the device,
+    /// and their `sums` are good. A writeback error fails the whole batch: the kernel keeps
+    /// one such error per file, not per page, so it cannot be pinned on one run.
+    pub fn write_batch(
+        &self,
+        pages: &[(u64, &Page)],
+        sums: &mut Vec<u32>,
+    ) -> Result<(), SwapError> {
+        sums.clear();
+        sums.resize(pages.len(), 0);
         {
             let slots = lock(&self.slots);
             if let Some(&(slot, _)) = pages.iter().find(|(s, _)| !slots.is_allocated(*s)) {
@@ -510,14 +551,18 @@ impl SwapFile {
             }
             let run = &order[start..end];
             let first_slot = pages[run[0]].0;
+            // Each checksum is of the very bytes handed to the kernel.
             let res = if let [single] = run {
-                write_all_at(&self.file, &pages[*single].1[..], first_slot * SLOT_BYTES)
+                sums[*single] = page_sum(first_slot, &pages[*single].1[..]);
+                self.write_all_at(&pages[*single].1[..], first_slot * SLOT_BYTES)
             } else {
                 for (k, &i) in run.iter().enumerate() {
-                    staging[k * PAGE_BYTES..(k + 1) * PAGE_BYTES].copy_from_slice(pages[i].1);
+                    let bytes = &mut staging[k * PAGE_BYTES..(k + 1) * PAGE_BYTES];
+                    bytes.copy_from_slice(pages[i].1);
+                    sums[i] = page_sum(pages[i].0, bytes);
                 }
                 let len = run.len() * PAGE_BYTES;
-                write_all_at(&self.file, &staging[..len], first_slot * SLOT_BYTES)
+                self.write_all_at(&staging[..len], first_slot * SLOT_BYTES)
             };
             if let Err((done, why)) = res {
                 // Pages wholly written before the error are on the file; the rest are not.
@@ -526,14 +571,17 @@ impl SwapFile {
             }
             start = end;
         }
-        if first.is_none() {
-            let slots = order.iter().map(|&i| pages[i].0);
-            if let (Some(lo), Some(hi)) = (slots.clone().min(), slots.max()) {
-                if let Err(e) = self.settle(lo, hi) {
-                    // Written, but not on the device: none of the batch can be trusted.
-                    failed.extend(order.iter().map(|&i| pages[i].0));
-                    first = Some(WriteFailure::Os(e));
-                }
+        // Wait for every run written, failed runs or not: a run left unsettled would be
+        // reported written without being on the device, and its writeback error would be
+        // reported to the next batch, which would be refused for it.
+        let slots = order.iter().map(|&i| pages[i].0);
+        if let (Some(lo), Some(hi)) = (slots.clone().min(), slots.max()) {
+            if let Err(e) = self.settle(lo, hi) {
+                // Written, but not on the device: none of the batch can be trusted. The
+                // device error is the graver one, and the one the operator must see.
+                failed.clear();
+                failed.extend(order.iter().map(|&i| pages[i].0));
+                first = Some(WriteFailure::Os(e));
             }
         }
         drop(writer);
@@ -556,13 +604,36 @@ impl SwapFile {
         })
     }
 
+    /// Writes all of `buf` at `offset`: `Ok(())`, or the bytes written before the error.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<(), (usize, WriteFailure)> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + u64::try_from(done).unwrap_or(u64::MAX);
+            match self.pwrite(&buf[done..], at) {
+                Ok(0) => return Err((done, WriteFailure::Short)),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((done, WriteFailure::Os(e))),
+            }
+        }
+        Ok(())
+    }
+
     /// Waits until slots `lo..=hi` are on the device, then drops them from the page cache.
     /// Waiting makes a writeback error (EIO, ENOSPC on a thin device) come back here, to
     /// the pages' owner, who still has them, rather than later as a lost page; dropping
     /// frees the host memory that swapping is for.
+    ///
+    /// The kernel reports a writeback error once per open file, to the first wait after it
+    /// (`errseq`), whatever range that wait covers: so the error returned may be of any
+    /// page written since the last wait, and every batch must wait for all it wrote.
     fn settle(&self, lo: u64, hi: u64) -> io::Result<()> {
         let to_off = |v: u64| libc::off64_t::try_from(v).unwrap_or(libc::off64_t::MAX);
         let (off, len) = (to_off(lo * SLOT_BYTES), to_off((hi - lo + 1) * SLOT_BYTES));
+        #[cfg(test)]
+        if let Some(e) = lock(&self.faults).settle(lo, hi) {
+            return Err(e);
+        }
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
             | libc::SYNC_FILE_RANGE_WRITE
@@ -576,13 +647,16 @@ impl SwapFile {
         Ok(())
     }
 
-    /// Reads the page in `slot` into `out`.
+    /// Reads the page in `slot` into `out` and checks it against `sum`, the checksum
+    /// [`write_batch`](Self::write_batch) gave for it.
     ///
     /// # Errors
-    /// [`SwapError::BadSlot`] if the slot is not allocated, [`SwapError::Read`] or
-    /// [`SwapError::ShortRead`] if the page cannot be read whole: the page is lost, and the
-    /// caller must not give the guest anything in its place.
-    pub fn read(&self, slot: u64, out: &mut Page) -> Result<(), SwapError> {
+    /// [`SwapError::BadSlot`] if the slot is not allocated; [`SwapError::NoMemory`] if the
+    /// kernel had no memory for the read (try again later); [`SwapError::Read`],
+    /// [`SwapError::ShortRead`] or [`SwapError::Checksum`] if the page cannot be read whole
+    /// or came back changed: the page is lost, and the caller must not give the guest
+    /// anything in its place (`out` then holds no page of anyone's).
+    pub fn read(&self, slot: u64, sum: u32, out: &mut Page) -> Result<(), SwapError> {
         if !lock(&self.slots).is_allocated(slot) {
             return Err(SwapError::BadSlot { slot });
         }
@@ -590,22 +664,49 @@ impl SwapFile {
         let mut done = 0;
         while done < PAGE_BYTES {
             let at = offset + u64::try_from(done).unwrap_or(u64::MAX);
-            match self.file.read_at(&mut out[done..], at) {
+            match self.pread(&mut out[done..], at) {
                 Ok(0) => {
                     self.read_errors.fetch_add(1, Ordering::Relaxed);
                     return Err(SwapError::ShortRead { slot });
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A page cache allocation refused in a memory cgroup at its limit: memory
+                // may come back, as for every other ENOMEM the guest's faults meet.
+                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                    return Err(SwapError::NoMemory { slot })
+                }
                 Err(source) => {
                     self.read_errors.fetch_add(1, Ordering::Relaxed);
                     return Err(SwapError::Read { slot, source });
                 }
             }
         }
+        let found = page_sum(slot, &out[..]);
+        if found != sum {
+            self.read_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(SwapError::Checksum { slot, expected: sum, found });
+        }
         Ok(())
     }
 
+    /// `pwrite` on the file (or the error a test injected).
+    fn pwrite(&self, buf: &[u8], at: u64) -> io::Result<usize> {
+        #[cfg(test)]
+        if let Some(e) = lock(&self.faults).write(at, buf.len()) {
+            return Err(e);
+        }
+        self.file.write_at(buf, at)
+    }
+
+    /// `pread` on the file (or the error a test injected).
+    fn pread(&self, buf: &mut [u8], at: u64) -> io::Result<usize> {
+        #[cfg(test)]
+        if let Some(e) = lock(&self.faults).read() {
+            return Err(e);
+        }
+        self.file.read_at(buf, at)
+    }
     /// Bytes the file may occupy: the high-water mark of slots times 4 KiB.
     pub fn file_bytes(&self) -> u64 {
         lock(&self.slots).high_water() * SLOT_BYTES
@@ -642,6 +743,77 @@ impl SwapFile {
     }
 }
 
+/// Errors a test injects in place of the system's, to drive the paths that a real device
+/// reaches only by failing at the right moment.
+#[cfg(test)]
+mod faults {
+    use std::collections::VecDeque;
+    use std::io;
+
+    use super::SLOT_BYTES;
+
+    /// The injected errors, and the waits the file made.
+    #[derive(Debug, Default)]
+    pub struct Faults {
+        /// A write of the bytes of this slot fails whole with this errno.
+        pub write_fails: Option<(u64, i32)>,
+        /// A write of the bytes of this slot succeeds, but its writeback fails: the next
+        /// wait reports `EIO`, as the kernel does (one error per file, to the first wait).
+        pub writeback_fails: Option<u64>,
+        /// Set by such a write until a wait reports it.
+        pub writeback_error: bool,
+        /// The next reads fail with these errnos, one each.
+        pub reads: VecDeque<i32>,
+        /// Every wait for writeback: the slots `lo..=hi` it covered.
+        pub settled: Vec<(u64, u64)>,
+    }
+
+    /// Whether a write of `len` bytes at `at` covers the start of `slot`.
+    fn covers(at: u64, len: usize, slot: u64) -> bool {
+        let off = slot * SLOT_BYTES;
+        at <= off && off < at + u64::try_from(len).unwrap_or(u64::MAX)
+    }
+
+    impl Faults {
+        pub fn write(&mut self, at: u64, len: usize) -> Option<io::Error> {
+            if let Some((_, errno)) = self.write_fails.filter(|&(s, _)| covers(at, len, s)) {
+                return Some(io::Error::from_raw_os_error(errno));
+            }
+            if self.writeback_fails.is_some_and(|s| covers(at, len, s)) {
+                self.writeback_error = true;
+            }
+            None
+        }
+
+        pub fn settle(&mut self, lo: u64, hi: u64) -> Option<io::Error> {
+            self.settled.push((lo, hi));
+            std::mem::take(&mut self.writeback_error)
+                .then(|| io::Error::from_raw_os_error(libc::EIO))
+        }
+
+        pub fn read(&mut self) -> Option<io::Error> {
+            self.reads.pop_front().map(io::Error::from_raw_os_error)
+        }
+    }
+}
+
+#[cfg(test)]
+impl SwapFile {
+    /// The errors to inject (tests only).
+    pub(crate) fn faults(&self) -> MutexGuard<'_, faults::Faults> {
+        lock(&self.faults)
+    }
+
+    /// Changes one byte of `slot` on the file, as a failing device would (tests only).
+    pub(crate) fn flip_byte(&self, slot: u64, at: usize) {
+        let off = slot * SLOT_BYTES + u64::try_from(at).unwrap_or(0);
+        let mut byte = [0u8];
+        self.file.read_exact_at(&mut byte, off).unwrap();
+        byte[0] ^= 0x20;
+        self.file.write_all_at(&byte, off).unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,6 +831,27 @@ mod tests {
             w.copy_from_slice(&v.to_le_bytes());
         }
         p
+    }
+
+    /// The checksum of `page_for(slot, version)` written to `slot`.
+    fn sum_for(slot: u64, version: u64) -> u32 {
+        page_sum(slot, &page_for(slot, version)[..])
+    }
+
+    /// Writes a batch and checks that the checksum given for every page written is that of
+    /// its bytes.
+    fn write(f: &SwapFile, pages: &[(u64, &Page)]) -> Result<(), SwapError> {
+        let mut sums = vec![7; 3];
+        let res = f.write_batch(pages, &mut sums);
+        assert_eq!(sums.len(), pages.len());
+        // Written: all of an Ok batch, none of a refused one, the unlisted ones otherwise.
+        let failed = res.as_ref().err().map_or(&[][..], SwapError::failed_slots);
+        for (&(slot, page), &sum) in pages.iter().zip(&sums) {
+            if res.is_ok() || (!failed.is_empty() && !failed.contains(&slot)) {
+                assert_eq!(sum, page_sum(slot, &page[..]), "slot {slot}");
+            }
+        }
+        res
     }
 
     /// A fresh directory under the system's temporary directory, removed on drop.
@@ -803,7 +996,7 @@ mod tests {
         let f = SwapFile::create(&dir.0, 1 << 20).unwrap();
         assert_eq!(f.creation(), Creation::TmpFile, "O_TMPFILE on {}", dir.0.display());
         let s = f.alloc_slot().unwrap();
-        f.write_batch(&[(s, &page_for(s, 0))]).unwrap();
+        write(&f, &[(s, &page_for(s, 0))]).unwrap();
         assert!(dir.listing().is_empty(), "{:?}", dir.listing());
         drop(f);
         assert!(dir.listing().is_empty());
@@ -860,7 +1053,7 @@ mod tests {
             version += 1;
             let pages: Vec<_> = batch_slots.iter().map(|&s| (s, page_for(s, version))).collect();
             let refs: Vec<(u64, &Page)> = pages.iter().map(|(s, p)| (*s, &**p)).collect();
-            f.write_batch(&refs).unwrap();
+            write(&f, &refs).unwrap();
             for &s in &batch_slots {
                 held[usize::try_from(s).unwrap()] = Some(version);
             }
@@ -869,10 +1062,12 @@ mod tests {
                 let s = u64::try_from(s).unwrap();
                 match v {
                     Some(v) => {
-                        f.read(s, &mut out).unwrap();
+                        f.read(s, sum_for(s, *v), &mut out).unwrap();
                         assert!(out == page_for(s, *v), "slot {s} round {round}");
                     }
-                    None => assert!(matches!(f.read(s, &mut out), Err(SwapError::BadSlot { .. }))),
+                    None => {
+                        assert!(matches!(f.read(s, 0, &mut out), Err(SwapError::BadSlot { .. })))
+                    }
                 }
             }
             let used = held.iter().filter(|v| v.is_some()).count();
@@ -890,17 +1085,17 @@ mod tests {
         let f = SwapFile::create(&dir.0, 64 * SLOT_BYTES).unwrap();
         let a = f.alloc_slot().unwrap();
         let b = f.alloc_slot().unwrap();
-        f.write_batch(&[(a, &page_for(a, 1)), (b, &page_for(b, 1))]).unwrap();
+        write(&f, &[(a, &page_for(a, 1)), (b, &page_for(b, 1))]).unwrap();
         assert!(f.free_slot(a));
         assert!(!f.free_slot(a), "double free refused");
         let mut out = Box::new([0u8; PAGE_BYTES]);
-        assert!(matches!(f.read(a, &mut out), Err(SwapError::BadSlot { slot }) if slot == a));
+        assert!(matches!(f.read(a, 0, &mut out), Err(SwapError::BadSlot { slot }) if slot == a));
         let c = f.alloc_slot().unwrap();
         assert_eq!(c, a, "the freed slot comes back");
-        f.write_batch(&[(c, &page_for(c, 2))]).unwrap();
-        f.read(c, &mut out).unwrap();
+        write(&f, &[(c, &page_for(c, 2))]).unwrap();
+        f.read(c, sum_for(c, 2), &mut out).unwrap();
         assert!(out == page_for(c, 2));
-        f.read(b, &mut out).unwrap();
+        f.read(b, sum_for(b, 1), &mut out).unwrap();
         assert!(out == page_for(b, 1));
         assert_eq!((f.used_slots(), f.file_bytes()), (2, 2 * SLOT_BYTES));
     }
@@ -922,14 +1117,14 @@ mod tests {
         let f = SwapFile::create(&dir.0, 64 * SLOT_BYTES).unwrap();
         let a = f.alloc_slot().unwrap();
         let p = page_for(a, 1);
-        let err = f.write_batch(&[(a, &p), (7, &p)]).unwrap_err();
+        let err = write(&f, &[(a, &p), (7, &p)]).unwrap_err();
         assert!(matches!(err, SwapError::BadSlot { slot: 7 }), "{err}");
         let mut out = Box::new([0u8; PAGE_BYTES]);
         // Slot a was allocated but the batch was refused whole: the file is still empty.
-        assert!(matches!(f.read(a, &mut out), Err(SwapError::ShortRead { .. })));
+        assert!(matches!(f.read(a, 0, &mut out), Err(SwapError::ShortRead { .. })));
         assert_eq!(f.errors().read, 1);
-        assert!(matches!(f.read(u64::MAX, &mut out), Err(SwapError::BadSlot { .. })));
-        f.write_batch(&[]).unwrap();
+        assert!(matches!(f.read(u64::MAX, 0, &mut out), Err(SwapError::BadSlot { .. })));
+        write(&f, &[]).unwrap();
     }
 
     #[test]
@@ -969,7 +1164,7 @@ mod tests {
         let slots: Vec<u64> = (0..40).map(|_| f.alloc_slot().unwrap()).collect();
         let pages: Vec<_> = slots.iter().map(|&s| (s, page_for(s, 1))).collect();
         let refs: Vec<(u64, &Page)> = pages.iter().map(|(s, p)| (*s, &**p)).collect();
-        let err = f.write_batch(&refs).unwrap_err();
+        let err = write(&f, &refs).unwrap_err();
         println!("{err}");
         let SwapError::NoSpace { failed } = &err else { panic!("not NoSpace: {err}") };
         let failed = &failed.0;
@@ -982,7 +1177,7 @@ mod tests {
             if failed.contains(&s) {
                 continue;
             }
-            f.read(s, &mut out).unwrap();
+            f.read(s, sum_for(s, 1), &mut out).unwrap();
             assert!(out == page_for(s, 1), "slot {s}");
         }
         assert!(failed.iter().all(|s| slots.contains(s)));
@@ -992,10 +1187,116 @@ mod tests {
         let batch: Vec<u64> = [rewrite[0], failed[0], rewrite[rewrite.len() - 1]].to_vec();
         let pages: Vec<_> = batch.iter().map(|&s| (s, page_for(s, 2))).collect();
         let refs: Vec<(u64, &Page)> = pages.iter().map(|(s, p)| (*s, &**p)).collect();
-        let err = f.write_batch(&refs).unwrap_err();
+        let err = write(&f, &refs).unwrap_err();
         assert_eq!(err.failed_slots(), [failed[0]], "{err}");
-        f.read(rewrite[0], &mut out).unwrap();
+        f.read(rewrite[0], sum_for(rewrite[0], 2), &mut out).unwrap();
         assert!(out == page_for(rewrite[0], 2));
         drop(f);
+    }
+
+    #[test]
+    fn a_flipped_byte_is_a_checksum_error_naming_the_slot() {
+        let dir = TempDir::new("flip");
+        let f = SwapFile::create(&dir.0, 64 * SLOT_BYTES).unwrap();
+        let slots: Vec<u64> = (0..3).map(|_| f.alloc_slot().unwrap()).collect();
+        let pages: Vec<_> = slots.iter().map(|&s| (s, page_for(s, 1))).collect();
+        let refs: Vec<(u64, &Page)> = pages.iter().map(|(s, p)| (*s, &**p)).collect();
+        write(&f, &refs).unwrap();
+        f.flip_byte(slots[1], 1234);
+        let mut out = Box::new([0u8; PAGE_BYTES]);
+        let err = f.read(slots[1], sum_for(slots[1], 1), &mut out).unwrap_err();
+        let SwapError::Checksum { slot, expected, found } = err else { panic!("{err}") };
+        assert_eq!((slot, expected), (slots[1], sum_for(slots[1], 1)));
+        assert_eq!(found, page_sum(slot, &out[..]), "the sum of the bytes read");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("swap slot {slot} does not hold")), "{msg}");
+        assert_eq!(f.errors().read, 1);
+        // The other slots are intact; and a slot's bytes do not pass for another slot's.
+        for &s in [slots[0], slots[2]].iter() {
+            f.read(s, sum_for(s, 1), &mut out).unwrap();
+            assert!(out == page_for(s, 1));
+        }
+        let err = f.read(slots[2], sum_for(slots[0], 1), &mut out).unwrap_err();
+        assert!(matches!(err, SwapError::Checksum { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_failed_run_leaves_the_other_runs_written_and_waited_for() {
+        let dir = TempDir::new("failed-run");
+        let f = SwapFile::create(&dir.0, 64 * SLOT_BYTES).unwrap();
+        for _ in 0..8 {
+            f.alloc_slot().unwrap();
+        }
+        // Three runs: 0-2, 4-5 (whose write fails with EIO) and 7.
+        f.faults().write_fails = Some((4, libc::EIO));
+        let batch = [7u64, 0, 4, 1, 5, 2];
+        let pages: Vec<_> = batch.iter().map(|&s| (s, page_for(s, 1))).collect();
+        let refs: Vec<(u64, &Page)> = pages.iter().map(|(s, p)| (*s, &**p)).collect();
+        let err = write(&f, &refs).unwrap_err();
+        assert!(matches!(err, SwapError::Io { .. }), "{err}");
+        assert_eq!(err.failed_slots(), [4, 5], "exactly the failed run: {err}");
+        let settled = std::mem::take(&mut f.faults().settled);
+        for s in [0, 1, 2, 7] {
+            let waited = settled.iter().any(|&(lo, hi)| (lo..=hi).contains(&s));
+            assert!(waited, "slot {s} reported written but never waited for: {settled:?}");
+        }
+        let mut out = Box::new([0u8; PAGE_BYTES]);
+        for s in [0, 1, 2, 7] {
+            f.read(s, sum_for(s, 1), &mut out).unwrap();
+            assert!(out == page_for(s, 1), "slot {s}");
+        }
+        assert_eq!(f.errors().io, 1);
+    }
+
+    #[test]
+    fn a_writeback_error_is_charged_to_its_own_batch() {
+        let dir = TempDir::new("writeback");
+        let f = SwapFile::create(&dir.0, 64 * SLOT_BYTES).unwrap();
+        for _ in 0..16 {
+            f.alloc_slot().unwrap();
+        }
+        // Run 0-1 reaches the page cache but fails on its way to the device; run 4-5 finds
+        // the file system full.
+        f.faults().writeback_fails = Some(0);
+        f.faults().write_fails = Some((4, libc::ENOSPC));
+        let batch = [0u64, 1, 4, 5];
+        let pages: Vec<_> = batch.iter().map(|&s| (s, page_for(s, 1))).collect();
+        let refs: Vec<(u64, &Page)> = pages.iter().map(|(s, p)| (*s, &**p)).collect();
+        let err = write(&f, &refs).unwrap_err();
+        assert_eq!(err.failed_slots(), batch, "none of the batch is on the device: {err}");
+        assert!(
+            matches!(&err, SwapError::Io { source, .. } if source.raw_os_error() == Some(libc::EIO)),
+            "the device error is the one reported: {err}"
+        );
+        // The next batch, on a healthy device, succeeds: the error was this batch's.
+        let mut faults = f.faults();
+        (faults.writeback_fails, faults.write_fails) = (None, None);
+        drop(faults);
+        let next: Vec<_> = [8u64, 9, 12].iter().map(|&s| (s, page_for(s, 2))).collect();
+        let refs: Vec<(u64, &Page)> = next.iter().map(|(s, p)| (*s, &**p)).collect();
+        write(&f, &refs).unwrap();
+        assert_eq!(f.errors(), SwapErrorCounts { io: 1, ..SwapErrorCounts::default() });
+    }
+
+    #[test]
+    fn no_memory_for_a_read_is_its_own_error_and_the_page_stays() {
+        let dir = TempDir::new("enomem");
+        let f = SwapFile::create(&dir.0, 64 * SLOT_BYTES).unwrap();
+        let s = f.alloc_slot().unwrap();
+        write(&f, &[(s, &page_for(s, 1))]).unwrap();
+        f.faults().reads.push_back(libc::ENOMEM);
+        let mut out = Box::new([0u8; PAGE_BYTES]);
+        let err = f.read(s, sum_for(s, 1), &mut out).unwrap_err();
+        assert!(matches!(err, SwapError::NoMemory { slot } if slot == s), "{err}");
+        assert_eq!(f.errors().read, 0, "not a lost page");
+        f.read(s, sum_for(s, 1), &mut out).unwrap();
+        assert!(out == page_for(s, 1));
+    }
+
+    #[test]
+    fn slots_are_capped_at_what_a_location_word_holds() {
+        let dir = TempDir::new("cap");
+        let f = SwapFile::create(&dir.0, u64::MAX).unwrap();
+        assert_eq!(f.slots().max_slots(), MAX_SLOTS);
     }
 }

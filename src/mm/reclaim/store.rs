@@ -8,16 +8,20 @@
 //! manager while it releases one.
 //!
 //! A location word is 0 (nothing stored), [`IN_CACHE`] with a cache handle, or [`IN_SWAP`]
-//! with a swap slot. It is written before the page's state says Compressed or Swapped and
-//! cleared only by the thread that holds the page, so a reader that sees the state sees the
-//! location.
+//! with a swap slot and the checksum of the bytes written there (the slot in the low
+//! [`SLOT_BITS`], the checksum in the 32 bits above: a page's metadata stays one word). It
+//! is written before the page's state says Compressed or Swapped and cleared only by the
+//! thread that holds the page, so a reader that sees the state sees the location.
+//!
+//! A page read back from the swap file is checked against its checksum: bytes the device
+//! changed are [`StoreError::SwapCorrupt`], and the page never reaches the guest.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::super::pages::PageState;
 use super::super::stats::Histogram;
-use super::super::swap::{SwapError, SwapFile};
+use super::super::swap::{SwapError, SwapFile, MAX_SLOTS};
 use super::super::zcache::{
     classify, compress_page, Content, Handle, Page, ZCache, ZcacheError, COMPRESS_BOUND, PAGE_BYTES,
 };
@@ -29,14 +33,24 @@ pub const IN_SWAP: u64 = 1 << 63;
 /// Location word of a page held uncompressed in ebb's memory ([`Backing::hold`]).
 pub const HELD: u64 = IN_CACHE | IN_SWAP;
 const LOC_MASK: u64 = IN_CACHE - 1;
+/// Bits of a swap location word that hold the slot; its checksum takes the 32 above them.
+pub const SLOT_BITS: u32 = 30;
+const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
+const _: () = assert!(MAX_SLOTS <= 1 << SLOT_BITS, "every slot fits its bits");
+const _: () = assert!(SLOT_BITS + u32::BITS <= IN_CACHE.trailing_zeros(), "below the tags");
 
 /// Where a stored page is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Loc {
     /// In the compression cache.
     Cache(Handle),
-    /// In the swap file, at this slot.
-    Swap(u64),
+    /// In the swap file.
+    Swap {
+        /// The slot.
+        slot: u64,
+        /// The checksum of the bytes written there ([`crate::mm::swap::page_sum`]).
+        sum: u32,
+    },
     /// Held uncompressed (an eviction that could neither store nor put the page back).
     Held,
 }
@@ -45,7 +59,7 @@ impl Loc {
     fn word(self) -> u64 {
         match self {
             Self::Cache(h) => IN_CACHE | (h.to_raw() & LOC_MASK),
-            Self::Swap(slot) => IN_SWAP | (slot & LOC_MASK),
+            Self::Swap { slot, sum } => IN_SWAP | u64::from(sum) << SLOT_BITS | (slot & SLOT_MASK),
             Self::Held => HELD,
         }
     }
@@ -54,7 +68,8 @@ impl Loc {
         if w & HELD == HELD {
             Some(Self::Held)
         } else if w & IN_SWAP != 0 {
-            Some(Self::Swap(w & LOC_MASK))
+            let sum = u32::try_from((w & LOC_MASK) >> SLOT_BITS).unwrap_or(u32::MAX);
+            Some(Self::Swap { slot: w & SLOT_MASK, sum })
         } else if w & IN_CACHE != 0 {
             Some(Self::Cache(Handle::from_raw(w & LOC_MASK)))
         } else {
@@ -73,6 +88,31 @@ pub enum StoreError {
     /// counted); the page was not stored.
     #[error("the swap file refused the page")]
     SwapWrite,
+    /// A page came back from the swap file with other bytes than were written (its
+    /// checksum does not match): the device or file system changed them, and the page's
+    /// contents are lost.
+    #[error(
+        "page {idx} came back from swap slot {slot} with other bytes than were written \
+         (checksum {found:#010x}, written {expected:#010x}): the device or file system under \
+         the swap file changed them"
+    )]
+    SwapCorrupt {
+        /// Page index.
+        idx: u64,
+        /// The slot read.
+        slot: u64,
+        /// The checksum of the bytes written.
+        expected: u32,
+        /// The checksum of the bytes read.
+        found: u32,
+    },
+    /// The kernel had no memory to read a page back from the swap file (`ENOMEM`): nothing
+    /// is lost, and the read may be tried again once memory is back.
+    #[error("reading page {idx} from the swap file: no memory for the read (ENOMEM)")]
+    NoMemory {
+        /// Page index.
+        idx: u64,
+    },
     /// Reading a page back from the swap file failed: its contents are lost.
     #[error("reading page {idx} from the swap file: {source}")]
     SwapRead {
@@ -95,6 +135,14 @@ pub enum StoreError {
         /// Page index.
         idx: u64,
     },
+}
+
+impl StoreError {
+    /// Whether the kernel only lacked memory to read the page: it is not lost, and the read
+    /// is to be tried again later, as any other `ENOMEM` a fault meets.
+    pub fn is_no_memory(&self) -> bool {
+        matches!(self, Self::NoMemory { .. })
+    }
 }
 
 /// Counters of the stores, written by the worker and the handler, read by the stats path.
@@ -261,8 +309,8 @@ impl Backing {
             let mut written = Vec::new();
             self.write_swap(&pages, &mut written);
             for (&i, w) in to_swap.iter().zip(written) {
-                out[i] = w.map(|slot| {
-                    self.set_loc(batch[i].0, Some(Loc::Swap(slot)));
+                out[i] = w.map(|loc| {
+                    self.set_loc(batch[i].0, Some(loc));
                     PageState::Swapped
                 });
             }
@@ -271,9 +319,9 @@ impl Backing {
         self.stats.evictions.fetch_add(stored, Ordering::Relaxed);
     }
 
-    /// Writes `pages` to new swap slots in one batch; `out[i]` is page `i`'s slot, or why
-    /// it is not on the file (its slot is freed again).
-    fn write_swap(&self, pages: &[(u64, &Page)], out: &mut Vec<Result<u64, StoreError>>) {
+    /// Writes `pages` to new swap slots in one batch; `out[i]` is page `i`'s location (its
+    /// slot and checksum), or why it is not on the file (its slot is freed again).
+    fn write_swap(&self, pages: &[(u64, &Page)], out: &mut Vec<Result<Loc, StoreError>>) {
         out.clear();
         let Some(file) = self.swap.as_ref() else {
             out.extend(pages.iter().map(|_| Err(StoreError::NoRoom)));
@@ -286,10 +334,11 @@ impl Backing {
                 None => break,
             }
         }
-        let result = file.write_batch(&slots);
+        let mut sums = Vec::with_capacity(slots.len());
+        let result = file.write_batch(&slots, &mut sums);
         let failed = result.as_ref().err().map_or(&[][..], SwapError::failed_slots);
         for (k, _) in pages.iter().enumerate() {
-            let Some(&(slot, _)) = slots.get(k) else {
+            let (Some(&(slot, _)), Some(&sum)) = (slots.get(k), sums.get(k)) else {
                 out.push(Err(StoreError::NoRoom));
                 continue;
             };
@@ -298,7 +347,7 @@ impl Backing {
                 out.push(Err(StoreError::SwapWrite));
             } else {
                 self.stats.swapped_out.fetch_add(1, Ordering::Relaxed);
-                out.push(Ok(slot));
+                out.push(Ok(Loc::Swap { slot, sum }));
             }
         }
         if let Err(e) = result {
@@ -329,17 +378,22 @@ impl Backing {
     /// [`free`](Self::free) once the page is mapped again.
     ///
     /// # Errors
-    /// The copy is missing or unreadable: the page's contents are lost.
+    /// [`StoreError::NoMemory`]: try again later. Any other: the copy is missing,
+    /// unreadable or changed, and the page's contents are lost.
     pub fn load(&self, idx: u64, out: &mut Page) -> Result<Loc, StoreError> {
         let loc = self.loc(idx).ok_or(StoreError::Missing { idx })?;
         match loc {
             Loc::Cache(h) => lock(&self.cache)
                 .get(h, out)
                 .map_err(|source| StoreError::CacheRead { idx, source })?,
-            Loc::Swap(slot) => match self.swap.as_ref() {
-                Some(file) => {
-                    file.read(slot, out).map_err(|source| StoreError::SwapRead { idx, source })?
-                }
+            Loc::Swap { slot, sum } => match self.swap.as_ref() {
+                Some(file) => file.read(slot, sum, out).map_err(|e| match e {
+                    SwapError::Checksum { slot, expected, found } => {
+                        StoreError::SwapCorrupt { idx, slot, expected, found }
+                    }
+                    SwapError::NoMemory { .. } => StoreError::NoMemory { idx },
+                    source => StoreError::SwapRead { idx, source },
+                })?,
                 None => return Err(StoreError::Missing { idx }),
             },
             Loc::Held => {
@@ -367,7 +421,7 @@ impl Backing {
             Loc::Cache(h) => {
                 lock(&self.cache).remove(h);
             }
-            Loc::Swap(slot) => {
+            Loc::Swap { slot, .. } => {
                 if let Some(file) = self.swap.as_ref() {
                     file.free_slot(slot);
                 }
@@ -415,8 +469,8 @@ impl Backing {
         out.resize(idxs.len(), false);
         let mut cache = lock(&self.cache);
         for (&i, w) in readable.iter().zip(written) {
-            if let (Ok(slot), Some(h)) = (w, handles[i]) {
-                self.set_loc(idxs[i], Some(Loc::Swap(slot)));
+            if let (Ok(loc), Some(h)) = (w, handles[i]) {
+                self.set_loc(idxs[i], Some(loc));
                 cache.remove(h);
                 self.stats.written_back.fetch_add(1, Ordering::Relaxed);
                 out[i] = true;
@@ -479,4 +533,88 @@ fn zeroed_atomics(n: usize) -> Box<[AtomicU64]> {
     // SAFETY: AtomicU64 has the size, alignment and bit validity of u64, and the vector's
     // allocation is handed over whole (ManuallyDrop: it is not freed twice).
     unsafe { Vec::from_raw_parts(ptr.cast::<AtomicU64>(), len, cap) }.into_boxed_slice()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::SplitMix as Rng;
+
+    /// A backing for 16 pages whose cache keeps nothing: every stored page goes to swap.
+    fn swap_only() -> Backing {
+        let swap = SwapFile::create(&std::env::temp_dir(), 1 << 20).unwrap();
+        Backing::new(16, 0, Some(swap))
+    }
+
+    /// Random pages (they do not compress: the swap file's) for page indices `idxs`.
+    fn random_pages(idxs: &[u64]) -> Vec<Box<Page>> {
+        let mut rng = Rng(21);
+        idxs.iter()
+            .map(|_| {
+                let mut p = Box::new([0u8; PAGE_BYTES]);
+                rng.fill(&mut p[..]);
+                p
+            })
+            .collect()
+    }
+
+    /// Stores `pages` at `idxs`; all must land in the swap file.
+    fn swap_out(b: &Backing, idxs: &[u64], pages: &[Box<Page>]) {
+        let batch: Vec<(u64, &Page)> = idxs.iter().zip(pages).map(|(&i, p)| (i, &**p)).collect();
+        let mut out = Vec::new();
+        b.store_batch(&batch, &mut out);
+        assert!(out.iter().all(|r| matches!(r, Ok(PageState::Swapped))), "{out:?}");
+    }
+
+    #[test]
+    fn location_word_packs_the_largest_slot_with_any_checksum() {
+        for slot in [0, 1, 0x1234_5678, MAX_SLOTS - 1] {
+            for sum in [0, 1, 0x8000_0000, 0xdead_beef, u32::MAX] {
+                let loc = Loc::Swap { slot, sum };
+                let word = loc.word();
+                assert_eq!(Loc::from_word(word), Some(loc), "{word:#x}");
+                assert_eq!(word & HELD, IN_SWAP, "the tags are intact: {word:#x}");
+            }
+        }
+        let h = Handle::from_raw(LOC_MASK);
+        assert_eq!(Loc::from_word(Loc::Cache(h).word()), Some(Loc::Cache(h)));
+        assert_eq!(Loc::from_word(Loc::Held.word()), Some(Loc::Held));
+        assert_eq!(Loc::from_word(0), None);
+    }
+
+    #[test]
+    fn a_swapped_page_read_back_changed_is_corrupt_naming_page_and_slot() {
+        let b = swap_only();
+        let idxs = [3, 4, 9];
+        let pages = random_pages(&idxs);
+        swap_out(&b, &idxs, &pages);
+        let Some(Loc::Swap { slot, .. }) = b.loc(4) else { panic!("{:?}", b.loc(4)) };
+        b.swap.as_ref().unwrap().flip_byte(slot, 4095);
+        let mut out = Box::new([0u8; PAGE_BYTES]);
+        let err = b.load(4, &mut out).unwrap_err();
+        assert!(matches!(err, StoreError::SwapCorrupt { idx: 4, slot: s, .. } if s == slot));
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("page 4 came back from swap slot {slot}")), "{msg}");
+        assert!(msg.contains("checksum"), "{msg}");
+        assert!(!err.is_no_memory());
+        // The others come back whole.
+        for (&idx, page) in [3, 9].iter().zip([&pages[0], &pages[2]]) {
+            b.load(idx, &mut out).unwrap();
+            assert!(*out == **page, "page {idx}");
+        }
+    }
+
+    #[test]
+    fn no_memory_for_a_swap_read_is_retryable_and_the_copy_stays() {
+        let b = swap_only();
+        let pages = random_pages(&[5]);
+        swap_out(&b, &[5], &pages);
+        b.swap.as_ref().unwrap().faults().reads.push_back(libc::ENOMEM);
+        let mut out = Box::new([0u8; PAGE_BYTES]);
+        let err = b.load(5, &mut out).unwrap_err();
+        assert!(err.is_no_memory(), "{err}");
+        let loc = b.load(5, &mut out).unwrap();
+        assert!(out == pages[0]);
+        assert!(matches!(loc, Loc::Swap { .. }), "{loc:?}");
+    }
 }

@@ -507,6 +507,12 @@ impl FaultHandler {
         // A copy that cannot be read is lost: the VM ends rather than see zeros there.
         let loc = match backing.load(idx, &mut self.page) {
             Ok(loc) => loc,
+            // The kernel had no memory to read the copy (a page cache page): nothing is lost,
+            // and the fault waits and is retried as for any ENOMEM (see the module docs).
+            Err(e) if e.is_no_memory() => {
+                table.abort(idx, state);
+                return Ok(Step::NoMemory);
+            }
             Err(e) => {
                 table.abort(idx, state);
                 return Err(UffdError::Restore(e));
