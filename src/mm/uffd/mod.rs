@@ -22,6 +22,8 @@
 
 pub mod around;
 pub mod handler;
+#[cfg(debug_assertions)]
+pub mod inject;
 mod sys;
 
 use std::fs::File;
@@ -391,6 +393,9 @@ impl Uffd {
 
     /// Reads pending events into `out` without blocking; returns how many.
     pub fn read_events(&self, out: &mut Vec<Event>) -> Result<usize, UffdError> {
+        // TEST-ONLY: debug builds fail here when the tests ask for it (see `inject`).
+        #[cfg(debug_assertions)]
+        inject::before_read()?;
         let mut buf = [UffdMsg::default(); READ_BATCH];
         // SAFETY: UffdMsg is repr(C) plain data; viewing the array as bytes for read() is
         // sound and any bytes the kernel writes form valid UffdMsg values.
