@@ -115,9 +115,9 @@ pub enum UffdError {
     /// A timer or eventfd of the handler could not be set up.
     #[error("setting up the fault handler: {0}")]
     Setup(io::Error),
-    /// The handler thread panicked.
-    #[error("the fault handler thread panicked")]
-    Panicked,
+    /// The handler thread panicked (a bug in ebb), with this message.
+    #[error("the fault handler panicked: {0}")]
+    Panicked(String),
 }
 
 /// What an ioctl on a range did (resolving ones return the bytes mapped beside it).
