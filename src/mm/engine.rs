@@ -1,6 +1,7 @@
 //! The lazy-RAM engine of one VM: userfaultfd registration, the page-state table, the
 //! fault-handler thread, and the statistics the rest of ebb reads.
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -111,13 +112,38 @@ impl Sharing {
     }
 }
 
+/// What the handler thread leaves behind when it stops on an error, for the VMM.
+#[derive(Debug, Default)]
+struct Failure {
+    /// Why it stopped (taken by the VMM to report it).
+    error: Option<UffdError>,
+    /// The thread's hold on the descriptor, kept open and guest RAM registered until the
+    /// VMM says no vCPU runs ([`Engine::release_guest_ram`]).
+    uffd: Option<Arc<Uffd>>,
+    /// It stopped for lack of memory: guest RAM is dropped once released.
+    out_of_memory: bool,
+}
+
+/// The VMM's word that no vCPU of the VM will run guest code again: every vCPU thread has
+/// left `KVM_RUN` for good. [`Engine::release_guest_ram`] asks for it, so that no call site
+/// can unregister guest RAM under a running guest without saying so.
+#[derive(Debug)]
+pub struct VcpusStopped(());
+
+impl VcpusStopped {
+    /// Made once every vCPU thread has ended (or by a user of the engine that runs none).
+    pub fn confirmed() -> Self {
+        Self(())
+    }
+}
+
 /// A running engine; dropping it stops the handler thread.
 #[derive(Debug)]
 pub struct Engine {
     core: EngineCore,
     stop: EventFd,
     failed: EventFd,
-    failure: Arc<Mutex<Option<UffdError>>>,
+    failure: Arc<Mutex<Failure>>,
     thread: Option<JoinHandle<()>>,
     wp: bool,
     rss: RssProbe,
@@ -170,53 +196,19 @@ impl Engine {
         }
         // From here the handler, the evictor, the sharing scanner, the shared pages and the
         // handler's thread hold the descriptor: it closes when all are gone, which wakes
-        // every faulting thread.
+        // every faulting thread. (A thread that failed hands its hold to the engine.)
         let held = uffd;
         let reclaim = worker.as_ref().map(|w| w.control.clone());
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
         let stop_thread = stop.try_clone().map_err(UffdError::Setup)?;
         let failed = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
         let failed_thread = failed.try_clone().map_err(UffdError::Setup)?;
-        let failure = Arc::new(Mutex::new(None));
+        let failure = Arc::new(Mutex::new(Failure::default()));
         let failure_thread = failure.clone();
-        let map_thread = core.map.clone();
         let thread = std::thread::Builder::new()
             .name("ebb-uffd".into())
             .spawn(move || {
-                let result = handler.run(&stop_thread);
-                if let Some(w) = worker {
-                    w.stop();
-                }
-                let Err(e) = result else { return };
-                let out_of_memory = matches!(e, UffdError::OutOfMemory { .. });
-                let lost = matches!(e, UffdError::Restore(_) | UffdError::Unrestorable { .. });
-                // Tell the VMM, which ends the VM, before the descriptor closes: once it is
-                // closed the kernel wakes every faulting thread and serves their faults as
-                // plain anonymous memory, and the guest would go on (or crash) without ebb
-                // knowing its pages.
-                *failure_thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
-                let _ = failed_thread.write(1);
-                if lost {
-                    // A page's contents could not be brought back: closing would hand the
-                    // vCPU waiting on it a zero page. The descriptor stays open until the
-                    // process, which ends now, exits.
-                    std::mem::forget(held);
-                    return;
-                }
-                // Unregistered before guest RAM is dropped: an `madvise` of registered memory
-                // would wait for this very thread to read its remove event. (Dropping our
-                // reference is not enough: the sharing scanner and the shared pages hold the
-                // descriptor too, so it stays open.) Unregistering also wakes every faulting
-                // thread, as closing the descriptor would.
-                for s in map_thread.spans() {
-                    if let Err(e) = held.unregister(s.region.hva, s.region.len) {
-                        log::warn!("unregistering guest RAM after the handler stopped: {e}");
-                    }
-                }
-                drop(held);
-                if out_of_memory {
-                    drop_guest_memory(&map_thread);
-                }
+                serve(handler, &stop_thread, worker, held, &failure_thread, &failed_thread)
             })
             .map_err(UffdError::Setup)?;
         let rss = RssProbe::new(core.map.spans().iter().map(|s| s.region).collect());
@@ -245,12 +237,52 @@ impl Engine {
 
     /// Why the handler thread stopped, if it failed.
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|e| e.to_string())
+        self.lock_failure().error.as_ref().map(|e| e.to_string())
     }
 
     /// Takes the error the handler thread stopped on, if it failed.
     pub fn take_failure(&self) -> Option<UffdError> {
-        self.failure.lock().unwrap_or_else(PoisonError::into_inner).take()
+        self.lock_failure().error.take()
+    }
+
+    /// True if the handler thread stopped on an error (taken or not).
+    pub fn has_failed(&self) -> bool {
+        let f = self.lock_failure();
+        f.error.is_some() || f.uffd.is_some()
+    }
+
+    /// After the handler stopped on an error, and only once no vCPU runs: unregisters guest
+    /// RAM from userfaultfd and lets go of the handler's descriptor, which wakes every other
+    /// ebb thread waiting on a fault (their pages are then served as plain anonymous memory);
+    /// after running out of memory, it drops guest RAM too. Returns false (doing nothing) if
+    /// the handler did not fail or guest RAM was released already.
+    ///
+    /// Unregistered before guest RAM is dropped: an `madvise` of registered memory would wait
+    /// for the dead handler to read its remove event. (Dropping our reference is not enough:
+    /// the sharing scanner and the shared pages hold the descriptor too.) The same holds when
+    /// a page's stored copy could not be read back: once the vCPUs are stopped, no guest code
+    /// can see the zeros in its place.
+    pub fn release_guest_ram(&self, _stopped: VcpusStopped) -> bool {
+        let (uffd, out_of_memory) = {
+            let mut f = self.lock_failure();
+            (f.uffd.take(), f.out_of_memory)
+        };
+        let Some(uffd) = uffd else { return false };
+        for s in self.core.map.spans() {
+            if let Err(e) = uffd.unregister(s.region.hva, s.region.len) {
+                log::warn!("unregistering guest RAM after the handler stopped: {e}");
+            }
+        }
+        drop(uffd);
+        if out_of_memory {
+            drop_guest_memory(&self.core.map);
+        }
+        log::info!("guest RAM unregistered from userfaultfd after the fault handler stopped");
+        true
+    }
+
+    fn lock_failure(&self) -> std::sync::MutexGuard<'_, Failure> {
+        self.failure.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The page-state table.
@@ -398,8 +430,15 @@ impl Engine {
             s.stop();
         }
         let _ = self.stop.write(1);
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Err(_)) => Err(UffdError::Panicked),
+        let joined = self.thread.take().map(JoinHandle::join);
+        if let Some(uffd) = self.lock_failure().uffd.take() {
+            // The handler failed and nobody said the vCPUs stopped: closing the descriptor
+            // could wake one into zeros, so it is leaked. (In `ebb run` the process is
+            // ending; its exit kills every thread before the kernel closes the descriptor.)
+            std::mem::forget(uffd);
+        }
+        match joined {
+            Some(Err(payload)) => Err(UffdError::Panicked(panic_message(&*payload))),
             _ => self.take_failure().map_or(Ok(()), Err),
         }
     }
@@ -411,6 +450,37 @@ impl Drop for Engine {
             log::error!("fault handler: {e}");
         }
     }
+}
+
+/// The handler thread: serves faults until `stop`. On an error or a panic it stops the
+/// reclaim worker, leaves the error and its hold on the descriptor in `failure`, and signals
+/// `failed`.
+fn serve(
+    handler: FaultHandler,
+    stop: &EventFd,
+    worker: Option<Reclaim>,
+    held: Arc<Uffd>,
+    failure: &Mutex<Failure>,
+    failed: &EventFd,
+) {
+    // A panic ends the handler as an error does, so that the VMM stops the VM and says why,
+    // instead of the guest waiting forever on a fault nobody reads.
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| handler.run(stop)))
+        .unwrap_or_else(|payload| Err(UffdError::Panicked(panic_message(&*payload))));
+    if let Some(w) = worker {
+        w.stop();
+    }
+    let Err(e) = result else { return };
+    // Guest RAM stays registered, and the descriptor open, until the VMM has stopped the
+    // vCPUs (`Engine::release_guest_ram`): unregistering or closing it now would wake the
+    // vCPU waiting on a fault and let it run on, reading zeros where an evicted or shared
+    // page was (the kernel serves the missing page as plain anonymous memory).
+    let mut f = failure.lock().unwrap_or_else(PoisonError::into_inner);
+    f.out_of_memory = matches!(e, UffdError::OutOfMemory { .. });
+    f.error = Some(e);
+    f.uffd = Some(held);
+    drop(f);
+    let _ = failed.write(1);
 }
 
 /// Starts the reclaim worker if the engine has stores for evicted pages and the kernel can
@@ -532,9 +602,19 @@ fn start_sharing(
     Ok(Sharing { control, pages, stop, thread })
 }
 
-/// Drops all of guest RAM, after the handler gave up for lack of memory (its descriptor is
-/// closed, so no remove events): the guest cannot go on, and its pages are what ebb's own
-/// threads, in the same memory cgroup, need to report why and exit.
+/// The message of a panic, from its payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_owned(),
+        (_, Some(s)) => s.clone(),
+        _ => "(a panic without a message)".to_owned(),
+    }
+}
+
+/// Drops all of guest RAM, after the handler gave up for lack of memory and the vCPUs
+/// stopped (guest RAM is unregistered, so no remove events): the guest cannot go on, and
+/// its pages are what ebb's own threads, in the same memory cgroup, need to report why and
+/// exit.
 fn drop_guest_memory(map: &RamMap) {
     for s in map.spans() {
         // SAFETY: the span is guest RAM, mapped privately and anonymously by ebb; the VM is

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::signals::{kick_signal, StopSignals};
 use super::{RunOutcome, VmmError};
 use crate::metrics::StatsWriter;
-use crate::mm::engine::Engine;
+use crate::mm::engine::{Engine, VcpusStopped};
 use crate::mm::uffd::UffdError;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome, VcpuStopper};
 
@@ -107,6 +107,9 @@ fn run_until_end(
         .spawn(move || {
             crate::mm::sys::prefault_stack(crate::mm::sys::THREAD_STACK_RESERVE);
             let outcome = vcpu.run();
+            // Said by the thread itself, so that the order against guest RAM's release
+            // shows in the log (tests/handler_failure.rs reads it).
+            log::debug!("vCPU 0 has left KVM_RUN for good");
             let _ = signal.write(1);
             outcome
         })
@@ -114,12 +117,7 @@ fn run_until_end(
     let mut stopped_by = None;
     while !FlagWatcher::fired(&watcher) {
         if engine_failed.as_ref().is_some_and(FlagWatcher::fired) {
-            // The kernel woke the faulting vCPU when the handler's descriptor closed, and it
-            // now runs on memory ebb no longer tracks: end the VM here. The vCPU thread is
-            // left behind (the process is about to exit) rather than joined, as it may be
-            // deep in guest code.
-            let why = engine.and_then(Engine::take_failure).unwrap_or(UffdError::Panicked);
-            return Err(VmmError::FaultHandler(why));
+            break;
         }
         let received = signals.lock().unwrap_or_else(PoisonError::into_inner).received();
         if let Some(signal) = received {
@@ -129,10 +127,9 @@ fn run_until_end(
         }
         events.run().map_err(VmmError::EventLoop)?;
     }
-    if let Some(why) = engine.and_then(Engine::take_failure) {
-        // The handler failed while the vCPU was ending: its cause comes first (a guest whose
-        // memory the failing handler dropped crashes for that reason only).
-        return Err(VmmError::FaultHandler(why));
+    if let Some(engine) = engine.filter(|e| e.has_failed()) {
+        // Also when the vCPU ended meanwhile: the handler's cause comes first.
+        return Err(end_after_handler_failure(engine, &stopper, &handle));
     }
     let outcome = match stopped_by {
         // A vCPU that did not leave KVM_RUN in time: end the VM all the same.
@@ -143,14 +140,50 @@ fn run_until_end(
     Ok(outcome)
 }
 
+/// Ends the VM after its fault handler stopped on an error or panicked, in the one order
+/// that never lets the guest read a page ebb did not give it: (1) the vCPU is stopped, kicked
+/// out of `KVM_RUN` and not let in again, and its thread has ended; (2) only then is guest
+/// RAM unregistered (and, after running out of memory, dropped); (3) the cause is returned,
+/// for `ebb run` to report before it exits non-zero.
+///
+/// Unregistering (or closing the descriptor) wakes every thread waiting on a fault, and the
+/// kernel then serves the missing page as plain anonymous memory: zeros where an evicted or
+/// shared page was. So the vCPU must be out first. When the handler died, the vCPU is most
+/// likely waiting on a fault the handler read and never resolved, inside `KVM_RUN`. The kick
+/// still brings it out: KVM's guest-fault path waits interruptibly (`FOLL_INTERRUPTIBLE`,
+/// Linux 6.2+; PVM hosts behave the same), so the signal ends the userfaultfd wait with the
+/// fault unresolved, `KVM_RUN` returns `EINTR` without retiring the faulting instruction,
+/// and the vCPU loop sees the stop request before it would enter again. Where a wait does
+/// not end on a kick (an older kernel), only resolving the fault (no one will) or waking it
+/// into zeros ends it: then guest RAM stays registered and the descriptor open (`Engine`'s
+/// drop leaks it), and ebb reports and exits all the same; the exit's fatal signal ends the
+/// wait before the kernel closes the descriptor, so the guest never runs on a zero page.
+fn end_after_handler_failure(
+    engine: &Engine,
+    stopper: &VcpuStopper,
+    handle: &JoinHandle<Result<VcpuOutcome, VcpuError>>,
+) -> VmmError {
+    log::warn!("the fault handler stopped: stopping the vCPU before guest RAM is released");
+    // The signal only names the stop in the outcome, which is not used: the error is.
+    if stop_vcpu(stopper, handle, kick_signal()) {
+        engine.release_guest_ram(VcpusStopped::confirmed());
+    } else {
+        log::error!(
+            "the vCPU is still waiting on a fault: guest RAM stays registered until ebb exits"
+        );
+    }
+    let why = engine.take_failure();
+    VmmError::FaultHandler(why.unwrap_or_else(|| UffdError::Panicked("no cause recorded".into())))
+}
+
 /// Asks the vCPU to stop and kicks its thread until it leaves `KVM_RUN` (a kick that lands
 /// just before the thread enters `KVM_RUN` is lost, hence the repeats), for at most
-/// [`STOP_PATIENCE`].
+/// [`STOP_PATIENCE`]; returns true if its thread has ended.
 fn stop_vcpu(
     stopper: &VcpuStopper,
     handle: &JoinHandle<Result<VcpuOutcome, VcpuError>>,
     signal: i32,
-) {
+) -> bool {
     use vmm_sys_util::signal::Killable;
     stopper.stop(signal);
     let deadline = Instant::now() + STOP_PATIENCE;
@@ -161,7 +194,9 @@ fn stop_vcpu(
         }
         thread::sleep(KICK_INTERVAL);
     }
-    if !handle.is_finished() {
+    let stopped = handle.is_finished();
+    if !stopped {
         log::warn!("the vCPU did not stop within {STOP_PATIENCE:?}; exiting without it");
     }
+    stopped
 }

@@ -303,6 +303,10 @@ fn fault_handler_advice(e: &UffdError) -> &'static str {
         UffdError::OutOfMemory { .. } => {
             "give the VM more memory (its memory cgroup limit), or a larger --oom-wait"
         }
+        UffdError::Panicked(_) => {
+            "this is a bug in ebb: please report it with the message above; --no-uffd runs \
+             without the fault handler"
+        }
         _ => "--no-uffd runs without it",
     }
 }

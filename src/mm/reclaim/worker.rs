@@ -123,11 +123,14 @@ impl Worker {
         let Some(target) = self.control.target() else { return Ok(0) };
         let target_pages = target / PAGE_SIZE;
         let mut budget = PAGES_PER_TICK;
-        while self.resident_pages() > target_pages && budget > 0 {
+        while budget > 0 {
+            // One read of the count per round: other threads lower it concurrently (balloon
+            // releases, the sharing scanner, removes the fault handler applies), so a second
+            // read could find it under the target, and the subtraction would underflow.
+            let Some(excess) = excess_pages(self.resident_pages(), target_pages) else { break };
             if self.backing.cache_is_full() {
                 self.evictor.write_back(BATCH_PAGES);
             }
-            let excess = self.resident_pages() - target_pages;
             let want = usize::try_from(excess.min(budget)).unwrap_or(BATCH_PAGES).min(BATCH_PAGES);
             let picked = self.victims.pick(&self.table, want);
             if picked.is_empty() {
@@ -141,5 +144,29 @@ impl Worker {
         }
         self.victims.reset_threshold();
         Ok(PAGES_PER_TICK - budget)
+    }
+}
+
+/// The pages resident over the target, None when at or under it.
+fn excess_pages(resident_pages: u64, target_pages: u64) -> Option<u64> {
+    resident_pages.checked_sub(target_pages).filter(|&excess| excess > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_excess_is_what_is_resident_over_the_target() {
+        assert_eq!(excess_pages(10, 4), Some(6));
+        assert_eq!(excess_pages(5, 4), Some(1));
+    }
+
+    #[test]
+    fn a_count_at_or_under_the_target_has_no_excess() {
+        // Under: the count dropped below the target after the loop last looked.
+        assert_eq!(excess_pages(4, 4), None);
+        assert_eq!(excess_pages(3, 4), None);
+        assert_eq!(excess_pages(0, u64::MAX), None);
     }
 }

@@ -22,6 +22,8 @@
 
 pub mod around;
 pub mod handler;
+#[cfg(debug_assertions)]
+pub mod inject;
 mod sys;
 
 use std::fs::File;
@@ -113,9 +115,9 @@ pub enum UffdError {
     /// A timer or eventfd of the handler could not be set up.
     #[error("setting up the fault handler: {0}")]
     Setup(io::Error),
-    /// The handler thread panicked.
-    #[error("the fault handler thread panicked")]
-    Panicked,
+    /// The handler thread panicked (a bug in ebb), with this message.
+    #[error("the fault handler panicked: {0}")]
+    Panicked(String),
 }
 
 /// What an ioctl on a range did (resolving ones return the bytes mapped beside it).
@@ -391,6 +393,9 @@ impl Uffd {
 
     /// Reads pending events into `out` without blocking; returns how many.
     pub fn read_events(&self, out: &mut Vec<Event>) -> Result<usize, UffdError> {
+        // TEST-ONLY: debug builds fail here when the tests ask for it (see `inject`).
+        #[cfg(debug_assertions)]
+        inject::before_read()?;
         let mut buf = [UffdMsg::default(); READ_BATCH];
         // SAFETY: UffdMsg is repr(C) plain data; viewing the array as bytes for read() is
         // sound and any bytes the kernel writes form valid UffdMsg values.
