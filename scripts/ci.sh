@@ -4,6 +4,11 @@
 #
 #   scripts/ci.sh            everything
 #   EBB_SKIP_GUEST=1 ...     do not build the guest kernel (Linux tests then skip loudly)
+#   EBB_CI_REPEATS=N ...     run the suites that can flake N times in all (default 3)
+#
+# The integration suites that drive the memory engine, a device or the host run three times
+# in a row, and any failing run fails CI: a test that fails one run in three is a bug, and a
+# single green run must not land it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -34,3 +39,15 @@ cargo clippy --locked --all-targets -- -D warnings
 
 step "cargo test (benchmarks are run by scripts/bench-*.sh, never as tests)"
 cargo test --locked --lib --bins --tests
+
+# Suites whose tests race real threads, devices and processes.
+REPEATED=(host balloon sharing swap uffd reclaim lab hostile api races handler_failure)
+repeats=${EBB_CI_REPEATS:-3}
+for ((run = 2; run <= repeats; run++)); do
+    for suite in "${REPEATED[@]}"; do
+        step "repeat $run of $repeats: cargo test --test $suite"
+        started=$SECONDS
+        cargo test --locked --test "$suite"
+        echo "repeat $run of $repeats: $suite passed in $((SECONDS - started)) s" >&2
+    done
+done

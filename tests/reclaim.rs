@@ -277,7 +277,8 @@ fn a_move_racing_with_copy_on_write_is_reported_as_it_happened() {
         }
     };
     let (src, scratch) = (anon_page(), anon_page());
-    moves.register_for_moves(scratch, PAGE).unwrap();
+    // SAFETY: the scratch page is this test's own.
+    unsafe { moves.register_for_moves(scratch, PAGE) }.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let stop = stop.clone();
@@ -298,7 +299,9 @@ fn a_move_racing_with_copy_on_write_is_reported_as_it_happened() {
     // kernels that do not.
     let (mut moved, mut refused, started) = (0u64, 0u64, Instant::now());
     while started.elapsed() < Duration::from_secs(10) && ebb::mm::uffd::moves_corrected() < 3 {
-        let said_moved = matches!(moves.move_pages(scratch, src, PAGE), Ok((Resolved::Mapped, _)));
+        // SAFETY: `src` is the test's own page; `scratch` its registered scratch page.
+        let said_moved =
+            matches!(unsafe { moves.move_pages(scratch, src, PAGE) }, Ok((Resolved::Mapped, _)));
         let really = mapped(scratch);
         assert_eq!(
             said_moved, really,

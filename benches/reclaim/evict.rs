@@ -45,7 +45,8 @@ impl EvictRig {
                     for j in 0..BATCH {
                         let src = batch as u64 + (j * PAGE) as u64;
                         let dst = scratch + (j * PAGE) as u64;
-                        match self.moves.move_pages(dst, src, PAGE_U64) {
+                        // SAFETY: the benchmark's own pages and scratch range.
+                        match unsafe { self.moves.move_pages(dst, src, PAGE_U64) } {
                             Ok((Resolved::Mapped, _)) => {}
                             _ => self.failed_moves += 1,
                         }
@@ -54,7 +55,8 @@ impl EvictRig {
                 }
                 Evict::MovePerBatch => {
                     let len = (BATCH * PAGE) as u64;
-                    match self.moves.move_pages(scratch, batch as u64, len) {
+                    // SAFETY: the benchmark's own pages and scratch range.
+                    match unsafe { self.moves.move_pages(scratch, batch as u64, len) } {
                         Ok((Resolved::Mapped, _)) => {}
                         _ => self.failed_moves += 1,
                     }
@@ -98,7 +100,8 @@ pub(crate) fn part_evict(pages: usize, rounds: usize) -> Value {
     };
     let pages = pages.div_ceil(BATCH) * BATCH;
     let scratch = mmap_anon(BATCH * PAGE);
-    moves.register_for_moves(scratch as u64, (BATCH * PAGE) as u64).unwrap();
+    // SAFETY: the benchmark's own scratch range.
+    unsafe { moves.register_for_moves(scratch as u64, (BATCH * PAGE) as u64) }.unwrap();
     let mut rig = EvictRig {
         moves,
         src: mmap_anon(pages * PAGE),

@@ -172,7 +172,8 @@ impl Engine {
         let wp = uffd.has_wp();
         let map = mm.map().clone();
         for s in map.spans() {
-            uffd.register(s.region.hva, s.region.len, wp)?;
+            // SAFETY: the span is guest RAM, whose faults this engine's handler serves.
+            unsafe { uffd.register(s.region.hva, s.region.len, wp) }?;
         }
         mark_resident(&map, &table);
         let shared = shared_pages(&uffd, &table, config)?;

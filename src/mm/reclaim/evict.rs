@@ -2,7 +2,7 @@
 //! ever losing a guest write or letting the guest see stale data.
 //!
 //! For each victim (a Resident page):
-//! 1. **claim** it in place ([`PageTable::begin`] Resident -> Resident, in flight): from now
+//! 1. **claim** it in place ([`Claim`] Resident -> Resident, in flight): from now
 //!    on the fault handler defers every fault on it, and no other mover takes it;
 //! 2. **move** it out with `UFFDIO_MOVE` into a scratch page (a run of consecutive victims
 //!    in one call, claimed together): the page itself changes owner,
@@ -34,6 +34,7 @@
 use std::sync::Arc;
 
 use super::store::{Backing, StoreError};
+use crate::mm::claim::Claim;
 use crate::mm::layout::RamMap;
 use crate::mm::pages::{PageState, PageTable, StateSet};
 use crate::mm::sys::Mapping;
@@ -87,7 +88,8 @@ impl Evictor {
         }
         let moves = Uffd::open_for_moves(dev)?;
         let scratch = Mapping::new(BATCH_PAGES * PAGE).map_err(UffdError::Setup)?;
-        moves.register_for_moves(scratch.hva(), scratch.size_bytes() as u64)?;
+        // SAFETY: the scratch range is this value's own, and only ever a move's destination.
+        unsafe { moves.register_for_moves(scratch.hva(), scratch.size_bytes() as u64) }?;
         Ok(Self { moves, handler, scratch, map, table, backing, stored: Vec::new() })
     }
 
@@ -99,13 +101,17 @@ impl Evictor {
     /// # Errors
     /// A move failed for a reason other than the page's own (the descriptors are broken).
     pub fn evict(&mut self, victims: &[u64]) -> Result<Evicted, UffdError> {
+        let table = Arc::clone(&self.table);
         let mut out = Evicted::default();
-        let mut held: Vec<(u64, usize)> = Vec::with_capacity(BATCH_PAGES);
+        // Claims of the pages moved to the scratch range, and their scratch slots. Any
+        // claim dropped on the way (a `?`, a page not moved) is aborted.
+        let mut held: Vec<(Claim<&PageTable>, usize)> = Vec::with_capacity(BATCH_PAGES);
         let victims = &victims[..victims.len().min(BATCH_PAGES)];
         let mut i = 0;
         while i < victims.len() {
             let first = victims[i];
-            let n = self.claim_run(first, &victims[i..]);
+            let run = self.claim_run(&table, first, &victims[i..]);
+            let n = run.len();
             let Some(src) = self.map.hva_of_idx(first).filter(|_| n > 0) else {
                 out.skipped += 1; // claimed by another mover, or not guest RAM
                 i += 1;
@@ -114,69 +120,74 @@ impl Evictor {
             let slot = held.len();
             let dst = self.scratch.hva() + (slot * PAGE) as u64;
             let len = n as u64 * PAGE_SIZE;
-            let result = self.moves.move_pages(dst, src, len);
+            // SAFETY: the run is guest RAM this batch claimed; `dst` is our scratch range.
+            let result = unsafe { self.moves.move_pages(dst, src, len) };
             let moved = match &result {
                 Ok((Resolved::Mapped, _)) => n,
                 Ok((_, done)) => usize::try_from(done / PAGE_SIZE).unwrap_or(0).min(n),
                 // Whatever reached the scratch range is stored below; nothing is lost.
                 Err(_) => crate::mm::sys::mapped_pages_from(dst, n).unwrap_or(0).min(n),
             };
-            held.extend((0..moved).map(|k| (first + k as u64, slot + k)));
-            for k in moved..n {
-                // Not moved (not mapped, pinned, or shared): it stays, and the rest of the
-                // run with it; the next round looks at them again.
-                self.table.abort(first + k as u64, PageState::Resident);
-                out.skipped += 1;
-            }
+            // Not moved (not mapped, pinned, or shared): those stay, their claims dropped
+            // with the rest of the run; the next round looks at them again.
+            out.skipped += (n - moved) as u64;
+            held.extend(run.into_iter().take(moved).zip(slot..));
             if let Err(e) = result {
-                self.finish_batch(&held, &mut out)?;
+                self.finish_batch(held, &mut out)?;
                 return Err(e);
             }
             i += n;
         }
-        self.finish_batch(&held, &mut out)?;
+        self.finish_batch(held, &mut out)?;
         Ok(out)
     }
 
     /// Claims `first` and the pages after it that follow it in `victims` (which starts with
-    /// `first`) and in host memory; returns how many were claimed (0: not even `first`).
-    fn claim_run(&self, first: u64, victims: &[u64]) -> usize {
-        let Some(src) = self.map.hva_of_idx(first) else { return 0 };
+    /// `first`) and in host memory; returns the claims (none: not even `first`).
+    fn claim_run<'t>(
+        &self,
+        table: &'t PageTable,
+        first: u64,
+        victims: &[u64],
+    ) -> Vec<Claim<&'t PageTable>> {
+        let Some(src) = self.map.hva_of_idx(first) else { return Vec::new() };
         let resident = StateSet::of(&[PageState::Resident]);
-        victims
-            .iter()
-            .enumerate()
-            .take_while(|&(k, &idx)| {
-                let offset = (k * PAGE) as u64;
-                idx == first + k as u64
-                    && self.map.hva_of_idx(idx) == Some(src + offset)
-                    && self.table.begin(idx, resident, PageState::Resident).is_ok()
-            })
-            .count()
+        let contiguous = victims.iter().enumerate().take_while(|&(k, &idx)| {
+            idx == first + k as u64 && self.map.hva_of_idx(idx) == Some(src + (k * PAGE) as u64)
+        });
+        contiguous
+            .map_while(|(_, &idx)| Claim::new(table, idx, resident, PageState::Resident).ok())
+            .collect()
     }
 
     /// Stores the moved pages and ends their claims; drops the scratch pages.
-    fn finish_batch(&mut self, held: &[(u64, usize)], out: &mut Evicted) -> Result<(), UffdError> {
+    fn finish_batch(
+        &mut self,
+        held: Vec<(Claim<&PageTable>, usize)>,
+        out: &mut Evicted,
+    ) -> Result<(), UffdError> {
         if held.is_empty() {
             return Ok(());
         }
         let pages: Vec<(u64, &Page)> = held
             .iter()
-            .filter_map(|&(idx, slot)| Some((idx, self.scratch.page(slot * PAGE)?)))
+            .filter_map(|(claim, slot)| Some((claim.idx(), self.scratch.page(slot * PAGE)?)))
             .collect();
         let mut stored = std::mem::take(&mut self.stored);
         self.backing.store_batch(&pages, &mut stored);
         let mut failed = None;
-        for (&(idx, slot), result) in held.iter().zip(stored.drain(..)) {
+        let batch_len = held.len();
+        for ((claim, slot), result) in held.into_iter().zip(stored.drain(..)) {
             match result {
                 Ok(state) => {
-                    if let Err(e) = self.table.finish_into(idx, state) {
+                    let idx = claim.idx();
+                    if let Err(e) = claim.finish_into(state) {
                         log::error!("eviction of page {idx}: {e}");
                     }
                     out.pages += 1;
                 }
                 Err(e) => {
-                    if let Err(e) = self.put_back(idx, slot, &e) {
+                    if let Err(e) = self.put_back(claim, slot, &e) {
                         failed.get_or_insert(e);
                     }
                     out.refused += 1;
@@ -184,7 +195,7 @@ impl Evictor {
             }
         }
         self.stored = stored;
-        if let Err(e) = self.scratch.drop_range(0, held.len() * PAGE) {
+        if let Err(e) = self.scratch.drop_range(0, batch_len * PAGE) {
             log::warn!("dropping the eviction scratch pages: {e}");
         }
         failed.map_or(Ok(()), Err)
@@ -192,19 +203,26 @@ impl Evictor {
 
     /// Moves a page the stores refused back into guest memory and undoes its claim (or,
     /// if that fails too, holds its copy; see the module docs).
-    fn put_back(&mut self, idx: u64, slot: usize, why: &StoreError) -> Result<(), UffdError> {
+    fn put_back(
+        &mut self,
+        claim: Claim<&PageTable>,
+        slot: usize,
+        why: &StoreError,
+    ) -> Result<(), UffdError> {
+        let idx = claim.idx();
         log::debug!("eviction of page {idx} refused: {why}");
         let dst = self.map.hva_of_idx(idx).unwrap_or(0);
         let src = self.scratch.hva() + (slot * PAGE) as u64;
-        let result = self.handler.move_pages(dst, src, PAGE_SIZE);
+        // SAFETY: `src` is our scratch page; `dst` the guest page, claimed and empty.
+        let result = unsafe { self.handler.move_pages(dst, src, PAGE_SIZE) };
         if let Ok((Resolved::Mapped, _)) = result {
-            self.table.abort(idx, PageState::Resident);
+            drop(claim); // back in guest memory: the claim is undone
             return Ok(());
         }
         if let Some(page) = self.scratch.page(slot * PAGE) {
             self.backing.hold(idx, page);
         }
-        if let Err(e) = self.table.finish_into(idx, PageState::Compressed) {
+        if let Err(e) = claim.finish_into(PageState::Compressed) {
             log::error!("holding page {idx}: {e}");
         }
         result.map(|_| ())
@@ -214,19 +232,19 @@ impl Evictor {
     /// how many moved.
     pub fn write_back(&mut self, n: usize) -> u64 {
         let compressed = StateSet::of(&[PageState::Compressed]);
+        let table = &*self.table;
         // Pages being brought back are skipped: the next round takes others.
-        let claimed: Vec<u64> = (self.backing.oldest_cached(n).into_iter())
-            .filter(|&idx| self.table.begin(idx, compressed, PageState::Compressed).is_ok())
+        let claims: Vec<Claim<&PageTable>> = (self.backing.oldest_cached(n).into_iter())
+            .filter_map(|idx| Claim::new(table, idx, compressed, PageState::Compressed).ok())
             .collect();
+        let claimed: Vec<u64> = claims.iter().map(Claim::idx).collect();
         let mut moved = Vec::new();
         self.backing.write_back(&claimed, &mut moved);
         let mut count = 0;
-        for (&idx, &ok) in claimed.iter().zip(&moved) {
-            if ok {
-                let _ = self.table.finish_into(idx, PageState::Swapped);
+        // A page the swap file refused keeps its cached copy: its claim is dropped (undone).
+        for (claim, &ok) in claims.into_iter().zip(&moved) {
+            if ok && claim.finish_into(PageState::Swapped).is_ok() {
                 count += 1;
-            } else {
-                self.table.abort(idx, PageState::Compressed);
             }
         }
         count

@@ -528,6 +528,12 @@ pub struct StoreSizes {
 /// `n` atomics, all zero, allocated zeroed: the kernel backs only the pages of the array
 /// that are written, so a VM that never evicts pays nothing for its location words.
 fn zeroed_atomics(n: usize) -> Box<[AtomicU64]> {
+    // The allocation of u64s is handed to AtomicU64s: that is sound only where both have one
+    // layout (on some 32-bit targets u64 is aligned to 4 bytes and AtomicU64 to 8).
+    const _: () = assert!(
+        std::mem::align_of::<AtomicU64>() == std::mem::align_of::<u64>()
+            && std::mem::size_of::<AtomicU64>() == std::mem::size_of::<u64>()
+    );
     let mut v = std::mem::ManuallyDrop::new(vec![0u64; n]);
     let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
     // SAFETY: AtomicU64 has the size, alignment and bit validity of u64, and the vector's

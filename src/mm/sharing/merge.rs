@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use super::pool::SharePool;
 use super::sys::{map_private_page, populate, remap_page_over, unmap_page};
 use super::SharingStats;
+use crate::mm::claim::Claim;
 use crate::mm::layout::RamMap;
 use crate::mm::pages::{PageState, PageTable, StateSet};
 use crate::mm::sys::Mapping;
@@ -64,7 +65,8 @@ impl Merger {
     ) -> Result<Self, UffdError> {
         let moves = Uffd::open_for_moves(dev)?;
         let scratch = Mapping::new(SCRATCH_PAGES * 4096).map_err(UffdError::Setup)?;
-        moves.register_for_moves(scratch.hva(), scratch.size_bytes() as u64)?;
+        // SAFETY: the scratch range is this value's own, and only ever a move's destination.
+        unsafe { moves.register_for_moves(scratch.hva(), scratch.size_bytes() as u64) }?;
         Ok(Self { moves, handler, scratch, map, table, pool, stats })
     }
 
@@ -83,43 +85,41 @@ impl Merger {
         &*self.pool
     }
 
-    /// The frozen contents in scratch page `slot`.
-    pub fn frozen(&self, slot: usize) -> Option<&Page> {
-        self.scratch.page(slot * 4096)
-    }
-
-    /// Claims Resident page `idx` and moves it into scratch page `slot`; false (nothing
-    /// changed) if another mover holds it, it is not Resident, or it is not mapped.
-    pub fn freeze(&self, idx: u64, slot: usize) -> bool {
-        let Some(hva) = self.map.hva_of_idx(idx) else { return false };
-        if self.table.begin(idx, StateSet::of(&[PageState::Resident]), PageState::Resident).is_err()
-        {
-            return false;
-        }
+    /// Claims Resident page `idx` and moves it into scratch page `slot`; None (nothing
+    /// changed) if another mover holds it, it is not Resident, or it is not mapped. The
+    /// page stays frozen until the guard is used up: installed, dropped as a zero page, or
+    /// put back (which dropping the guard does).
+    pub fn freeze(&self, idx: u64, slot: usize) -> Option<Frozen<'_>> {
+        let hva = self.map.hva_of_idx(idx)?;
+        let resident = StateSet::of(&[PageState::Resident]);
+        let claim = Claim::new(&*self.table, idx, resident, PageState::Resident).ok()?;
         let dst = self.scratch.hva() + (slot * 4096) as u64;
-        match self.moves.move_pages(dst, hva, PAGE_SIZE) {
-            Ok((Resolved::Mapped, _)) => true,
-            _ if crate::mm::sys::mapped_pages_from(dst, 1).unwrap_or(0) == 1 => true,
-            _ => {
-                self.table.abort(idx, PageState::Resident);
-                false
-            }
+        // SAFETY: `hva` is the guest page just claimed; `dst` our scratch page.
+        match unsafe { self.moves.move_pages(dst, hva, PAGE_SIZE) } {
+            Ok((Resolved::Mapped, _)) => {}
+            _ if crate::mm::sys::mapped_pages_from(dst, 1).unwrap_or(0) == 1 => {}
+            _ => return None, // not moved: the claim is dropped, undone
         }
+        Some(Frozen { merger: self, claim: Some(claim), slot })
     }
 
-    /// Puts frozen page `idx` back from scratch page `slot` and undoes its claim. It waits
+    /// Puts frozen page `claim` back from scratch page `slot` and undoes its claim. It waits
     /// as long as the kernel has no memory for it: the page's contents exist only in the
     /// scratch page, and the guest's faults on it wait for the claim anyway.
-    pub fn thaw(&self, idx: u64, slot: usize) {
+    fn thaw(&self, claim: Claim<&PageTable>, slot: usize) {
+        let idx = claim.idx();
         let Some(hva) = self.map.hva_of_idx(idx) else { return };
         let src = self.scratch.hva() + (slot * 4096) as u64;
         let started = Instant::now();
         let mut logged = false;
         loop {
-            if let Ok((Resolved::Mapped, _)) = self.handler.move_pages(hva, src, PAGE_SIZE) {
+            // SAFETY: `src` is our scratch page; `hva` the guest page, claimed and empty.
+            let moved = unsafe { self.handler.move_pages(hva, src, PAGE_SIZE) };
+            if let Ok((Resolved::Mapped, _)) = moved {
                 break;
             }
-            let copied = self.frozen(slot).map(|p| self.handler.copy(hva, &p[..], false));
+            let copied =
+                self.scratch.page(slot * 4096).map(|p| self.handler.copy(hva, &p[..], false));
             if let Some(Ok((Resolved::Mapped, _))) = copied {
                 break;
             }
@@ -129,32 +129,25 @@ impl Merger {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.table.abort(idx, PageState::Resident);
+        drop(claim); // back in guest memory: the claim is undone
         self.drop_scratch(slot);
     }
 
-    /// Frozen page `idx` was all zero: it becomes Untouched (its next read maps the zero
-    /// page), and its scratch copy is dropped.
-    pub fn drop_zero(&self, idx: u64, slot: usize) {
-        if let Err(e) = self.table.finish_into(idx, PageState::Untouched) {
-            log::error!("page sharing: dropping zero page {idx}: {e}");
-        }
-        self.drop_scratch(slot);
-    }
-
-    /// Maps pool slot `slot` over frozen page `idx` (scratch page `scratch`), whose contents
-    /// the caller has found equal to the slot's, and ends its claim as Shared. A pin of the
-    /// slot the caller holds becomes the page's reference. On failure the page is thawed and
-    /// the pin dropped.
-    pub fn install(&self, idx: u64, scratch: usize, slot: u64) -> bool {
+    /// Maps pool slot `slot` over frozen page `claim` (scratch page `scratch`), whose
+    /// contents the caller has found equal to the slot's, and ends its claim as Shared. A
+    /// pin of the slot the caller holds becomes the page's reference. On failure the page
+    /// is thawed and the pin dropped.
+    fn install(&self, claim: Claim<&PageTable>, scratch: usize, slot: u64) -> bool {
+        let idx = claim.idx();
         let Some(hva) = self.map.hva_of_idx(idx) else {
             self.pool.unpin(slot);
+            self.thaw(claim, scratch);
             return false;
         };
         match self.map_over(hva, slot) {
             Ok(()) => {
                 self.pool.attach(idx, slot);
-                if let Err(e) = self.table.finish_into(idx, PageState::Shared) {
+                if let Err(e) = claim.finish_into(PageState::Shared) {
                     log::error!("page sharing: sharing page {idx}: {e}");
                 }
                 self.drop_scratch(scratch);
@@ -164,7 +157,7 @@ impl Merger {
                 log::debug!("page sharing: page {idx} stays private: {e}");
                 self.stats.map_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.pool.unpin(slot);
-                self.thaw(idx, scratch);
+                self.thaw(claim, scratch);
                 false
             }
         }
@@ -188,7 +181,8 @@ impl Merger {
     }
 
     fn prepare(&self, staging: u64) -> Result<(), UffdError> {
-        self.handler.register_wp_only(staging, PAGE_SIZE)?;
+        // SAFETY: `staging` is our own mapping of a pool page, about to become guest RAM.
+        unsafe { self.handler.register_wp_only(staging, PAGE_SIZE) }?;
         // SAFETY: our own mapping of a page the file has, registered for write protection
         // only, so a read neither faults to the handler nor allocates.
         unsafe { populate(staging) };
@@ -212,6 +206,53 @@ impl Merger {
     fn drop_scratch(&self, slot: usize) {
         if let Err(e) = self.scratch.drop_range(slot * 4096, 4096) {
             log::warn!("page sharing: dropping a scratch page: {e}");
+        }
+    }
+}
+
+/// A page frozen by [`Merger::freeze`]: claimed, its contents in a scratch page. Dropped, it
+/// is put back into guest memory and its claim undone; a frozen page is never lost.
+#[must_use = "a frozen page dropped is put back into the guest"]
+#[derive(Debug)]
+pub struct Frozen<'m> {
+    merger: &'m Merger,
+    /// None once used up.
+    claim: Option<Claim<&'m PageTable>>,
+    slot: usize,
+}
+
+impl Frozen<'_> {
+    /// The frozen contents (the scratch page: only this thread writes it).
+    pub fn contents(&self) -> Option<&Page> {
+        self.merger.scratch.page(self.slot * 4096)
+    }
+
+    /// The page was all zero: it becomes Untouched (its next read maps the zero page), and
+    /// its scratch copy is dropped.
+    pub fn drop_zero(mut self) {
+        let Some(claim) = self.claim.take() else { return };
+        let idx = claim.idx();
+        if let Err(e) = claim.finish_into(PageState::Untouched) {
+            log::error!("page sharing: dropping zero page {idx}: {e}");
+        }
+        self.merger.drop_scratch(self.slot);
+    }
+
+    /// Maps pool slot `slot` over the page (see [`Merger`]'s module docs); true if shared.
+    /// A pin of the slot the caller holds becomes the page's reference; on failure the page
+    /// is put back and the pin dropped.
+    pub fn install(mut self, slot: u64) -> bool {
+        match self.claim.take() {
+            Some(claim) => self.merger.install(claim, self.slot, slot),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if let Some(claim) = self.claim.take() {
+            self.merger.thaw(claim, self.slot);
         }
     }
 }

@@ -266,9 +266,8 @@ impl SharedPages {
     /// The fresh page could not be made, registered or moved: the page stays shared.
     pub fn release(&self, idx: u64, hva: u64) -> Result<(), SharingError> {
         let staging = sys::map_anon_page().map_err(|source| SharingError::Map { idx, source })?;
-        let moved = self
-            .uffd
-            .register(staging, PAGE_SIZE, self.uffd.has_wp())
+        // SAFETY: `staging` is our own fresh page, about to become guest page `idx`.
+        let moved = unsafe { self.uffd.register(staging, PAGE_SIZE, self.uffd.has_wp()) }
             .map_err(|source| SharingError::Register { idx, source })
             .and_then(|()| {
                 // SAFETY: `staging` is our own empty page; `hva` is guest page `idx`, claimed

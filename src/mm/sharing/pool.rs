@@ -144,7 +144,13 @@ impl Pool {
     fn release(&self, inner: &mut Inner, slot: u64) {
         let i = to_index(slot);
         let Some(refs) = inner.refs.get_mut(i) else { return };
-        *refs = refs.saturating_sub(1);
+        if *refs == 0 {
+            // A slot released more often than it was referenced (a bug): freeing it again
+            // would put it on the free stack twice, and two contents would share it later.
+            log::error!("sharing pool: slot {slot} released while free; ignored");
+            return;
+        }
+        *refs -= 1;
         if *refs > 0 {
             return;
         }
@@ -325,6 +331,20 @@ mod tests {
         assert_eq!(pool.find(7), Found::Nothing);
         assert_eq!(content(&pool, slot)[100], 0, "the hole reads as zeros");
         assert_eq!(pool.create(8, &page_of(4)).unwrap(), slot, "the slot is reused");
+    }
+
+    #[test]
+    fn a_slot_released_once_too_often_is_not_freed_twice() {
+        let pool = Pool::new(16, 8).unwrap();
+        let slot = pool.create(7, &page_of(3)).unwrap();
+        pool.unpin(slot);
+        assert_eq!(pool.live_pages(), 0);
+        pool.unpin(slot); // one release too many
+        assert_eq!(pool.live_pages(), 0, "no underflow");
+        let a = pool.create(8, &page_of(4)).unwrap();
+        let b = pool.create(9, &page_of(5)).unwrap();
+        assert_ne!(a, b, "the slot was on the free stack once, not twice");
+        assert_eq!((content(&pool, a)[0], content(&pool, b)[0]), (4, 5));
     }
 
     #[test]

@@ -216,15 +216,11 @@ impl Scanner {
     }
 
     fn share_zero(&mut self, idx: u64) {
-        if !self.merger.freeze(idx, 0) {
-            return;
-        }
-        if self.merger.frozen(0).is_some_and(|p| p.iter().all(|&b| b == 0)) {
-            self.merger.drop_zero(idx, 0);
+        let Some(frozen) = self.merger.freeze(idx, 0) else { return };
+        if frozen.contents().is_some_and(|p| p.iter().all(|&b| b == 0)) {
+            frozen.drop_zero();
             self.stats.zero_pages.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.merger.thaw(idx, 0); // written since the copy
-        }
+        } // else written since the copy: dropped, the page is put back
     }
 
     fn share(&mut self, idx: u64, hash: u64) {
@@ -240,41 +236,35 @@ impl Scanner {
     /// Another VM of the sharing group saw this content: page `idx` becomes the canonical
     /// copy, which that VM joins when its scanner next visits its page.
     fn publish(&mut self, idx: u64, hash: u64) {
-        if !self.merger.freeze(idx, 0) {
-            return;
-        }
+        let Some(frozen) = self.merger.freeze(idx, 0) else { return };
         let pool = self.merger.pool();
         // The frozen content is what goes into the pool: hash it again, as it may have
         // changed since the copy that was hashed.
-        let slot = match self.merger.frozen(0) {
+        let slot = match frozen.contents() {
             Some(p) if self.hash.of(p) == hash => pool.create(hash, p).ok(),
             _ => None,
         };
-        match slot {
-            Some(slot) if self.merger.install(idx, 0, slot) => {
-                self.stats.merged.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(_) => {}
-            None => self.merger.thaw(idx, 0),
+        // No slot: the frozen page is dropped, put back.
+        if slot.is_some_and(|slot| frozen.install(slot)) {
+            self.stats.merged.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Maps page `idx` to canonical `slot` (pinned by `find`) if they are equal.
     fn join(&mut self, idx: u64, slot: u64) {
         let pool = self.merger.pool();
-        if !self.merger.freeze(idx, 0) {
+        let Some(frozen) = self.merger.freeze(idx, 0) else {
             pool.unpin(slot);
             return;
-        }
-        let equal = pool.read(slot, &mut self.buf)
-            && self.merger.frozen(0).is_some_and(|frozen| *frozen == *self.buf);
+        };
+        let equal =
+            pool.read(slot, &mut self.buf) && frozen.contents().is_some_and(|p| *p == *self.buf);
         if !equal {
             self.stats.collisions.fetch_add(1, Ordering::Relaxed);
             pool.unpin(slot);
-            self.merger.thaw(idx, 0);
-            return;
+            return; // the frozen page is dropped, put back
         }
-        if self.merger.install(idx, 0, slot) {
+        if frozen.install(slot) {
             self.stats.merged.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -283,21 +273,16 @@ impl Scanner {
     fn pair(&mut self, hint: u64, idx: u64, hash: u64) {
         let pool = self.merger.pool();
         pool.forget_hint(hash, hint);
-        if !self.merger.freeze(hint, 1) {
+        let Some(frozen_hint) = self.merger.freeze(hint, 1) else {
             pool.hint(hash, idx); // the hint went away: this page takes its place
             return;
-        }
-        if !self.merger.freeze(idx, 0) {
-            self.merger.thaw(hint, 1);
-            return;
-        }
-        let equal = match (self.merger.frozen(0), self.merger.frozen(1)) {
-            (Some(a), Some(b)) => a == b,
-            _ => false,
         };
-        let frozen_hash = self.merger.frozen(0).map(|p| self.hash.of(p));
-        let slot = match (equal, frozen_hash) {
-            (true, Some(h)) => self.merger.frozen(0).map(|p| pool.create(h, p)),
+        // Not frozen: the hint, dropped, is put back.
+        let Some(frozen) = self.merger.freeze(idx, 0) else { return };
+        let (a, b) = (frozen.contents(), frozen_hint.contents());
+        let equal = a.is_some() && a == b;
+        let slot = match a {
+            Some(p) if equal => Some(pool.create(self.hash.of(p), p)),
             _ => None,
         };
         let Some(Ok(slot)) = slot else {
@@ -305,13 +290,10 @@ impl Scanner {
                 self.stats.collisions.fetch_add(1, Ordering::Relaxed);
                 pool.hint(hash, idx);
             }
-            self.merger.thaw(idx, 0);
-            self.merger.thaw(hint, 1);
-            return;
+            return; // both dropped, put back
         };
         pool.pin(slot);
-        let merged = u64::from(self.merger.install(hint, 1, slot))
-            + u64::from(self.merger.install(idx, 0, slot));
+        let merged = u64::from(frozen_hint.install(slot)) + u64::from(frozen.install(slot));
         self.stats.merged.fetch_add(merged, Ordering::Relaxed);
     }
 }

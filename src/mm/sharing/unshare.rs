@@ -213,9 +213,8 @@ impl Worker {
                     continue;
                 }
             };
-            let moved = self
-                .uffd
-                .register(staging, PAGE_SIZE, wp)
+            // SAFETY: `staging` is our own fresh page, about to become guest page `idx`.
+            let moved = unsafe { self.uffd.register(staging, PAGE_SIZE, wp) }
                 .map_err(|source| SharingError::Register { idx, source })
                 .and_then(|()| {
                     // SAFETY: `staging` is our own empty page; `hva` is guest page `idx`,

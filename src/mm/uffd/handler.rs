@@ -36,7 +36,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::around::{FaultAround, Window, MAX_FAULT_AROUND};
 use super::{Event, Resolved, Uffd, UffdError};
 use crate::mm::active::{ActiveConfig, ActiveStats, Sampler};
-use crate::mm::claim::ClaimRun;
+use crate::mm::claim::{Claim, ClaimRun};
 use crate::mm::gate::{AllocGate, MAX_WAIT};
 use crate::mm::layout::RamMap;
 use crate::mm::pages::{PageState, PageTable, StateSet, FLAG_IN_FLIGHT};
@@ -501,29 +501,24 @@ impl FaultHandler {
             return Err(UffdError::Unrestorable { idx, state });
         };
         let table = Arc::clone(&self.core.table);
-        if table.begin(idx, StateSet::of(&[state]), Resident).is_err() {
+        // Dropped on every early return: the page goes back to its stored state.
+        let Ok(claim) = Claim::new(&*table, idx, StateSet::of(&[state]), Resident) else {
             return Ok(Step::Retry); // a mover took it meanwhile (written back to swap)
-        }
+        };
         // A copy that cannot be read is lost: the VM ends rather than see zeros there.
         let loc = match backing.load(idx, &mut self.page) {
             Ok(loc) => loc,
             // The kernel had no memory to read the copy (a page cache page): nothing is lost,
             // and the fault waits and is retried as for any ENOMEM (see the module docs).
-            Err(e) if e.is_no_memory() => {
-                table.abort(idx, state);
-                return Ok(Step::NoMemory);
-            }
-            Err(e) => {
-                table.abort(idx, state);
-                return Err(UffdError::Restore(e));
-            }
+            Err(e) if e.is_no_memory() => return Ok(Step::NoMemory),
+            Err(e) => return Err(UffdError::Restore(e)),
         };
         self.core.stats.copy.fetch_add(1, Ordering::Relaxed);
         let step = match self.uffd.copy(page, &self.page[..], false) {
             Ok((Resolved::Mapped, _)) => {
                 backing.free(idx, loc);
                 table.mark_referenced(idx);
-                table.finish(idx);
+                claim.finish();
                 let (count, hist) = match state {
                     Swapped => (&backing.stats.swapins_swap, &backing.stats.swapin_swap_ns),
                     _ => (&backing.stats.swapins_cache, &backing.stats.swapin_cache_ns),
@@ -533,11 +528,13 @@ impl FaultHandler {
                 return Ok(Step::Done);
             }
             Ok((Resolved::NoMemory, _)) => Ok(Step::NoMemory),
-            Ok(_) => Ok(Step::Retry),
+            Ok((Resolved::Retry, _)) => Ok(Step::Retry),
+            // The page was evicted and is claimed: whatever is mapped there now is not its
+            // contents. Retrying would loop for ever; going on would run on wrong bytes.
+            Ok((Resolved::AlreadyMapped, _)) => Err(UffdError::MappedBehindOurBack { idx }),
             Err(e) => Err(e),
         };
-        // Not mapped: the copy stays, and so does the page's state.
-        table.abort(idx, state);
+        // Not mapped: the copy stays, and the claim, dropped, puts the page's state back.
         self.core.stats.copy.fetch_sub(1, Ordering::Relaxed);
         step
     }

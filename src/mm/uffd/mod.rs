@@ -106,6 +106,13 @@ pub enum UffdError {
         /// Its state.
         state: crate::mm::pages::PageState,
     },
+    /// An evicted page, claimed to be brought back, was found mapped: something mapped it
+    /// behind ebb's back (a bug), so its contents are not the guest's.
+    #[error("evicted page {idx} was mapped behind ebb's back while it was being brought back")]
+    MappedBehindOurBack {
+        /// Page index.
+        idx: u64,
+    },
     /// The memory manager keeps no page-state table (it was built for `--no-uffd`).
     #[error("guest memory is not tracked: the lazy-RAM engine needs a page-state table")]
     NotTracked,
@@ -261,7 +268,20 @@ impl Uffd {
     /// (eviction's scratch range is its own; a guest page moved back is claimed, so its
     /// faults wait). That makes a failed move checkable, and the kernel's answer is not
     /// trusted when it says a page did not move (see [`moved_despite_error`]).
-    pub fn move_pages(&self, dst: u64, src: u64, len: u64) -> Result<(Resolved, u64), UffdError> {
+    ///
+    /// # Safety
+    /// `src` must be memory whose pages may be taken away (guest RAM claimed by the caller,
+    /// or a scratch range of the caller's): afterwards it reads as missing, and no Rust
+    /// reference may point into it. `dst` must be unmapped and held by the caller.
+    ///
+    /// # Errors
+    /// The ioctl failed for a reason other than the pages' own.
+    pub unsafe fn move_pages(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+    ) -> Result<(Resolved, u64), UffdError> {
         let mode = UFFDIO_MOVE_MODE_DONTWAKE;
         let mut m = UffdioMove { dst, src, len, mode, r#move: 0 };
         // SAFETY: UFFDIO_MOVE reads and writes exactly a struct uffdio_move we own; the
@@ -290,7 +310,16 @@ impl Uffd {
     }
 
     /// Registers `[hva, hva + len)` in missing mode, and write-protect mode if `wp`.
-    pub fn register(&self, hva: u64, len: u64, wp: bool) -> Result<(), UffdError> {
+    ///
+    /// # Safety
+    /// From now on a missing page of the range faults to this descriptor and waits until
+    /// it is resolved: the range must be memory whose faults this descriptor's reader serves
+    /// (guest RAM, or a page of the caller's about to become guest RAM), never memory that
+    /// other code uses, and the reader must not itself touch it.
+    ///
+    /// # Errors
+    /// The ioctl failed, or the range lacks an ioctl ebb needs.
+    pub unsafe fn register(&self, hva: u64, len: u64, wp: bool) -> Result<(), UffdError> {
         let mode = UFFDIO_REGISTER_MODE_MISSING | if wp { UFFDIO_REGISTER_MODE_WP } else { 0 };
         let need = [(UFFDIO_COPY_BIT, "UFFDIO_COPY"), (UFFDIO_ZEROPAGE_BIT, "UFFDIO_ZEROPAGE")];
         let wp_need = [(UFFDIO_WRITEPROTECT_BIT, "UFFDIO_WRITEPROTECT")];
@@ -315,14 +344,27 @@ impl Uffd {
 
     /// Registers `[hva, hva + len)`, a memfd mapping of a shared page, in write-protect mode
     /// only (its pages are always in the file, so nothing there is ever missing).
-    pub fn register_wp_only(&self, hva: u64, len: u64) -> Result<(), UffdError> {
+    ///
+    /// # Safety
+    /// As [`register`](Self::register): a write to a protected page of the range waits for
+    /// this descriptor's reader.
+    ///
+    /// # Errors
+    /// As [`register`](Self::register).
+    pub unsafe fn register_wp_only(&self, hva: u64, len: u64) -> Result<(), UffdError> {
         let need = [(UFFDIO_WRITEPROTECT_BIT, "UFFDIO_WRITEPROTECT")];
         self.register_mode(hva, len, UFFDIO_REGISTER_MODE_WP, &[&need[..]])
     }
 
     /// Registers the scratch range `[hva, hva + len)` in missing mode, as the destination
     /// of moves.
-    pub fn register_for_moves(&self, hva: u64, len: u64) -> Result<(), UffdError> {
+    ///
+    /// # Safety
+    /// As [`register`](Self::register): the range must be the caller's own scratch memory.
+    ///
+    /// # Errors
+    /// As [`register`](Self::register).
+    pub unsafe fn register_for_moves(&self, hva: u64, len: u64) -> Result<(), UffdError> {
         let need = [(UFFDIO_MOVE_BIT, "UFFDIO_MOVE")];
         self.register_mode(hva, len, UFFDIO_REGISTER_MODE_MISSING, &[&need[..]])
     }
