@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ebb::mm::engine::{Engine, EngineConfig};
-use ebb::mm::uffd::around::FaultAround;
-use ebb::mm::uffd::handler::{HandlerConfig, DEFAULT_OOM_WAIT};
+use ebb::mm::fault::around::FaultAround;
+use ebb::mm::fault::handler::{HandlerConfig, DEFAULT_OOM_WAIT};
 use ebb::mm::MemoryManager;
 use ebb::vstate::memory::GuestRam;
 

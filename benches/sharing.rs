@@ -15,8 +15,8 @@ use common::mmap_anon;
 use std::time::{Duration, Instant};
 
 use ebb::mm::engine::{Engine, EngineConfig};
-use ebb::mm::uffd::around::FaultAround;
-use ebb::mm::uffd::handler::{HandlerConfig, DEFAULT_OOM_WAIT};
+use ebb::mm::fault::around::FaultAround;
+use ebb::mm::fault::handler::{HandlerConfig, DEFAULT_OOM_WAIT};
 use ebb::mm::MemoryManager;
 use ebb::vstate::memory::GuestRam;
 

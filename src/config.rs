@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::mm::active::{sample_rate, ActiveConfig, MAX_SAMPLE_PAGES_PER_S};
+use crate::mm::fault::active::{sample_rate, ActiveConfig, MAX_SAMPLE_PAGES_PER_S};
+use crate::mm::fault::around::{FaultAround, MAX_FAULT_AROUND};
+use crate::mm::fault::handler::DEFAULT_OOM_WAIT;
 use crate::mm::reclaim::{VictimPolicy, DEFAULT_CACHE_PERCENT};
-use crate::mm::uffd::around::{FaultAround, MAX_FAULT_AROUND};
-use crate::mm::uffd::handler::DEFAULT_OOM_WAIT;
 use crate::mm::uffd::DEFAULT_UFFD_DEV;
 use crate::units::{exact_mib, parse_size, SizeError};
 

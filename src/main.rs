@@ -11,10 +11,10 @@ use ebb::config::{
     BootSource, FirmwareSource, MemoryConfig, ReclaimOptions, VmConfig, DEFAULT_KVM_DEV,
     DEFAULT_MEM, DEFAULT_STATS_INTERVAL,
 };
-use ebb::mm::active::{ActiveConfig, DEFAULT_INTERVAL_MS, DEFAULT_SAMPLE_PAGES};
+use ebb::mm::fault::active::{ActiveConfig, DEFAULT_INTERVAL_MS, DEFAULT_SAMPLE_PAGES};
+use ebb::mm::fault::around::FaultAround;
+use ebb::mm::fault::handler::DEFAULT_OOM_WAIT;
 use ebb::mm::reclaim::DEFAULT_CACHE_PERCENT;
-use ebb::mm::uffd::around::FaultAround;
-use ebb::mm::uffd::handler::DEFAULT_OOM_WAIT;
 use ebb::mm::uffd::DEFAULT_UFFD_DEV;
 use ebb::units::parse_size;
 use ebb::vmm::{exit_status, DEFAULT_PAYLOAD};
@@ -403,6 +403,7 @@ fn main() -> ExitCode {
 /// errors name values and limits, not flags).
 fn advice(e: &anyhow::Error) -> Option<&'static str> {
     use ebb::boot::BootError;
+    use ebb::mm::engine::EngineError;
     use ebb::mm::uffd::UffdError;
     use ebb::vmm::VmmError;
     use ebb::vstate::memory::MemoryError;
@@ -413,7 +414,7 @@ fn advice(e: &anyhow::Error) -> Option<&'static str> {
         VmmError::Boot(BootError::InitrdTooLarge { .. } | BootError::DoesNotFit { .. }) => {
             Some("give the VM more --mem")
         }
-        VmmError::Uffd(UffdError::Unavailable { .. }) => {
+        VmmError::Engine(EngineError::Uffd(UffdError::Unavailable { .. })) => {
             Some("run as root, set sysctl vm.unprivileged_userfaultfd=1, give your user access to /dev/userfaultfd, or run with --no-uffd")
         }
         _ => None,

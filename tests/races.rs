@@ -10,9 +10,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ebb::mm::engine::{Engine, EngineConfig};
+use ebb::mm::fault::around::FaultAround;
 use ebb::mm::hooks;
 use ebb::mm::pages::{PageState, FLAG_IN_FLIGHT};
-use ebb::mm::uffd::around::FaultAround;
 use ebb::mm::MemoryManager;
 use ebb::vstate::memory::GuestRam;
 

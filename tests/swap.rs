@@ -308,11 +308,14 @@ fn touch_verifies_every_page_while_reclaim_compresses_and_swaps() {
     assert!(num(last, "written_back") > 0, "a 4 MiB cache fills and is written back: {last}");
     assert_eq!(num(last, "swap_errors"), 0, "{last}");
     // Consumed (resident + the cache's slabs) rose with the writes, then came down to the
-    // target plus the cache (the final verification brings pages back up again).
+    // target plus the cache (the final verification brings pages back up again). How high
+    // it rises is a race between the guest's writes and reclaim's ticks (a loaded machine
+    // slows the guest more than reclaim: one run peaked at 47.7 MiB), so the rise asked for
+    // is twice the target, well clear of where reclaim holds it.
     let consumed: Vec<u64> = lines.iter().map(|v| num(v, "consumed_bytes")).collect();
     let peak = (0..consumed.len()).max_by_key(|&i| consumed[i]).unwrap();
     let least = consumed[peak..].iter().min().unwrap();
-    assert!(consumed[peak] > 48 << 20, "the writes raised Consumed: {consumed:?}");
+    assert!(consumed[peak] > 32 << 20, "the writes raised Consumed: {consumed:?}");
     assert!(*least <= (16 + 4 + 2) << 20, "consumed stays high: {consumed:?}");
     assert!(swap.entries().is_empty(), "the swap file is unnamed: {:?}", swap.entries());
 }

@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ebb::mm::active::ActiveConfig;
 use ebb::mm::engine::{Engine, EngineConfig};
+use ebb::mm::fault::active::ActiveConfig;
+use ebb::mm::fault::around::FaultAround;
+use ebb::mm::fault::handler::{HandlerConfig, DEFAULT_OOM_WAIT};
 use ebb::mm::pages::PageState;
-use ebb::mm::uffd::around::FaultAround;
-use ebb::mm::uffd::handler::{HandlerConfig, DEFAULT_OOM_WAIT};
 use ebb::mm::{MemoryManager, Release};
 use ebb::vstate::memory::GuestRam;
 

@@ -47,13 +47,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ebb::mm::engine::{Engine, EngineConfig};
+use ebb::mm::fault::around::FaultAround;
+use ebb::mm::fault::handler::{HandlerConfig, DEFAULT_OOM_WAIT};
 use ebb::mm::pages::PageState;
 use ebb::mm::reclaim::evict::BATCH_PAGES;
 use ebb::mm::reclaim::store::Backing;
 use ebb::mm::reclaim::DEFAULT_CACHE_PERCENT;
 use ebb::mm::swap::SwapFile;
-use ebb::mm::uffd::around::FaultAround;
-use ebb::mm::uffd::handler::{HandlerConfig, DEFAULT_OOM_WAIT};
 use ebb::mm::uffd::{Resolved, Uffd, DEFAULT_UFFD_DEV};
 use ebb::mm::zcache::{classify, Content, Page, ZCache, ZcacheError, MAX_COMPRESSED_BYTES};
 use ebb::mm::MemoryManager;

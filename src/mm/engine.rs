@@ -9,7 +9,9 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::active::{ActiveConfig, ActiveStats};
+use super::fault::active::{ActiveConfig, ActiveStats};
+use super::fault::handler::{EngineCore, FaultHandler, HandlerConfig, DEFAULT_OOM_WAIT};
+use super::fault::FaultError;
 use super::layout::RamMap;
 use super::manager::MemoryManager;
 use super::pages::{PageState, PageTable, StateSet};
@@ -21,9 +23,26 @@ use super::sharing::pool::{Pool, PoolError, SharePool};
 use super::sharing::{Merger, ShareHash, SharedPages, SharingControl, SharingStats};
 use super::stats::{FaultStats, Histogram, MemStats, ReclaimStats, ShareStats};
 use super::sys::resident_pages;
-use super::uffd::handler::{EngineCore, FaultHandler, HandlerConfig, DEFAULT_OOM_WAIT};
 use super::uffd::{Uffd, UffdError, DEFAULT_UFFD_DEV};
 use crate::units::PAGE_SIZE;
+
+/// Why an engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// userfaultfd refused: unavailable, a registration, an ioctl the kernel lacks.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// The fault handler could not be set up.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+    /// The memory manager keeps no page-state table (it was built for `--no-uffd`).
+    #[error("guest memory is not tracked: the lazy-RAM engine needs a page-state table")]
+    NotTracked,
+    /// A thread, timer, eventfd, pool or inherited descriptor of the engine could not be set
+    /// up.
+    #[error("starting the memory engine: {0}")]
+    Setup(std::io::Error),
+}
 
 /// How the engine runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +135,7 @@ impl Sharing {
 #[derive(Debug, Default)]
 struct Failure {
     /// Why it stopped (taken by the VMM to report it).
-    error: Option<UffdError>,
+    error: Option<FaultError>,
     /// The thread's hold on the descriptor, kept open and guest RAM registered until the
     /// VMM says no vCPU runs ([`Engine::release_guest_ram`]).
     uffd: Option<Arc<Uffd>>,
@@ -166,8 +185,8 @@ impl Engine {
         mm: &MemoryManager,
         config: &EngineConfig,
         dirty_log: Option<DirtyLog>,
-    ) -> Result<Self, UffdError> {
-        let table = mm.table().cloned().ok_or(UffdError::NotTracked)?;
+    ) -> Result<Self, EngineError> {
+        let table = mm.table().cloned().ok_or(EngineError::NotTracked)?;
         let uffd = Arc::new(Uffd::open(&config.uffd_dev)?);
         let wp = uffd.has_wp();
         let map = mm.map().clone();
@@ -200,10 +219,10 @@ impl Engine {
         // every faulting thread. (A thread that failed hands its hold to the engine.)
         let held = uffd;
         let reclaim = worker.as_ref().map(|w| w.control.clone());
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
-        let stop_thread = stop.try_clone().map_err(UffdError::Setup)?;
-        let failed = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
-        let failed_thread = failed.try_clone().map_err(UffdError::Setup)?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Setup)?;
+        let stop_thread = stop.try_clone().map_err(EngineError::Setup)?;
+        let failed = EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Setup)?;
+        let failed_thread = failed.try_clone().map_err(EngineError::Setup)?;
         let failure = Arc::new(Mutex::new(Failure::default()));
         let failure_thread = failure.clone();
         let thread = std::thread::Builder::new()
@@ -211,7 +230,7 @@ impl Engine {
             .spawn(move || {
                 serve(handler, &stop_thread, worker, held, &failure_thread, &failed_thread)
             })
-            .map_err(UffdError::Setup)?;
+            .map_err(EngineError::Setup)?;
         let rss = RssProbe::new(core.map.spans().iter().map(|s| s.region).collect());
         Ok(Self { core, stop, failed, failure, thread: Some(thread), wp, rss, reclaim, sharing })
     }
@@ -242,7 +261,7 @@ impl Engine {
     }
 
     /// Takes the error the handler thread stopped on, if it failed.
-    pub fn take_failure(&self) -> Option<UffdError> {
+    pub fn take_failure(&self) -> Option<FaultError> {
         self.lock_failure().error.take()
     }
 
@@ -421,11 +440,11 @@ impl Engine {
     }
 
     /// Stops the handler thread; returns its error if it failed.
-    pub fn stop(mut self) -> Result<(), UffdError> {
+    pub fn stop(mut self) -> Result<(), FaultError> {
         self.stop_thread()
     }
 
-    fn stop_thread(&mut self) -> Result<(), UffdError> {
+    fn stop_thread(&mut self) -> Result<(), FaultError> {
         // The scanner first, while the handler still reads its remap events.
         if let Some(s) = self.sharing.take() {
             s.stop();
@@ -439,7 +458,7 @@ impl Engine {
             std::mem::forget(uffd);
         }
         match joined {
-            Some(Err(payload)) => Err(UffdError::Panicked(panic_message(&*payload))),
+            Some(Err(payload)) => Err(FaultError::Panicked(panic_message(&*payload))),
             _ => self.take_failure().map_or(Ok(()), Err),
         }
     }
@@ -467,7 +486,7 @@ fn serve(
     // A panic ends the handler as an error does, so that the VMM stops the VM and says why,
     // instead of the guest waiting forever on a fault nobody reads.
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| handler.run(stop)))
-        .unwrap_or_else(|payload| Err(UffdError::Panicked(panic_message(&*payload))));
+        .unwrap_or_else(|payload| Err(FaultError::Panicked(panic_message(&*payload))));
     if let Some(w) = worker {
         w.stop();
     }
@@ -477,7 +496,7 @@ fn serve(
     // vCPU waiting on a fault and let it run on, reading zeros where an evicted or shared
     // page was (the kernel serves the missing page as plain anonymous memory).
     let mut f = failure.lock().unwrap_or_else(PoisonError::into_inner);
-    f.out_of_memory = matches!(e, UffdError::OutOfMemory { .. });
+    f.out_of_memory = matches!(e, FaultError::OutOfMemory { .. });
     f.error = Some(e);
     f.uffd = Some(held);
     drop(f);
@@ -491,12 +510,14 @@ fn start_reclaim(
     uffd: &Arc<Uffd>,
     config: &EngineConfig,
     dirty_log: Option<DirtyLog>,
-) -> Result<Option<Reclaim>, UffdError> {
+) -> Result<Option<Reclaim>, EngineError> {
     let Some(backing) = core.backing.clone() else { return Ok(None) };
     if !uffd.has_move() {
         if config.reclaim_target.is_some() {
             // Asked for by name: an error, not a VM that silently never reclaims.
-            return Err(UffdError::MissingIoctl("UFFDIO_MOVE (Linux 6.8+), which reclaim needs"));
+            return Err(
+                UffdError::MissingIoctl("UFFDIO_MOVE (Linux 6.8+), which reclaim needs").into()
+            );
         }
         log::warn!("host-side reclaim is unavailable: this kernel lacks UFFDIO_MOVE (Linux 6.8+)");
         return Ok(None);
@@ -504,9 +525,9 @@ fn start_reclaim(
     let (map, table) = (core.map.clone(), core.table.clone());
     let evictor =
         Evictor::new(&config.uffd_dev, uffd.clone(), map, table.clone(), backing.clone())?;
-    let control = Arc::new(ReclaimControl::new(config.reclaim_target).map_err(UffdError::Setup)?);
-    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
-    let stop_worker = stop.try_clone().map_err(UffdError::Setup)?;
+    let control = Arc::new(ReclaimControl::new(config.reclaim_target).map_err(EngineError::Setup)?);
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Setup)?;
+    let stop_worker = stop.try_clone().map_err(EngineError::Setup)?;
     let thread = reclaim::spawn(
         control.clone(),
         stop_worker,
@@ -516,7 +537,7 @@ fn start_reclaim(
         config.victims,
         dirty_log,
     )
-    .map_err(UffdError::Setup)?;
+    .map_err(EngineError::Setup)?;
     Ok(Some(Reclaim { control, stop, thread }))
 }
 
@@ -526,16 +547,16 @@ fn shared_pages(
     uffd: &Arc<Uffd>,
     table: &PageTable,
     config: &EngineConfig,
-) -> Result<Option<Arc<SharedPages>>, UffdError> {
+) -> Result<Option<Arc<SharedPages>>, EngineError> {
     if !uffd.has_sharing() {
         let need = "UFFDIO_MOVE and write protection of memfd mappings (Linux 6.8+), which page sharing needs";
         if config.share_scan_rate > 0 {
-            return Err(UffdError::MissingIoctl(need));
+            return Err(UffdError::MissingIoctl(need).into());
         }
         log::info!("page sharing is unavailable: this kernel lacks {need}");
         return Ok(None);
     }
-    let setup = |e: PoolError| UffdError::Setup(std::io::Error::other(e));
+    let setup = |e: PoolError| EngineError::Setup(std::io::Error::other(e));
     let pool: Arc<dyn SharePool> = match config.share_group_fds {
         Some((data, meta)) => {
             let (data, meta) = (inherited(data)?, inherited(meta)?);
@@ -549,19 +570,19 @@ fn shared_pages(
         }
     };
     let stats = Arc::new(SharingStats::default());
-    let pages = SharedPages::new(pool, stats, uffd.clone()).map_err(UffdError::Setup)?;
+    let pages = SharedPages::new(pool, stats, uffd.clone()).map_err(EngineError::Setup)?;
     Ok(Some(Arc::new(pages)))
 }
 
 /// A duplicate of inherited descriptor `fd`, close-on-exec, as a `File`.
-fn inherited(fd: i32) -> Result<std::fs::File, UffdError> {
+fn inherited(fd: i32) -> Result<std::fs::File, EngineError> {
     use std::os::fd::FromRawFd;
     // SAFETY: F_DUPFD_CLOEXEC only reads `fd` (EBADF if it is not open) and returns a new
     // descriptor that nothing else owns.
     let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
     if dup < 0 {
         let e = std::io::Error::last_os_error();
-        return Err(UffdError::Setup(std::io::Error::new(
+        return Err(EngineError::Setup(std::io::Error::new(
             e.kind(),
             format!("sharing group descriptor {fd}: {e}"),
         )));
@@ -580,7 +601,7 @@ fn start_sharing(
     uffd: &Arc<Uffd>,
     config: &EngineConfig,
     pages: Arc<SharedPages>,
-) -> Result<Sharing, UffdError> {
+) -> Result<Sharing, EngineError> {
     let merger = Merger::new(
         &config.uffd_dev,
         uffd.clone(),
@@ -589,9 +610,10 @@ fn start_sharing(
         pages.pool.clone(),
         pages.stats.clone(),
     )?;
-    let control = Arc::new(SharingControl::new(config.share_scan_rate).map_err(UffdError::Setup)?);
-    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(UffdError::Setup)?;
-    let stop_scanner = stop.try_clone().map_err(UffdError::Setup)?;
+    let control =
+        Arc::new(SharingControl::new(config.share_scan_rate).map_err(EngineError::Setup)?);
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Setup)?;
+    let stop_scanner = stop.try_clone().map_err(EngineError::Setup)?;
     let thread = super::sharing::spawn(
         control.clone(),
         pages.stats.clone(),
@@ -599,7 +621,7 @@ fn start_sharing(
         merger,
         config.share_hash,
     )
-    .map_err(UffdError::Setup)?;
+    .map_err(EngineError::Setup)?;
     Ok(Sharing { control, pages, stop, thread })
 }
 

@@ -1,6 +1,6 @@
 //! The overcommit engine: what backs each guest page, and every change to it.
 //!
-//! `mm` owns the page-state table ([`pages`]): only the fault handler ([`uffd::handler`]),
+//! `mm` owns the page-state table ([`pages`]): only the fault handler ([`fault::handler`]),
 //! the memory manager ([`manager`]), eviction ([`reclaim`]) and the sharing scanner
 //! ([`sharing`]) move pages between states, each under a claim, and only `mm` changes what
 //! maps guest RAM (`madvise`, moves, remaps). Devices and the control API ask the
@@ -12,8 +12,8 @@
 //! | [`claim`] | claims on pages as guards: a claim not finished is aborted when dropped |
 //! | [`manager`] | releasing and deflating guest-physical ranges |
 //! | [`engine`] | one VM's userfaultfd registration, handler thread and statistics |
-//! | [`uffd`] | the userfaultfd descriptor, the fault handler, fault-around |
-//! | [`active`] | Active memory: the write-protect sampler and its averages |
+//! | [`fault`] | the fault handler, fault-around, the Active sampler; [`fault::FaultError`] |
+//! | [`uffd`] | the userfaultfd ABI: the descriptor, its events and ioctls |
 //! | [`layout`] | page indices of guest RAM, and their host and guest-physical addresses |
 //! | [`rss`] | the host's RSS of guest RAM, read at most every 100 ms |
 //! | [`sharing`] | page sharing: the scanner, the pool of canonical pages, unsharing |
@@ -23,9 +23,9 @@
 //! | [`thread`] | a thread's CPU clock, and the wait loop of a lever-driven worker |
 //! | `sys` | the raw system calls (`madvise`, `mincore`, `poll`, thread CPU clocks) |
 
-pub mod active;
 pub mod claim;
 pub mod engine;
+pub mod fault;
 pub mod gate;
 #[doc(hidden)]
 pub mod hooks;
@@ -33,6 +33,7 @@ pub mod layout;
 pub mod manager;
 pub mod pages;
 pub mod reclaim;
+pub(crate) mod rng;
 pub mod rss;
 pub mod sharing;
 pub mod stats;

@@ -14,7 +14,7 @@ use super::signals::{kick_signal, StopSignals};
 use super::{RunOutcome, VmmError};
 use crate::metrics::StatsWriter;
 use crate::mm::engine::{Engine, VcpusStopped};
-use crate::mm::uffd::UffdError;
+use crate::mm::fault::FaultError;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome, VcpuStopper};
 
 /// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
@@ -173,7 +173,7 @@ fn end_after_handler_failure(
         );
     }
     let why = engine.take_failure();
-    VmmError::FaultHandler(why.unwrap_or_else(|| UffdError::Panicked("no cause recorded".into())))
+    VmmError::FaultHandler(why.unwrap_or_else(|| FaultError::Panicked("no cause recorded".into())))
 }
 
 /// Asks the vCPU to stop and kicks its thread until it leaves `KVM_RUN` (a kick that lands

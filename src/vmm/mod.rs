@@ -30,8 +30,9 @@ use crate::devices::virtio::balloon::BalloonError;
 use crate::devices::BusError;
 use crate::metrics::{MemorySource, StatsSource, StatsWriter};
 use crate::mm::engine::Engine;
+use crate::mm::engine::EngineError;
+use crate::mm::fault::FaultError;
 use crate::mm::rss::RssProbe;
-use crate::mm::uffd::UffdError;
 use crate::vstate::cpuid::{self, CpuidError};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{GuestRam, MemoryError};
@@ -84,9 +85,9 @@ pub enum VmmError {
         /// The error.
         source: std::io::Error,
     },
-    /// userfaultfd could not be set up.
+    /// The memory engine (userfaultfd, its handler and workers) could not be set up.
     #[error(transparent)]
-    Uffd(#[from] UffdError),
+    Engine(#[from] EngineError),
     /// The statistics file could not be created.
     #[error("cannot create statistics file {path}: {source}")]
     StatsJson {
@@ -111,7 +112,7 @@ pub enum VmmError {
         "the userfaultfd fault handler stopped: {0}. The guest cannot go on; {advice}",
         advice = fault_handler_advice(.0)
     )]
-    FaultHandler(#[source] UffdError),
+    FaultHandler(#[source] FaultError),
     /// The swap file could not be created.
     #[error(transparent)]
     Swap(#[from] crate::mm::swap::SwapError),
@@ -293,17 +294,17 @@ fn load_boot(
 pub use boot::firmware::DEFAULT_PAYLOAD;
 
 /// What a user can do about the handler's failure `e`.
-fn fault_handler_advice(e: &UffdError) -> &'static str {
+fn fault_handler_advice(e: &FaultError) -> &'static str {
     match e {
-        UffdError::Restore(_) | UffdError::Unrestorable { .. } => {
+        FaultError::Restore(_) | FaultError::Unrestorable { .. } => {
             "a page's stored copy could not be read back, and ebb never gives the guest zeros \
              instead: check the device under --swap-dir (kernel log), or run without \
              --reclaim-target"
         }
-        UffdError::OutOfMemory { .. } => {
+        FaultError::OutOfMemory { .. } => {
             "give the VM more memory (its memory cgroup limit), or a larger --oom-wait"
         }
-        UffdError::Panicked(_) => {
+        FaultError::Panicked(_) => {
             "this is a bug in ebb: please report it with the message above; --no-uffd runs \
              without the fault handler"
         }

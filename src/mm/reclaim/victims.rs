@@ -13,8 +13,8 @@
 //! pages: correct, not clever. [`VictimPolicy::Random`] picks uniformly at random, the
 //! baseline the benchmark compares against.
 
-use super::super::active::SampleRng;
 use super::super::pages::{PageState, PageTable, FLAG_IN_FLIGHT, FLAG_REFERENCED};
+use crate::mm::rng::SampleRng;
 
 /// Oldest age a page reaches (aging passes without a write or a refault).
 pub const MAX_AGE: u8 = 3;

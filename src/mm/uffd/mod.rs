@@ -1,5 +1,6 @@
-//! userfaultfd: the kernel tells ebb about first touches, writes to protected pages and
-//! `madvise` removals of guest RAM, and ebb decides what backs each page.
+//! userfaultfd, the kernel ABI only: the descriptor, its events and its ioctls, with their
+//! errors turned into meaning ([`Resolved`]). What a fault means for a page is decided
+//! above, in `mm::fault`; nothing here knows page states, stores or sharing.
 //!
 //! Kernel facts that shape this code:
 //! - A fault is resolved by an ioctl that maps the page (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`);
@@ -20,10 +21,6 @@
 //! - When the descriptor is closed, the kernel wakes every waiter, and their faults are then
 //!   served as if userfaultfd were not registered.
 
-pub mod around;
-pub mod handler;
-#[cfg(debug_assertions)]
-pub mod inject;
 mod sys;
 
 use std::fs::File;
@@ -83,48 +80,9 @@ pub enum UffdError {
     /// Reading events failed.
     #[error("reading userfaultfd events: {0}")]
     Read(io::Error),
-    /// An evicted page's copy could not be read back: its contents are lost, and the guest
-    /// must not see zeros in their place.
-    #[error("bringing an evicted page back: {0}")]
-    Restore(#[source] crate::mm::reclaim::store::StoreError),
-    /// Guest faults could not be served for this long because the host (or the VM's memory
-    /// cgroup) had no memory for them.
-    #[error("out of memory: the kernel refused guest pages for {waited:?} (host memory or the VM's memory cgroup limit is exhausted)")]
-    OutOfMemory {
-        /// How long ebb waited and retried.
-        waited: std::time::Duration,
-    },
-    /// A shared page could not be given a private copy on a guest write (`mm::sharing`
-    /// says why; held as a boxed error so that `uffd` does not depend on `sharing`).
-    #[error("unsharing a page: {0}")]
-    Sharing(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// A fault on a page whose contents this version cannot bring back.
-    #[error("fault on page {idx}, which is {state:?}: nothing here can restore it")]
-    Unrestorable {
-        /// Page index.
-        idx: u64,
-        /// Its state.
-        state: crate::mm::pages::PageState,
-    },
-    /// An evicted page, claimed to be brought back, was found mapped: something mapped it
-    /// behind ebb's back (a bug), so its contents are not the guest's.
-    #[error("evicted page {idx} was mapped behind ebb's back while it was being brought back")]
-    MappedBehindOurBack {
-        /// Page index.
-        idx: u64,
-    },
-    /// The memory manager keeps no page-state table (it was built for `--no-uffd`).
-    #[error("guest memory is not tracked: the lazy-RAM engine needs a page-state table")]
-    NotTracked,
-    /// Waiting for events failed.
-    #[error("waiting for userfaultfd events: {0}")]
-    Poll(io::Error),
-    /// A timer or eventfd of the handler could not be set up.
-    #[error("setting up the fault handler: {0}")]
+    /// A descriptor, mapping, timer or thread around userfaultfd could not be set up.
+    #[error("setting up userfaultfd: {0}")]
     Setup(io::Error),
-    /// The handler thread panicked (a bug in ebb), with this message.
-    #[error("the fault handler panicked: {0}")]
-    Panicked(String),
 }
 
 /// What an ioctl on a range did (resolving ones return the bytes mapped beside it).
@@ -435,9 +393,6 @@ impl Uffd {
 
     /// Reads pending events into `out` without blocking; returns how many.
     pub fn read_events(&self, out: &mut Vec<Event>) -> Result<usize, UffdError> {
-        // TEST-ONLY: debug builds fail here when the tests ask for it (see `inject`).
-        #[cfg(debug_assertions)]
-        inject::before_read()?;
         let mut buf = [UffdMsg::default(); READ_BATCH];
         // SAFETY: UffdMsg is repr(C) plain data; viewing the array as bytes for read() is
         // sound and any bytes the kernel writes form valid UffdMsg values.

@@ -1,6 +1,6 @@
 //! The fault-handler thread: reads userfaultfd events and resolves each fault by what the
 //! page-state table says of its page. It dispatches; the fault-around window (`around`) and
-//! the Active sampler (`mm::active`) decide the details.
+//! the Active sampler (`active`) decide the details.
 //!
 //! It never touches guest memory through the mapping itself (its own accesses would fault to
 //! itself) and never calls `madvise` on it (see the module docs of `uffd`).
@@ -23,7 +23,7 @@
 //! cgroup at its limit with the OOM killer off; with it on, the kernel kills ebb instead).
 //! An overcommitting host meets that by design, so the fault waits and is retried: memory
 //! may come back (other VMs shrink, the limit is raised). Only after [`HandlerConfig::oom_wait`]
-//! without a single page does the handler stop with [`UffdError::OutOfMemory`]. Nothing is
+//! without a single page does the handler stop with [`FaultError::OutOfMemory`]. Nothing is
 //! logged while memory is short (logging allocates); the wait is counted in the statistics
 //! and reported when it ends.
 
@@ -34,9 +34,9 @@ use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::around::{FaultAround, Window, MAX_FAULT_AROUND};
-use super::{Event, Resolved, Uffd, UffdError};
-use crate::mm::active::{ActiveConfig, ActiveStats, Sampler};
+use super::FaultError;
 use crate::mm::claim::{Claim, ClaimRun};
+use crate::mm::fault::active::{ActiveConfig, ActiveStats, Sampler};
 use crate::mm::gate::{AllocGate, MAX_WAIT};
 use crate::mm::layout::RamMap;
 use crate::mm::pages::{PageState, PageTable, StateSet, FLAG_IN_FLIGHT};
@@ -44,6 +44,7 @@ use crate::mm::reclaim::store::Backing;
 use crate::mm::sharing::{Queued, SharedPages};
 use crate::mm::stats::FaultStats;
 use crate::mm::sys::poll_readable;
+use crate::mm::uffd::{Event, Resolved, Uffd, READ_BATCH};
 use crate::mm::zcache::{Page, PAGE_BYTES};
 use crate::units::PAGE_SIZE;
 
@@ -55,7 +56,7 @@ pub const RETRY_POLL_MS: i32 = 1;
 pub const PRESSURE_POLL_MS: i32 = 10;
 /// Faults the retry lists hold without growing: more than a vCPU per list entry ever waits
 /// on, since each waiting thread has one fault outstanding (duplicates aside).
-const RETRY_CAPACITY: usize = 4 * super::READ_BATCH;
+const RETRY_CAPACITY: usize = 4 * READ_BATCH;
 /// Default of [`HandlerConfig::oom_wait`].
 pub const DEFAULT_OOM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -141,12 +142,12 @@ impl FaultHandler {
         uffd: Arc<Uffd>,
         core: EngineCore,
         config: HandlerConfig,
-    ) -> Result<Self, UffdError> {
+    ) -> Result<Self, FaultError> {
         let window = Window::new(config.fault_around);
         let zero_bytes = (config.fault_around.max().min(MAX_FAULT_AROUND) + 1) * PAGE_SIZE;
         let zeros = vec![0u8; usize::try_from(zero_bytes).unwrap_or(0)];
         let sampler = match config.active {
-            Some(active) if uffd.has_wp() => Some(Sampler::new(active).map_err(UffdError::Setup)?),
+            Some(active) if uffd.has_wp() => Some(Sampler::new(active).map_err(FaultError::Setup)?),
             Some(_) => {
                 log::warn!("userfaultfd write protection unavailable: Active memory is reported as resident");
                 None
@@ -155,7 +156,7 @@ impl FaultHandler {
         };
         // Room for a few batches, so that queueing a retry under memory pressure does not
         // allocate.
-        let events = Vec::with_capacity(super::READ_BATCH);
+        let events = Vec::with_capacity(READ_BATCH);
         let retry = Vec::with_capacity(RETRY_CAPACITY);
         let retrying = Vec::with_capacity(RETRY_CAPACITY);
         let (oom_wait, short_of_memory) = (config.oom_wait, None);
@@ -181,7 +182,7 @@ impl FaultHandler {
     ///
     /// # Errors
     /// An ioctl failed for a reason other than a race, or reading events failed.
-    pub fn run(mut self, stop: &EventFd) -> Result<(), UffdError> {
+    pub fn run(mut self, stop: &EventFd) -> Result<(), FaultError> {
         use std::os::fd::AsRawFd;
         self.prefault();
         self.core.stats.set_cpu_clock_of_current_thread();
@@ -198,13 +199,13 @@ impl FaultHandler {
                 (false, true) => PRESSURE_POLL_MS,
             };
             let [_, stopped, tick, unshare_failed] =
-                poll_readable(fds, timeout).map_err(UffdError::Poll)?;
+                poll_readable(fds, timeout).map_err(FaultError::Poll)?;
             if stopped {
                 return Ok(());
             }
             if unshare_failed {
                 if let Some(e) = self.core.sharing.as_ref().and_then(|s| s.take_failure()) {
-                    return Err(UffdError::Sharing(e.into()));
+                    return Err(FaultError::Sharing(e));
                 }
             }
             if tick {
@@ -243,9 +244,12 @@ impl FaultHandler {
     ///
     /// A read that returns fewer messages than fit means the queue was empty: back to poll
     /// rather than spend a syscall on a read that would say EAGAIN.
-    fn drain(&mut self) -> Result<(), UffdError> {
+    fn drain(&mut self) -> Result<(), FaultError> {
         loop {
             self.events.clear();
+            // TEST-ONLY: debug builds fail here when the tests ask for it (see `inject`).
+            #[cfg(debug_assertions)]
+            super::inject::before_read()?;
             let n = self.uffd.read_events(&mut self.events)?;
             if n == 0 {
                 break;
@@ -265,7 +269,7 @@ impl FaultHandler {
                 self.handle(*ev, read_at)?;
             }
             self.events = events;
-            if n < super::READ_BATCH {
+            if n < READ_BATCH {
                 break;
             }
         }
@@ -285,7 +289,7 @@ impl FaultHandler {
         Ok(())
     }
 
-    fn handle(&mut self, ev: Event, read_at: Instant) -> Result<(), UffdError> {
+    fn handle(&mut self, ev: Event, read_at: Instant) -> Result<(), FaultError> {
         match ev {
             Event::Fault { addr, write, wp } => {
                 match self.fault(addr & !(PAGE_SIZE - 1), write, wp)? {
@@ -306,7 +310,7 @@ impl FaultHandler {
                         self.retry.push(ev);
                         let since = *self.short_of_memory.get_or_insert_with(Instant::now);
                         if since.elapsed() > self.oom_wait {
-                            return Err(UffdError::OutOfMemory { waited: since.elapsed() });
+                            return Err(FaultError::OutOfMemory { waited: since.elapsed() });
                         }
                     }
                 }
@@ -344,7 +348,7 @@ impl FaultHandler {
         }
     }
 
-    fn fault(&mut self, page: u64, write: bool, wp: bool) -> Result<Step, UffdError> {
+    fn fault(&mut self, page: u64, write: bool, wp: bool) -> Result<Step, FaultError> {
         let Some(idx) = self.core.map.idx_of_hva(page) else {
             // Only registered ranges fault to us, so this cannot happen; wake the thread
             // rather than leave it waiting.
@@ -361,7 +365,7 @@ impl FaultHandler {
     /// kernel gives the writer a private copy), or a page in the Active sample (note the
     /// write). Lifting the protection wakes the writer. A page being evicted stays
     /// protected until its mover is done.
-    fn write_protect_fault(&mut self, page: u64, idx: u64) -> Result<Step, UffdError> {
+    fn write_protect_fault(&mut self, page: u64, idx: u64) -> Result<Step, FaultError> {
         let table = &self.core.table;
         if table.flags(idx) & FLAG_IN_FLIGHT != 0 {
             return Ok(Step::Retry);
@@ -384,9 +388,9 @@ impl FaultHandler {
     }
 
     /// The first write to a shared page: it gets a private copy (`mm::sharing`).
-    fn unshare(&mut self, page: u64, idx: u64) -> Result<Step, UffdError> {
+    fn unshare(&mut self, page: u64, idx: u64) -> Result<Step, FaultError> {
         let Some(sharing) = self.core.sharing.clone() else {
-            return Err(UffdError::Unrestorable { idx, state: Shared });
+            return Err(FaultError::Unrestorable { idx, state: Shared });
         };
         match sharing.unshare(&self.core.table, idx, page) {
             // The unsharer's copy wakes the writer.
@@ -405,7 +409,7 @@ impl FaultHandler {
     /// flight is mapped, which the sharing scanner relies on when it reads one (a neighbour
     /// marked Resident before its copy, then claimed and read by the scanner while the copy
     /// failed, made the scanner wait on a fault the handler deferred for ever).
-    fn fill(&mut self, page: u64, idx: u64, write: bool) -> Result<Step, UffdError> {
+    fn fill(&mut self, page: u64, idx: u64, write: bool) -> Result<Step, FaultError> {
         let table = Arc::clone(&self.core.table);
         if table.flags(idx) & FLAG_IN_FLIGHT != 0 {
             return Ok(Step::Retry); // a mover holds it: look again once it is done
@@ -479,7 +483,7 @@ impl FaultHandler {
 
     /// Write-protects freshly mapped zero pages, then wakes the threads waiting on them; on
     /// EAGAIN both are retried at the next drain (the threads sleep until then).
-    fn protect_and_wake(&mut self, addr: u64, len: u64) -> Result<(), UffdError> {
+    fn protect_and_wake(&mut self, addr: u64, len: u64) -> Result<(), FaultError> {
         match self.uffd.write_protect(addr, len, true)? {
             Resolved::Mapped | Resolved::AlreadyMapped => {
                 if self.uffd.wake(addr, len)? == Resolved::Retry {
@@ -495,10 +499,10 @@ impl FaultHandler {
     /// swap meanwhile), reads its copy from the stores, maps it, frees the copy. The claim
     /// moves the page to Resident before the ioctl, as in [`fill`](Self::fill), and is
     /// undone if the ioctl did not map.
-    fn restore(&mut self, page: u64, idx: u64, state: PageState) -> Result<Step, UffdError> {
+    fn restore(&mut self, page: u64, idx: u64, state: PageState) -> Result<Step, FaultError> {
         let started = Instant::now();
         let Some(backing) = self.core.backing.clone() else {
-            return Err(UffdError::Unrestorable { idx, state });
+            return Err(FaultError::Unrestorable { idx, state });
         };
         let table = Arc::clone(&self.core.table);
         // Dropped on every early return: the page goes back to its stored state.
@@ -511,7 +515,7 @@ impl FaultHandler {
             // The kernel had no memory to read the copy (a page cache page): nothing is lost,
             // and the fault waits and is retried as for any ENOMEM (see the module docs).
             Err(e) if e.is_no_memory() => return Ok(Step::NoMemory),
-            Err(e) => return Err(UffdError::Restore(e)),
+            Err(e) => return Err(FaultError::Restore(e)),
         };
         self.core.stats.copy.fetch_add(1, Ordering::Relaxed);
         let step = match self.uffd.copy(page, &self.page[..], false) {
@@ -531,8 +535,8 @@ impl FaultHandler {
             Ok((Resolved::Retry, _)) => Ok(Step::Retry),
             // The page was evicted and is claimed: whatever is mapped there now is not its
             // contents. Retrying would loop for ever; going on would run on wrong bytes.
-            Ok((Resolved::AlreadyMapped, _)) => Err(UffdError::MappedBehindOurBack { idx }),
-            Err(e) => Err(e),
+            Ok((Resolved::AlreadyMapped, _)) => Err(FaultError::MappedBehindOurBack { idx }),
+            Err(e) => Err(e.into()),
         };
         // Not mapped: the copy stays, and the claim, dropped, puts the page's state back.
         self.core.stats.copy.fetch_sub(1, Ordering::Relaxed);

@@ -10,7 +10,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use super::UffdError;
+use super::FaultError;
+use crate::mm::uffd::UffdError;
 
 /// The environment variable that asks for a failure.
 pub const ENV: &str = "EBB_TEST_HANDLER_FAULT";
@@ -45,7 +46,7 @@ fn parse(value: &str) -> Option<(Failure, u64)> {
 ///
 /// # Errors
 /// A made-up read error, when `error:N` names this read.
-pub(super) fn before_read() -> Result<(), UffdError> {
+pub(super) fn before_read() -> Result<(), FaultError> {
     let plan = PLAN.get_or_init(|| {
         let plan = std::env::var(ENV).ok().and_then(|v| parse(&v));
         if let Some((failure, at)) = plan {
@@ -59,7 +60,9 @@ pub(super) fn before_read() -> Result<(), UffdError> {
     }
     match failure {
         Failure::Panic => panic!("injected by {ENV}"),
-        Failure::Error => Err(UffdError::Read(std::io::Error::other(format!("injected by {ENV}")))),
+        Failure::Error => {
+            Err(UffdError::Read(std::io::Error::other(format!("injected by {ENV}"))).into())
+        }
     }
 }
 

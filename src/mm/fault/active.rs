@@ -15,10 +15,12 @@ use std::time::Duration;
 
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::layout::RamMap;
-use super::pages::{PageState, PageTable, FLAG_SAMPLED};
-use super::stats::round_u64;
-use super::uffd::{Resolved, Uffd, UffdError};
+use super::FaultError;
+use crate::mm::layout::RamMap;
+use crate::mm::pages::{PageState, PageTable, FLAG_SAMPLED};
+use crate::mm::rng::SampleRng;
+use crate::mm::stats::round_u64;
+use crate::mm::uffd::{Resolved, Uffd};
 use crate::units::PAGE_SIZE;
 
 /// Default sampling interval in milliseconds: short enough that a demo reacts within
@@ -144,36 +146,6 @@ impl ActiveStats {
     }
 }
 
-/// A small xorshift generator for picking sample pages (not for anything secret).
-#[derive(Debug, Clone)]
-pub struct SampleRng(u64);
-
-impl SampleRng {
-    /// Seeded from the clock.
-    pub fn new() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0x9e37_79b9_7f4a_7c15, |d| {
-                u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(1)
-            });
-        Self(seed | 1)
-    }
-
-    /// A value in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
-impl Default for SampleRng {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// The sampling state of one VM: the pages in the current sample and the averages.
 #[derive(Debug)]
 pub struct Sampler {
@@ -212,7 +184,7 @@ impl Sampler {
         map: &RamMap,
         table: &PageTable,
         out: &ActiveStats,
-    ) -> Result<(), UffdError> {
+    ) -> Result<(), FaultError> {
         let _ = self.timer.wait();
         let (touched, sampled) = self.close(uffd, map, table)?;
         self.estimator.update(touched, sampled);
@@ -226,7 +198,7 @@ impl Sampler {
         uffd: &Uffd,
         map: &RamMap,
         table: &PageTable,
-    ) -> Result<(u32, u32), UffdError> {
+    ) -> Result<(u32, u32), FaultError> {
         let (mut touched, mut sampled) = (0u32, 0u32);
         for idx in self.current.drain(..) {
             let Some((state, flags)) = table.clear_sampled(idx) else { continue };
@@ -247,7 +219,7 @@ impl Sampler {
     }
 
     /// Picks and write-protects the next sample among resident pages.
-    fn open(&mut self, uffd: &Uffd, map: &RamMap, table: &PageTable) -> Result<(), UffdError> {
+    fn open(&mut self, uffd: &Uffd, map: &RamMap, table: &PageTable) -> Result<(), FaultError> {
         let pages = map.pages();
         let resident = table.count(PageState::Resident);
         let (want, picks) = sample_budget(self.config.sample_pages, resident);
