@@ -271,7 +271,10 @@ fn hostile_clients_delay_neither_a_good_client_nor_the_stats_line() {
         "{test}: good client p50 {:?} p99 {p99:?} over {attack:?}",
         latencies[latencies.len() / 2]
     );
-    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
+    // A hostile client that could hold the loop up would cost the good one 500 ms (the
+    // hostile write timeouts) or seconds; a busy 2-core machine alone costs it 100 ms now and
+    // then (seen: 120 ms, with a leftover guest running beside the suite).
+    assert!(p99 < Duration::from_millis(250), "p99 {p99:?}");
     let times: Vec<u64> = std::fs::read_to_string(&stats)
         .unwrap()
         .lines()

@@ -41,8 +41,12 @@ fn touch_vm(name: &str, mem: &str, pages: u64, loop_ms: u64, extra: &str) -> Str
     )
 }
 
+/// A running `ebb host`. Dropped while it still runs (a test that failed half way), it is
+/// killed, and its VMs with it (they die with their host): a failed test must leave no VM
+/// running to load the machine under the tests after it.
 struct Host {
-    child: Child,
+    /// None once waited for.
+    child: Option<Child>,
     dir: PathBuf,
     sock: PathBuf,
     stats: PathBuf,
@@ -71,7 +75,7 @@ impl Host {
             assert!(start.elapsed() < Duration::from_secs(60), "the host's socket never came up");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { child, dir, sock, stats }
+        Self { child: Some(child), dir, sock, stats }
     }
 
     fn ask(&self, req: &str) -> Value {
@@ -98,20 +102,32 @@ impl Host {
     fn wait_for_reports(mut self, limit: Duration) -> (Option<i32>, String, Vec<Value>) {
         let start = Instant::now();
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let out = self.child.wait_with_output().unwrap();
+            let child = self.child.as_mut().expect("not waited for yet");
+            if let Some(status) = child.try_wait().unwrap() {
+                let out = self.child.take().unwrap().wait_with_output().unwrap();
                 let lines = std::fs::read_to_string(&self.stats).unwrap_or_default();
                 let reports = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
                 let _ = std::fs::remove_dir_all(&self.dir);
                 return (status.code(), text(&out).1, reports);
             }
             if start.elapsed() > limit {
-                let _ = self.child.kill();
-                let out = self.child.wait_with_output().unwrap();
+                let mut child = self.child.take().unwrap();
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
                 panic!("the host ran past {limit:?}; stderr:\n{}", text(&out).1);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -287,7 +303,7 @@ fn a_killed_vm_is_reported_and_the_others_run_on() {
 }
 
 fn host_pid(host: &Host) -> String {
-    host.child.id().to_string()
+    host.child.as_ref().expect("running").id().to_string()
 }
 
 #[test]
