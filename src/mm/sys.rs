@@ -83,16 +83,23 @@ impl Mapping {
         self.len
     }
 
-    /// The 4 KiB page at byte `offset`, which the caller knows is mapped (reading a missing
-    /// page of a userfaultfd-registered mapping would wait for a handler).
-    pub fn page(&self, offset: usize) -> Option<&[u8; 4096]> {
-        let end = offset.checked_add(4096)?;
-        if end > self.len {
-            return None;
+    /// Copies the 4 KiB page at byte `offset` into `out`, which the caller knows is mapped
+    /// (reading a missing page of a userfaultfd-registered mapping would wait for a
+    /// handler); false past the end. The kernel writes the mapping too (moves into it,
+    /// drops), so it is copied out with volatile reads rather than borrowed: no reference
+    /// into it can outlive a change.
+    pub fn read(&self, offset: usize, out: &mut [u8; 4096]) -> bool {
+        if offset % 8 != 0 || offset.checked_add(4096).is_none_or(|end| end > self.len) {
+            return false;
         }
-        // SAFETY: in bounds of our live mapping; the page is plain bytes, and nothing writes
-        // it while the returned reference (tied to &self) lives.
-        Some(unsafe { &*self.at(offset).cast::<[u8; 4096]>() })
+        let src = self.at(offset).cast::<u64>().cast_const();
+        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: in bounds of our live mapping (checked above) and 8-byte aligned (the
+            // mapping is page aligned and `offset` a multiple of 8); i < 512.
+            let word = unsafe { std::ptr::read_volatile(src.add(i)) };
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        true
     }
 
     /// Drops the contents of `[offset, offset + len)` (no remove events: the scratch range

@@ -68,6 +68,8 @@ pub struct Evictor {
     backing: Arc<Backing>,
     /// What became of each page of a batch (reused).
     stored: Vec<Result<PageState, StoreError>>,
+    /// The pages of a batch, copied out of the scratch range (reused).
+    copies: Vec<Page>,
 }
 
 impl Evictor {
@@ -90,7 +92,16 @@ impl Evictor {
         let scratch = Mapping::new(BATCH_PAGES * PAGE).map_err(UffdError::Setup)?;
         // SAFETY: the scratch range is this value's own, and only ever a move's destination.
         unsafe { moves.register_for_moves(scratch.hva(), scratch.size_bytes() as u64) }?;
-        Ok(Self { moves, handler, scratch, map, table, backing, stored: Vec::new() })
+        Ok(Self {
+            moves,
+            handler,
+            scratch,
+            map,
+            table,
+            backing,
+            stored: Vec::new(),
+            copies: Vec::new(),
+        })
     }
 
     /// Evicts the pages of `victims` (at most [`BATCH_PAGES`] are looked at). Runs of
@@ -169,15 +180,21 @@ impl Evictor {
         if held.is_empty() {
             return Ok(());
         }
-        let pages: Vec<(u64, &Page)> = held
-            .iter()
-            .filter_map(|(claim, slot)| Some((claim.idx(), self.scratch.page(slot * PAGE)?)))
-            .collect();
+        // The moved pages, copied out of the scratch range (which the kernel writes).
+        let mut copies = std::mem::take(&mut self.copies);
+        copies.resize(held.len(), [0; PAGE]);
+        for ((_, slot), copy) in held.iter().zip(copies.iter_mut()) {
+            self.scratch.read(slot * PAGE, copy);
+        }
+        let pages: Vec<(u64, &Page)> =
+            held.iter().zip(copies.iter()).map(|((claim, _), copy)| (claim.idx(), copy)).collect();
         let mut stored = std::mem::take(&mut self.stored);
         self.backing.store_batch(&pages, &mut stored);
+        drop(pages);
         let mut failed = None;
         let batch_len = held.len();
-        for ((claim, slot), result) in held.into_iter().zip(stored.drain(..)) {
+        let outcomes = held.into_iter().zip(copies.iter()).zip(stored.drain(..));
+        for (((claim, slot), copy), result) in outcomes {
             match result {
                 Ok(state) => {
                     let idx = claim.idx();
@@ -187,7 +204,7 @@ impl Evictor {
                     out.pages += 1;
                 }
                 Err(e) => {
-                    if let Err(e) = self.put_back(claim, slot, &e) {
+                    if let Err(e) = self.put_back(claim, slot, copy, &e) {
                         failed.get_or_insert(e);
                     }
                     out.refused += 1;
@@ -195,6 +212,7 @@ impl Evictor {
             }
         }
         self.stored = stored;
+        self.copies = copies;
         if let Err(e) = self.scratch.drop_range(0, batch_len * PAGE) {
             log::warn!("dropping the eviction scratch pages: {e}");
         }
@@ -207,6 +225,7 @@ impl Evictor {
         &mut self,
         claim: Claim<&PageTable>,
         slot: usize,
+        copy: &Page,
         why: &StoreError,
     ) -> Result<(), UffdError> {
         let idx = claim.idx();
@@ -219,9 +238,7 @@ impl Evictor {
             drop(claim); // back in guest memory: the claim is undone
             return Ok(());
         }
-        if let Some(page) = self.scratch.page(slot * PAGE) {
-            self.backing.hold(idx, page);
-        }
+        self.backing.hold(idx, copy);
         if let Err(e) = claim.finish_into(PageState::Compressed) {
             log::error!("holding page {idx}: {e}");
         }

@@ -100,13 +100,15 @@ impl Merger {
             _ if crate::mm::sys::mapped_pages_from(dst, 1).unwrap_or(0) == 1 => {}
             _ => return None, // not moved: the claim is dropped, undone
         }
-        Some(Frozen { merger: self, claim: Some(claim), slot })
+        let mut copy = Box::new([0u8; 4096]);
+        self.scratch.read(slot * 4096, &mut copy);
+        Some(Frozen { merger: self, claim: Some(claim), slot, copy })
     }
 
     /// Puts frozen page `claim` back from scratch page `slot` and undoes its claim. It waits
     /// as long as the kernel has no memory for it: the page's contents exist only in the
     /// scratch page, and the guest's faults on it wait for the claim anyway.
-    fn thaw(&self, claim: Claim<&PageTable>, slot: usize) {
+    fn thaw(&self, claim: Claim<&PageTable>, slot: usize, copy: &Page) {
         let idx = claim.idx();
         let Some(hva) = self.map.hva_of_idx(idx) else { return };
         let src = self.scratch.hva() + (slot * 4096) as u64;
@@ -118,9 +120,7 @@ impl Merger {
             if let Ok((Resolved::Mapped, _)) = moved {
                 break;
             }
-            let copied =
-                self.scratch.page(slot * 4096).map(|p| self.handler.copy(hva, &p[..], false));
-            if let Some(Ok((Resolved::Mapped, _))) = copied {
+            if let Ok((Resolved::Mapped, _)) = self.handler.copy(hva, &copy[..], false) {
                 break;
             }
             if !logged && started.elapsed() > PUT_BACK_LOG_AFTER {
@@ -137,11 +137,11 @@ impl Merger {
     /// contents the caller has found equal to the slot's, and ends its claim as Shared. A
     /// pin of the slot the caller holds becomes the page's reference. On failure the page
     /// is thawed and the pin dropped.
-    fn install(&self, claim: Claim<&PageTable>, scratch: usize, slot: u64) -> bool {
+    fn install(&self, claim: Claim<&PageTable>, scratch: usize, copy: &Page, slot: u64) -> bool {
         let idx = claim.idx();
         let Some(hva) = self.map.hva_of_idx(idx) else {
             self.pool.unpin(slot);
-            self.thaw(claim, scratch);
+            self.thaw(claim, scratch, copy);
             return false;
         };
         match self.map_over(hva, slot) {
@@ -157,7 +157,7 @@ impl Merger {
                 log::debug!("page sharing: page {idx} stays private: {e}");
                 self.stats.map_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.pool.unpin(slot);
-                self.thaw(claim, scratch);
+                self.thaw(claim, scratch, copy);
                 false
             }
         }
@@ -219,12 +219,14 @@ pub struct Frozen<'m> {
     /// None once used up.
     claim: Option<Claim<&'m PageTable>>,
     slot: usize,
+    /// The contents, copied out of the scratch page.
+    copy: Box<Page>,
 }
 
 impl Frozen<'_> {
-    /// The frozen contents (the scratch page: only this thread writes it).
-    pub fn contents(&self) -> Option<&Page> {
-        self.merger.scratch.page(self.slot * 4096)
+    /// The frozen contents.
+    pub fn contents(&self) -> &Page {
+        &self.copy
     }
 
     /// The page was all zero: it becomes Untouched (its next read maps the zero page), and
@@ -243,7 +245,7 @@ impl Frozen<'_> {
     /// is put back and the pin dropped.
     pub fn install(mut self, slot: u64) -> bool {
         match self.claim.take() {
-            Some(claim) => self.merger.install(claim, self.slot, slot),
+            Some(claim) => self.merger.install(claim, self.slot, &self.copy, slot),
             None => false,
         }
     }
@@ -252,7 +254,7 @@ impl Frozen<'_> {
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
         if let Some(claim) = self.claim.take() {
-            self.merger.thaw(claim, self.slot);
+            self.merger.thaw(claim, self.slot, &self.copy);
         }
     }
 }

@@ -217,7 +217,7 @@ impl Scanner {
 
     fn share_zero(&mut self, idx: u64) {
         let Some(frozen) = self.merger.freeze(idx, 0) else { return };
-        if frozen.contents().is_some_and(|p| p.iter().all(|&b| b == 0)) {
+        if frozen.contents().iter().all(|&b| b == 0) {
             frozen.drop_zero();
             self.stats.zero_pages.fetch_add(1, Ordering::Relaxed);
         } // else written since the copy: dropped, the page is put back
@@ -240,10 +240,8 @@ impl Scanner {
         let pool = self.merger.pool();
         // The frozen content is what goes into the pool: hash it again, as it may have
         // changed since the copy that was hashed.
-        let slot = match frozen.contents() {
-            Some(p) if self.hash.of(p) == hash => pool.create(hash, p).ok(),
-            _ => None,
-        };
+        let p = frozen.contents();
+        let slot = (self.hash.of(p) == hash).then(|| pool.create(hash, p).ok()).flatten();
         // No slot: the frozen page is dropped, put back.
         if slot.is_some_and(|slot| frozen.install(slot)) {
             self.stats.merged.fetch_add(1, Ordering::Relaxed);
@@ -257,8 +255,7 @@ impl Scanner {
             pool.unpin(slot);
             return;
         };
-        let equal =
-            pool.read(slot, &mut self.buf) && frozen.contents().is_some_and(|p| *p == *self.buf);
+        let equal = pool.read(slot, &mut self.buf) && *frozen.contents() == *self.buf;
         if !equal {
             self.stats.collisions.fetch_add(1, Ordering::Relaxed);
             pool.unpin(slot);
@@ -279,12 +276,9 @@ impl Scanner {
         };
         // Not frozen: the hint, dropped, is put back.
         let Some(frozen) = self.merger.freeze(idx, 0) else { return };
-        let (a, b) = (frozen.contents(), frozen_hint.contents());
-        let equal = a.is_some() && a == b;
-        let slot = match a {
-            Some(p) if equal => Some(pool.create(self.hash.of(p), p)),
-            _ => None,
-        };
+        let p = frozen.contents();
+        let equal = p == frozen_hint.contents();
+        let slot = equal.then(|| pool.create(self.hash.of(p), p));
         let Some(Ok(slot)) = slot else {
             if !equal {
                 self.stats.collisions.fetch_add(1, Ordering::Relaxed);
