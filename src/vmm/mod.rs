@@ -7,7 +7,7 @@
 //! | `mod.rs` | the `Vm`, its errors, the exit status |
 //! | `devices.rs` | the devices, their bus ranges, interrupt lines and MMIO slots |
 //! | `memory.rs` | the memory manager, the stores of evicted pages, the engine |
-//! | `event_loop.rs` | the vCPU thread and the event loop around it |
+//! | `event_loop.rs` | the vCPU thread, the event loop, the vCPU stopped first when the fault handler dies |
 //! | `signals.rs` | SIGINT and SIGTERM: an orderly stop |
 
 pub mod devices;

@@ -14,8 +14,10 @@
 //! mover, or `ENOMEM`); or the ioctl fails for another reason, which stops the handler. The
 //! retry list is retried after every read of events and at least every [`RETRY_POLL_MS`]
 //! ([`PRESSURE_POLL_MS`] while memory is short), and an entry leaves it only by succeeding.
-//! A stopped handler closes its descriptor, and the kernel then wakes every waiter (the VMM
-//! ends the VM).
+//! A handler that stops on an error (or panics) leaves guest RAM registered and the
+//! descriptor open: the VMM stops the vCPU first and only then releases guest RAM
+//! (`Engine::release_guest_ram`), which wakes every other waiter. Released earlier, the
+//! waiting vCPU would be served plain anonymous memory: zeros where an evicted page was.
 //!
 //! # Memory pressure
 //!

@@ -9,8 +9,9 @@
 //! | `victims.rs` | which pages go first: the coldest, by a clock with ages |
 //! | `worker.rs` | the reclaim worker thread that pulls the lever |
 //!
-//! Pages come back through the fault handler (`uffd/handler.rs`): a fault on a Compressed
-//! or Swapped page reads the copy, maps it with `UFFDIO_COPY`, and frees the copy.
+//! Pages come back through the fault handler (`mm/fault/handler.rs`): a fault on a
+//! Compressed or Swapped page reads the copy (a swap page checked against its checksum),
+//! maps it with `UFFDIO_COPY`, and frees the copy.
 //!
 //! The worker runs on a thread of its own, never the fault handler's, and never waits for
 //! the fault handler (see `evict.rs`), so neither can hold the other up.

@@ -3,7 +3,7 @@
 //!
 //! | file | owns |
 //! |---|---|
-//! | `mod.rs` | the lever ([`SharingControl`]), the counters, and [`SharedPages`]: unsharing on a guest write, releasing a shared page |
+//! | `mod.rs` | the lever ([`SharingControl`]), the counters, and [`SharedPages`]: queueing a guest write's break for the unsharer, releasing a shared page |
 //! | `pool.rs` | the canonical pages (a memfd), their reference counts, the hash index |
 //! | `merge.rs` | freezing candidates, comparing them, mapping a pool page over a guest page |
 //! | `scanner.rs` | the rate-limited scanner thread |
@@ -30,7 +30,7 @@
 //! guest page; the move keeps the registration through a remap event, which is why the
 //! moves happen on threads other than the fault handler's (`mremap` waits for the handler
 //! to read that event).
-
+//!
 //! The alternatives were weighed and measured: KSM on exactly the pages ebb found identical
 //! merges across every process with mergeable pages, which breaks per-VM isolation, and
 //! still converges at ksmd's pace; one KVM memory slot per shared range makes every guest
@@ -46,9 +46,11 @@
 //! # Invariants
 //! - A Shared page maps a live pool slot privately, write-protected; it is never evicted
 //!   (the reclaimers take Resident pages only) and is released only through
-//!   [`SharedPages::release`], which gives it fresh guest memory and drops its reference.
+//!   [`SharedPages::release`], which moves fresh registered guest memory over it and drops
+//!   its reference.
 //! - Pages are moved in the page-state table only by the scanner (Resident to Shared or to
-//!   Untouched, under a claim), the fault handler (Shared to Resident, under a claim) and
+//!   Untouched, under a claim), the fault handler and the unsharer (Shared to Resident: the
+//!   handler claims the page, the unsharer finishes the claim once the copy is mapped) and
 //!   the memory manager (Shared to Ballooned or Untouched, under a claim).
 
 pub mod group;
