@@ -1,7 +1,7 @@
 //! A fault handler that fails or panics while the guest runs ends the VM in order: the vCPU
 //! stops first, guest RAM is released after, and `ebb run` reports the cause and exits 1.
 //! The failure is injected through the debug build's test-only `EBB_TEST_HANDLER_FAULT`
-//! (src/mm/uffd/inject.rs).
+//! (src/mm/fault/inject.rs).
 #![allow(clippy::unwrap_used)]
 
 mod common;

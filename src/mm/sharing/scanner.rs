@@ -4,9 +4,10 @@
 //! For each page, in order, wrapping around (a pass):
 //! 1. skip it unless it is Resident and neither claimed by a mover nor in the Active sample;
 //! 2. hash a copy of it (claimed for the instant of the copy, so that no mover takes it
-//!    away meanwhile, and read only once `/proc/self/pagemap` shows it mapped); keep 32 bits of the hash per page, and go on only if they are what the
-//!    last pass saw: a page written between two visits is volatile, and sharing it would buy
-//!    a copy-on-write fault soon (KSM's rule);
+//!    away meanwhile, and read only once `/proc/self/pagemap` shows it mapped); keep 32
+//!    bits of the hash per page, and go on only if they are what the last pass saw: a page
+//!    written between two visits is volatile, and sharing it would buy a copy-on-write
+//!    fault soon (KSM's rule);
 //! 3. an all-zero page is frozen, checked, and dropped: it reads as the zero page afterwards;
 //! 4. a page whose hash names a canonical slot is frozen and compared with the slot byte by
 //!    byte; equal, it maps the slot (see `merge.rs`);
