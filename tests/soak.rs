@@ -155,7 +155,7 @@ struct Soak {
     patterns: Patterns,
     counts: Counts,
     stop: AtomicBool,
-    _swap_dir: TempDir,
+    swap_dir: TempDir,
 }
 
 /// A directory removed (with what is left in it) when dropped.
@@ -197,7 +197,7 @@ fn soak_or_skip(test: &str) -> Option<Soak> {
     };
     let seq = (0..PAGES).map(|_| AtomicU64::new(0)).collect();
     let (patterns, counts, stop) = (Patterns::new(), Counts::default(), AtomicBool::new(false));
-    Some(Soak { engine, mm, ram, seq, patterns, counts, stop, _swap_dir: swap_dir })
+    Some(Soak { engine, mm, ram, seq, patterns, counts, stop, swap_dir })
 }
 
 impl Soak {
@@ -466,6 +466,8 @@ fn fail(soak: &Soak, threads: &[std::thread::JoinHandle<()>], why: &str) -> ! {
         std::thread::sleep(Duration::from_millis(50));
     }
     let hung = threads.iter().filter(|t| !t.is_finished()).count();
+    // A hung thread holds the soak, which then never drops its directory.
+    let _ = std::fs::remove_dir_all(&soak.swap_dir.0);
     panic!("{why} ({hung} threads still hang)");
 }
 
