@@ -142,6 +142,15 @@ impl<'t> ClaimRun<'t> {
         self.len
     }
 
+    /// Gives up the pages after the first `len` (at least 1): their claims are aborted.
+    pub fn truncate(&mut self, len: u64) {
+        let len = len.clamp(1, self.len);
+        for i in len..self.len {
+            self.table.abort(self.first + i, self.rest_old);
+        }
+        self.len = len;
+    }
+
     /// The state the first page was claimed from.
     pub fn first_old(&self) -> PageState {
         self.first_old
@@ -250,6 +259,19 @@ mod tests {
         );
         assert!((0..8).all(|i| t.flags(i) == 0));
         assert_eq!((t.count(ZeroMapped), t.count(Untouched)), (2, 6));
+    }
+
+    #[test]
+    fn a_truncated_run_gives_up_its_tail_and_keeps_its_head() {
+        let t = PageTable::new(8);
+        let untouched = StateSet::of(&[Untouched]);
+        let mut run = ClaimRun::new(&t, 2, untouched, 4, untouched, Resident).unwrap();
+        run.truncate(1);
+        assert_eq!(run.len(), 1);
+        assert_eq!((t.get(2), t.flags(2)), (Some(Resident), FLAG_IN_FLIGHT));
+        assert!((3..7).all(|i| t.get(i) == Some(Untouched) && t.flags(i) == 0));
+        run.finish_first(1);
+        assert_eq!((t.get(2), t.flags(2), t.count(Resident)), (Some(Resident), 0, 1));
     }
 
     #[test]

@@ -434,19 +434,25 @@ impl FaultHandler {
             // now, and the woken thread finds it (or write-faults to unshare it).
             Some(Shared) => return Ok(retry_unless_done(self.uffd.wake(page, PAGE_SIZE)?)),
         };
-        let pages = run.as_ref().map_or(1, ClaimRun::len);
+        let mut run = run;
+        let mut pages = run.as_ref().map_or(1, ClaimRun::len);
         self.count_fill(pages, write, true);
         crate::mm::hooks::FILL_BEFORE_MAP.reach();
-        let len = pages * PAGE_SIZE;
         // Zero pages are mapped without waking the faulting thread, then write-protected,
         // then the thread is woken: its first write then faults to us and the page is counted
         // Resident. Woken at once, it could write first and get a private copy the table
         // would never see.
         let protect_zero = !write && self.uffd.has_wp();
-        let result = match write {
-            true => self.uffd.copy(page, self.zeros.get(..to_usize(len)).unwrap_or(&[]), false),
-            false => self.uffd.zeropage(page, len, !protect_zero),
-        };
+        let mut result = self.map_fresh(page, pages, write, protect_zero);
+        if pages > 1 && result.as_ref().is_err_and(|e| e.crosses_mapping()) {
+            // The window reached into the next mapping: the faulting page alone, then.
+            if let Some(run) = run.as_mut() {
+                run.truncate(1);
+            }
+            self.uncount_fill(1, pages, write);
+            pages = 1;
+            result = self.map_fresh(page, pages, write, protect_zero);
+        }
         // On an error the run is dropped, which puts every page back.
         let (resolved, done) = result.inspect_err(|_| self.count_fill(pages, write, false))?;
         let mapped = (done / PAGE_SIZE).min(pages);
@@ -480,6 +486,22 @@ impl FaultHandler {
                 self.core.stats.already_mapped.fetch_add(1, Ordering::Relaxed);
                 Ok(retry_unless_done(self.uffd.wake(page, PAGE_SIZE)?))
             }
+        }
+    }
+
+    /// Maps `pages` fresh pages from `page` on: zeroed private pages for a write, the zero
+    /// page for a read (waking the faulting thread unless `protect_zero`).
+    fn map_fresh(
+        &self,
+        page: u64,
+        pages: u64,
+        write: bool,
+        protect_zero: bool,
+    ) -> Result<(Resolved, u64), crate::mm::uffd::UffdError> {
+        let len = pages * PAGE_SIZE;
+        match write {
+            true => self.uffd.copy(page, self.zeros.get(..to_usize(len)).unwrap_or(&[]), false),
+            false => self.uffd.zeropage(page, len, !protect_zero),
         }
     }
 

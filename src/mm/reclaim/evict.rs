@@ -132,13 +132,18 @@ impl Evictor {
             let dst = self.scratch.hva() + (slot * PAGE) as u64;
             let len = n as u64 * PAGE_SIZE;
             // SAFETY: the run is guest RAM this batch claimed; `dst` is our scratch range.
-            let result = unsafe { self.moves.move_pages(dst, src, len) };
-            let moved = match &result {
+            let mut result = unsafe { self.moves.move_pages(dst, src, len) };
+            let mut moved = match &result {
                 Ok((Resolved::Mapped, _)) => n,
                 Ok((_, done)) => usize::try_from(done / PAGE_SIZE).unwrap_or(0).min(n),
                 // Whatever reached the scratch range is stored below; nothing is lost.
                 Err(_) => crate::mm::sys::mapped_pages_from(dst, n).unwrap_or(0).min(n),
             };
+            if result.as_ref().is_err_and(UffdError::crosses_mapping) {
+                // The run spans two mappings (see `UffdError::crosses_mapping`): the rest of
+                // it one page at a time.
+                (moved, result) = self.move_each(dst, src, moved, n);
+            }
             // Not moved (not mapped, pinned, or shared): those stay, their claims dropped
             // with the rest of the run; the next round looks at them again.
             out.skipped += (n - moved) as u64;
@@ -151,6 +156,28 @@ impl Evictor {
         }
         self.finish_batch(held, &mut out)?;
         Ok(out)
+    }
+
+    /// Moves pages `from .. n` of a run (guest RAM at `src`, claimed, scratch at `dst`) one
+    /// at a time, stopping at the first that does not move; returns how many of the run are
+    /// in the scratch range then, and the error that stopped it, if any.
+    fn move_each(
+        &self,
+        dst: u64,
+        src: u64,
+        from: usize,
+        n: usize,
+    ) -> (usize, Result<(Resolved, u64), UffdError>) {
+        for k in from..n {
+            let offset = (k * PAGE) as u64;
+            // SAFETY: as for the whole run: claimed guest RAM into our scratch range.
+            match unsafe { self.moves.move_pages(dst + offset, src + offset, PAGE_SIZE) } {
+                Ok((Resolved::Mapped, _)) => {}
+                Ok(other) => return (k, Ok(other)),
+                Err(e) => return (k, Err(e)),
+            }
+        }
+        (n, Ok((Resolved::Mapped, (n * PAGE) as u64)))
     }
 
     /// Claims `first` and the pages after it that follow it in `victims` (which starts with

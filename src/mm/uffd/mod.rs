@@ -85,6 +85,19 @@ pub enum UffdError {
     Setup(io::Error),
 }
 
+impl UffdError {
+    /// True if a resolving ioctl failed because its range spans more than one mapping: the
+    /// kernel answers `ENOENT` (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`) or `EINVAL`
+    /// (`UFFDIO_MOVE`). Guest RAM is one mapping at first, but every shared page is a
+    /// mapping of its own, and the fresh memory a copy-on-write break or a release maps over
+    /// a page often cannot merge back with its neighbours (their `anon_vma`s differ), so a
+    /// range of several pages may cross a boundary: the caller then does one page at a time.
+    pub fn crosses_mapping(&self) -> bool {
+        let Self::Resolve { source, .. } = self else { return false };
+        matches!(source.raw_os_error(), Some(libc::ENOENT | libc::EINVAL))
+    }
+}
+
 /// What an ioctl on a range did (resolving ones return the bytes mapped beside it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolved {
