@@ -13,7 +13,7 @@
 //!    the claim is undone and the page stays. A move the kernel reports as failed is
 //!    checked against the scratch page ([`Uffd::move_pages`]): some kernels move the page
 //!    and still answer `EEXIST`, and believing them would lose the page;
-//! 3. **store** the scratch copy ([`Backing::store`]): dropped if all zero, kept as a word if
+//! 3. **store** the scratch copy ([`Backing::store_batch`]): dropped if all zero, kept as a word if
 //!    same-filled, compressed into the cache, or written to the swap file;
 //! 4. **finish** the claim with the page's new state; deferred faults then bring it back.
 //!    If storing failed, the page is moved back into guest memory first (through the fault
