@@ -3,7 +3,8 @@
 //!
 //! A mover that changes what backs a page claims it first ([`Claim`], [`ClaimRun`]): the
 //! page's state names the destination at once and it carries
-//! [`FLAG_IN_FLIGHT`](super::pages::FLAG_IN_FLIGHT) until the claim ends. A claim ends in exactly one of two ways:
+//! [`FLAG_IN_FLIGHT`](super::pages::FLAG_IN_FLIGHT) until the claim ends. A claim ends in
+//! exactly one of two ways:
 //! - **finished** ([`Claim::finish`], [`Claim::finish_into`]), which consumes it: the move
 //!   is done and the page is in its new state;
 //! - **aborted**, which is what dropping it does: the page goes back to the state it was
