@@ -6,14 +6,13 @@
 
 mod common;
 
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use ebb::mm::engine::{Engine, EngineConfig};
 use ebb::mm::fault::around::FaultAround;
 use ebb::mm::hooks;
 use ebb::mm::pages::{PageState, FLAG_IN_FLIGHT};
-use ebb::mm::MemoryManager;
 use ebb::vstate::memory::GuestRam;
 
 const PAGE: u64 = 4096;
@@ -26,41 +25,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn engine_or_skip(
-    test: &str,
-    config: EngineConfig,
-    need_sharing: bool,
-) -> Option<(Arc<GuestRam>, Arc<MemoryManager>, Engine)> {
-    let ram = GuestRam::new(16 << 20, 48).unwrap();
-    let mm = Arc::new(MemoryManager::new(&ram.regions(), true));
-    match Engine::start(&mm, &config, None) {
-        Ok(engine) if !need_sharing || engine.sharing().is_some() => {
-            Some((Arc::new(ram), mm, engine))
-        }
-        Ok(_) => {
-            eprintln!("\n*** SKIPPED {test}: this kernel cannot share pages (needs UFFDIO_MOVE and memfd write protection) ***\n");
-            None
-        }
-        Err(e) => {
-            eprintln!("\n*** SKIPPED {test}: userfaultfd unavailable here ({e}) ***\n");
-            None
-        }
-    }
-}
-
 fn ptr(ram: &GuestRam, pfn: u64) -> *mut u64 {
     (ram.regions()[0].hva + pfn * PAGE) as *mut u64
 }
 
-fn write_word(ram: &GuestRam, pfn: u64, word: usize, v: u64) {
-    // SAFETY: pfn is inside the test's guest RAM mapping, word < 512.
-    unsafe { ptr(ram, pfn).add(word).write_volatile(v) }
-}
-
-fn read_word(ram: &GuestRam, pfn: u64, word: usize) -> u64 {
-    // SAFETY: as above.
-    unsafe { ptr(ram, pfn).add(word).read_volatile() }
-}
+use common::{engine_or_skip, read_word, write_word};
 
 /// True if the page at `hva` is mapped, as `/proc/self/pagemap` says (reading it never
 /// faults the page in).
@@ -93,7 +62,7 @@ fn pages_being_filled_are_in_flight_until_they_are_mapped() {
     let mut config = EngineConfig::default();
     config.handler.fault_around = FaultAround::Fixed(8);
     config.handler.active = None;
-    let Some((ram, _mm, engine)) = engine_or_skip(test, config, false) else { return };
+    let Some((ram, _mm, engine)) = engine_or_skip(test, 16 << 20, &config, false) else { return };
     let first = 100;
     hooks::FILL_BEFORE_MAP.arm();
     let writer = {
@@ -159,7 +128,7 @@ fn a_read_during_a_copy_on_write_break_sees_the_shared_contents() {
     let test = "a_read_during_a_copy_on_write_break_sees_the_shared_contents";
     let _serial = serial();
     let config = EngineConfig { share_scan_rate: 1 << 20, ..Default::default() };
-    let Some((ram, _mm, engine)) = engine_or_skip(test, config, true) else { return };
+    let Some((ram, _mm, engine)) = engine_or_skip(test, 16 << 20, &config, true) else { return };
     let shared_word = |w: usize| 0x5a5a_0000 + w as u64;
     for pfn in 0..64 {
         for w in 0..512 {
@@ -206,6 +175,12 @@ fn a_read_during_a_copy_on_write_break_sees_the_shared_contents() {
     // SAFETY: the page is in the test's guest RAM; the guest gives it up.
     let rc = unsafe { libc::madvise(ptr(&ram, victim).cast(), PAGE as usize, libc::MADV_DONTNEED) };
     assert_eq!(rc, 0);
+    // `madvise` returns once the handler has read the remove event, a moment before the
+    // handler counts it.
+    let started = Instant::now();
+    while engine.snapshot(0).remove_events == removes && started.elapsed() < PATIENCE {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(engine.snapshot(0).remove_events > removes, "the page is no longer registered");
     assert_eq!(read_word(&ram, victim, 1), 0);
 }

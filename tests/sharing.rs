@@ -20,40 +20,17 @@ const WORDS: usize = 512;
 /// Fast enough that the scanner works its whole budget every tick.
 const FAST: u64 = 1 << 20;
 
+use common::{read_word, write_word};
+
+/// The engine with sharing at `rate` pages/s hashed by `hash`, or None after a loud skip.
 fn engine_or_skip(
     test: &str,
     mem: u64,
     rate: u64,
     hash: ShareHash,
 ) -> Option<(Arc<GuestRam>, Arc<MemoryManager>, Engine)> {
-    let ram = GuestRam::new(mem, 48).unwrap();
-    let mm = Arc::new(MemoryManager::new(&ram.regions(), true));
     let config = EngineConfig { share_scan_rate: rate, share_hash: hash, ..Default::default() };
-    match Engine::start(&mm, &config, None) {
-        Ok(engine) if engine.sharing().is_some() => Some((Arc::new(ram), mm, engine)),
-        Ok(_) => {
-            eprintln!("\n*** SKIPPED {test}: this kernel cannot share pages (needs UFFDIO_MOVE and memfd write protection) ***\n");
-            None
-        }
-        Err(e) => {
-            eprintln!("\n*** SKIPPED {test}: userfaultfd unavailable here ({e}) ***\n");
-            None
-        }
-    }
-}
-
-fn ptr(ram: &GuestRam, pfn: u64) -> *mut u64 {
-    (ram.regions()[0].hva + pfn * PAGE) as *mut u64
-}
-
-fn write_word(ram: &GuestRam, pfn: u64, word: usize, v: u64) {
-    // SAFETY: pfn is inside the test's guest RAM mapping, word < 512.
-    unsafe { ptr(ram, pfn).add(word).write_volatile(v) }
-}
-
-fn read_word(ram: &GuestRam, pfn: u64, word: usize) -> u64 {
-    // SAFETY: as above.
-    unsafe { ptr(ram, pfn).add(word).read_volatile() }
+    common::engine_or_skip(test, mem, &config, true)
 }
 
 /// What word `w` of page `pfn` holds in the layout `fill` writes: pages of a group of 64 are

@@ -424,3 +424,52 @@ impl Drop for MemCgroup {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+/// Guest RAM of `mem_bytes` registered by a memory engine started with `config` (no KVM),
+/// or None after a loud skip: userfaultfd unavailable, or (with `need_sharing`) a kernel that
+/// cannot share pages.
+pub fn engine_or_skip(
+    test: &str,
+    mem_bytes: u64,
+    config: &ebb::mm::engine::EngineConfig,
+    need_sharing: bool,
+) -> Option<(
+    std::sync::Arc<ebb::vstate::memory::GuestRam>,
+    std::sync::Arc<ebb::mm::MemoryManager>,
+    ebb::mm::engine::Engine,
+)> {
+    use std::sync::Arc;
+    let ram = ebb::vstate::memory::GuestRam::new(mem_bytes, 48).unwrap();
+    let mm = Arc::new(ebb::mm::MemoryManager::new(&ram.regions(), true));
+    match ebb::mm::engine::Engine::start(&mm, config, None) {
+        Ok(engine) if !need_sharing || engine.sharing().is_some() => {
+            Some((Arc::new(ram), mm, engine))
+        }
+        Ok(_) => {
+            eprintln!("\n*** SKIPPED {test}: this kernel cannot share pages (needs UFFDIO_MOVE and memfd write protection) ***\n");
+            None
+        }
+        Err(e) => {
+            eprintln!("\n*** SKIPPED {test}: userfaultfd unavailable here ({e}) ***\n");
+            None
+        }
+    }
+}
+
+/// Word `word` (of 512) of guest page `pfn` of `ram`, the first region's.
+fn word_ptr(ram: &ebb::vstate::memory::GuestRam, pfn: u64, word: usize) -> *mut u64 {
+    assert!(word < 512, "word {word} is outside a page");
+    (ram.regions()[0].hva + pfn * 4096 + 8 * word as u64) as *mut u64
+}
+
+/// Writes `v` to word `word` of guest page `pfn` (a vCPU's store, through the mapping).
+pub fn write_word(ram: &ebb::vstate::memory::GuestRam, pfn: u64, word: usize, v: u64) {
+    // SAFETY: pfn is inside the test's guest RAM mapping (the tests pick it), word < 512.
+    unsafe { word_ptr(ram, pfn, word).write_volatile(v) }
+}
+
+/// Reads word `word` of guest page `pfn` (a vCPU's load, through the mapping).
+pub fn read_word(ram: &ebb::vstate::memory::GuestRam, pfn: u64, word: usize) -> u64 {
+    // SAFETY: as in `write_word`.
+    unsafe { word_ptr(ram, pfn, word).read_volatile() }
+}
