@@ -57,7 +57,8 @@ impl PausePoint {
 
     /// Called by the engine where the race is: stops here if armed.
     pub(crate) fn reach(&self) {
-        if !self.armed.swap(false, Ordering::AcqRel) {
+        // A load first: the disarmed path (every fault) must not write the shared line.
+        if !self.armed.load(Ordering::Relaxed) || !self.armed.swap(false, Ordering::AcqRel) {
             return;
         }
         let mut guard = self.lock();
