@@ -227,7 +227,7 @@ pub struct MemoryConfig {
     pub share_scan_rate: u64,
     /// Hand guest RAM to the kernel's KSM instead (`--ksm`), as a baseline.
     pub ksm: bool,
-    /// The inherited descriptors (data, meta) of a sharing group's pool, which `ebb host`
+    /// The inherited descriptors (data, broker link) of a sharing group's pool, which `ebb host`
     /// hands to the VMs of one group; None: the VM's pages are shared only with each other.
     pub share_group_fds: Option<(i32, i32)>,
 }

@@ -236,9 +236,10 @@ struct RunArgs {
     /// once (0: off; the control socket can turn it on later).
     #[arg(long, value_name = "PAGES/S", default_value_t = 0)]
     share_scan_rate: u64,
-    /// Inherited descriptors DATA,META of a sharing group's pool: `ebb host` passes them to
-    /// the VMs of one `sharing_group`, which then share identical pages with each other.
-    #[arg(long, value_name = "DATA,META")]
+    /// Inherited descriptors DATA,LINK of a sharing group: the pool's sealed memfd and a
+    /// packet socket to the group's broker. `ebb host` passes them to the VMs of one
+    /// `sharing_group`, which then share identical pages with each other.
+    #[arg(long, value_name = "DATA,LINK")]
     share_group_fds: Option<String>,
     /// Mark guest RAM mergeable for the kernel's KSM instead (the baseline ebb's sharing is
     /// measured against; KSM merges across every process that asks it to).
@@ -339,9 +340,9 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
     Ok(config)
 }
 
-/// `DATA,META`: two descriptor numbers.
+/// `DATA,LINK`: two descriptor numbers.
 fn parse_fd_pair(s: &str) -> anyhow::Result<(i32, i32)> {
-    let bad = || anyhow::anyhow!("--share-group-fds {s:?}: two descriptor numbers, DATA,META");
+    let bad = || anyhow::anyhow!("--share-group-fds {s:?}: two descriptor numbers, DATA,LINK");
     let (d, m) = s.split_once(',').ok_or_else(bad)?;
     let fd = |x: &str| x.trim().parse::<i32>().ok().filter(|&n| n >= 0).ok_or_else(bad);
     Ok((fd(d)?, fd(m)?))

@@ -6,10 +6,10 @@
 //! death signal fires when the *thread* that forked exits, so children are spawned from the
 //! host's main thread, which lives as long as the host.
 //!
-//! A VM of a sharing group inherits its group's two memfds (`--share-group-fds`); every
-//! other descriptor of the host stays close-on-exec.
+//! A VM of a sharing group inherits its membership (`--share-group-fds`): the group's
+//! sealed pool and its end of a socket to the group's broker; every other descriptor of the
+//! host stays close-on-exec.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::config::VmSpec;
+use crate::mm::sharing::broker::MemberFds;
 
 /// How long a child's control socket may take to appear.
 pub const SOCKET_WAIT: Duration = Duration::from_secs(20);
@@ -133,7 +134,7 @@ pub fn run_args(vm: &VmSpec, sock: &Path) -> Vec<String> {
 
 impl VmProcess {
     /// Starts `exe run ...` for `vm` with its socket in `dir`, and waits for the socket.
-    /// `group` holds the memfds of its sharing group's pool, which the child inherits;
+    /// `group` holds its membership of its sharing group, which the child inherits;
     /// `extra` are more options (the policy's).
     ///
     /// # Errors
@@ -142,7 +143,7 @@ impl VmProcess {
         exe: &Path,
         vm: &VmSpec,
         dir: &Path,
-        group: Option<&(File, File)>,
+        group: Option<&MemberFds>,
         extra: &[String],
     ) -> Result<Self, ChildError> {
         let name = vm.entry.name.clone();
@@ -151,7 +152,7 @@ impl VmProcess {
         let mut cmd = Command::new(exe);
         cmd.args(run_args(vm, &sock)).args(policy_args(extra, &vm.entry.args));
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        let inherit = group.map(|(d, m)| [d.as_raw_fd(), m.as_raw_fd()]);
+        let inherit = group.map(|g| [g.data.as_raw_fd(), g.link.as_raw_fd()]);
         if let Some([d, m]) = inherit {
             cmd.arg(format!("--share-group-fds={d},{m}"));
         }
@@ -168,7 +169,7 @@ impl VmProcess {
                 }
                 libc::setpgid(0, 0);
                 for fd in inherit.into_iter().flatten() {
-                    // The group's memfds are close-on-exec in the host: keep them open here.
+                    // The membership is close-on-exec in the host: keep it open here.
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }

@@ -19,7 +19,7 @@ use super::config::{HostConfig, VmSpec};
 use super::policy::{keep_reservation, HostView, Policy, Snapshot, VmAction, VmView};
 use super::pressure::{min_free_bytes, MemState, DEFAULT_THRESHOLDS};
 use super::report::{HostReport, VmReport};
-use crate::mm::sharing::group::{create_files, DEFAULT_GROUP_SLOTS};
+use crate::mm::sharing::broker::{Broker, DEFAULT_GROUP_SLOTS};
 use crate::mm::thread::ThreadClock;
 use crate::units::{MIB, PAGE_SIZE};
 
@@ -108,8 +108,8 @@ pub struct Supervisor {
     pending: Vec<VmSpec>,
     exe: std::path::PathBuf,
     dir: std::path::PathBuf,
-    /// The sharing groups' memfds (kept open while the host runs).
-    groups: HashMap<String, (std::fs::File, std::fs::File)>,
+    /// The sharing groups' brokers (serving while the host runs).
+    groups: HashMap<String, Broker>,
 }
 
 fn field(v: &Value, key: &str) -> u64 {
@@ -175,22 +175,22 @@ impl Supervisor {
                 break;
             }
             let Some(spec) = self.pending.pop() else { break };
-            let group = match &spec.entry.sharing_group {
+            let spawn_error =
+                |source| super::child::ChildError::Spawn { name: spec.entry.name.clone(), source };
+            let broker = match &spec.entry.sharing_group {
                 Some(name) => Some(match self.groups.entry(name.clone()) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(create_files(DEFAULT_GROUP_SLOTS).map_err(|source| {
-                            super::child::ChildError::Spawn {
-                                name: spec.entry.name.clone(),
-                                source,
-                            }
-                        })?)
+                        e.insert(Broker::start(name, DEFAULT_GROUP_SLOTS).map_err(spawn_error)?)
                     }
                 }),
                 None => None,
             };
+            // The member's descriptors are the host's until the child inherits them; dropped
+            // after the spawn, so the broker sees the member go when the child does.
+            let member = broker.map(|b| b.add_member()).transpose().map_err(spawn_error)?;
             let extra = self.policy.vm_args();
-            let proc = VmProcess::spawn(&self.exe, &spec, &self.dir, group.map(|g| &*g), &extra)?;
+            let proc = VmProcess::spawn(&self.exe, &spec, &self.dir, member.as_ref(), &extra)?;
             log::info!("vm {}: started, pid {}", spec.entry.name, proc.pid());
             self.lock().vms.push((spec.entry.name.clone(), proc.sock.clone(), proc.pid()));
             self.slots.push(Slot {

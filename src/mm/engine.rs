@@ -18,7 +18,7 @@ use super::pages::{PageState, PageTable, StateSet};
 use super::reclaim::evict::Evictor;
 use super::reclaim::{self, DirtyLog, ReclaimControl, VictimPolicy};
 use super::rss::RssProbe;
-use super::sharing::group::GroupPool;
+use super::sharing::member::GroupMember;
 use super::sharing::pool::{Pool, PoolError, SharePool};
 use super::sharing::{Merger, ShareHash, SharedPages, SharingControl, SharingStats};
 use super::stats::{FaultStats, Histogram, MemStats, ReclaimStats, ShareStats};
@@ -61,7 +61,7 @@ pub struct EngineConfig {
     pub share_scan_rate: u64,
     /// How the sharing scanner hashes pages.
     pub share_hash: ShareHash,
-    /// Inherited descriptors (data, meta) of a sharing group's pool (None: a pool of the
+    /// Inherited descriptors (data, broker link) of a sharing group's pool (None: a pool of the
     /// VM's own).
     pub share_group_fds: Option<(i32, i32)>,
 }
@@ -558,9 +558,9 @@ fn shared_pages(
     }
     let setup = |e: PoolError| EngineError::Setup(std::io::Error::other(e));
     let pool: Arc<dyn SharePool> = match config.share_group_fds {
-        Some((data, meta)) => {
-            let (data, meta) = (inherited(data)?, inherited(meta)?);
-            Arc::new(GroupPool::attach(data, meta).map_err(setup)?)
+        Some((data, link)) => {
+            let (data, link) = (inherited(data)?, inherited(link)?);
+            Arc::new(GroupMember::attach(data, link.into()).map_err(setup)?)
         }
         None => {
             // Hints: at most one per two pages, so that the index stays within 10 bytes a

@@ -1,4 +1,5 @@
-//! A small generator for picking sample pages (Active memory, reclaim's victims).
+//! Randomness: a small generator for picking sample pages (Active memory, reclaim's
+//! victims), and secret keys from the kernel for hashes a guest must not predict.
 
 /// A small xorshift generator for picking sample pages (not for anything secret).
 #[derive(Debug, Clone)]
@@ -28,4 +29,29 @@ impl Default for SampleRng {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A secret 64-bit key from the kernel's random source (`getrandom`): what keys the page
+/// hashes a guest must not be able to aim at one bucket.
+///
+/// # Errors
+/// The `getrandom` error.
+pub fn secret_u64() -> std::io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    let mut got = 0;
+    while got < bytes.len() {
+        let rest = &mut bytes[got..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into a buffer we own.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => got += n,
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(u64::from_ne_bytes(bytes))
 }

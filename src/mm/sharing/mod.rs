@@ -5,6 +5,9 @@
 //! |---|---|
 //! | `mod.rs` | the lever ([`SharingControl`]), the counters, and [`SharedPages`]: queueing a guest write's break for the unsharer, releasing a shared page |
 //! | `pool.rs` | the canonical pages (a memfd), their reference counts, the hash index |
+//! | `broker.rs` | a sharing group's pool and tables, in the host, serving the group's VMs |
+//! | `member.rs` | a VM's side of its group: the pool the broker serves |
+//! | `wire.rs` | the broker's messages and packet sockets |
 //! | `merge.rs` | freezing candidates, comparing them, mapping a pool page over a guest page |
 //! | `scanner.rs` | the rate-limited scanner thread |
 //! | `unshare.rs` | the unsharer thread: copy-on-write breaks |
@@ -40,8 +43,10 @@
 //! (65530 by default), so at most a quarter of that many pages are shared at once (the
 //! scanner counts what it skips for that reason).
 //!
-//! The pool and its index are plain values behind an `Arc`, so that one pool can serve a
-//! sharing group across VM processes once the host creates the memfd and hands it down.
+//! The scanner's hash is keyed with a secret of the pool (a random one per VM, or per
+//! group), so a guest cannot fill pages that all land on one hash. A sharing group's pool
+//! is the broker's (`broker.rs`): its members distrust each other, so none of them can
+//! write the pool or its tables.
 //!
 //! # Invariants
 //! - A Shared page maps a live pool slot privately, write-protected; it is never evicted
@@ -53,12 +58,14 @@
 //!   handler claims the page, the unsharer finishes the claim once the copy is mapped) and
 //!   the memory manager (Shared to Ballooned or Untouched, under a claim).
 
-pub mod group;
+pub mod broker;
+pub mod member;
 mod merge;
 pub mod pool;
 mod scanner;
 mod sys;
 mod unshare;
+pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -78,7 +85,8 @@ use unshare::Unsharer;
 /// How the scanner hashes pages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ShareHash {
-    /// xxh3-64 of the page.
+    /// xxh3-64 of the page keyed with the pool's secret (its seed), so that a guest cannot
+    /// choose contents that collide.
     #[default]
     Xxh3,
     /// Every page hashes to the same value: every candidate is a collision unless its
@@ -87,10 +95,10 @@ pub enum ShareHash {
 }
 
 impl ShareHash {
-    /// The hash of `page`.
-    pub fn of(self, page: &[u8]) -> u64 {
+    /// The hash of `page` under the key `seed`.
+    pub fn of(self, seed: u64, page: &[u8]) -> u64 {
         match self {
-            Self::Xxh3 => xxhash_rust::xxh3::xxh3_64(page),
+            Self::Xxh3 => broker::group_hash(seed, page),
             Self::Constant => 0x5eed,
         }
     }

@@ -40,10 +40,12 @@ pub enum Found {
 }
 
 /// What the scanner, the merger and the fault handler need of a pool: a VM's own
-/// ([`Pool`]) or its sharing group's (`group::GroupPool`). Semantics are [`Pool`]'s.
+/// ([`Pool`]) or its sharing group's (`member::GroupMember`). Semantics are [`Pool`]'s.
 pub trait SharePool: std::fmt::Debug + Send + Sync {
     /// The memfd of canonical pages.
     fn file(&self) -> &File;
+    /// The secret key of the scanner's hash (every member of a group has the group's).
+    fn seed(&self) -> u64;
     /// Copies the content of live slot `slot` into `out`; false if there is no such slot.
     fn read(&self, slot: u64, out: &mut Page) -> bool;
     /// Looks `hash` up; a canonical slot comes back pinned.
@@ -108,6 +110,7 @@ pub struct Pool {
     view: View,
     capacity: u64,
     hint_capacity: usize,
+    seed: u64,
     inner: Mutex<Inner>,
 }
 
@@ -119,7 +122,8 @@ impl Pool {
     pub fn new(capacity: u64, hint_capacity: usize) -> Result<Self, PoolError> {
         let file = memfd(c"ebb-sharing-pool")?;
         let view = View::new(&file, capacity.saturating_mul(PAGE_SIZE).max(PAGE_SIZE))?;
-        Ok(Self { file, view, capacity, hint_capacity, inner: Mutex::default() })
+        let seed = crate::mm::rng::secret_u64()?;
+        Ok(Self { file, view, capacity, hint_capacity, seed, inner: Mutex::default() })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -170,6 +174,10 @@ impl SharePool for Pool {
     /// The memfd (mapped privately over shared guest pages).
     fn file(&self) -> &File {
         &self.file
+    }
+
+    fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// Copies the content of live slot `slot` (unchanged while the caller holds a reference).

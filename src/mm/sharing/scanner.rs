@@ -213,7 +213,7 @@ impl Scanner {
         }
         // SAFETY: claimed and mapped, so it stays mapped during the copy (see above).
         unsafe { read_page_racy(hva, &mut self.buf) };
-        Some(self.hash.of(&self.buf[..]))
+        Some(self.hash.of(self.merger.pool().seed(), &self.buf[..]))
     }
 
     fn share_zero(&mut self, idx: u64) {
@@ -242,7 +242,8 @@ impl Scanner {
         // The frozen content is what goes into the pool: hash it again, as it may have
         // changed since the copy that was hashed.
         let p = frozen.contents();
-        let slot = (self.hash.of(p) == hash).then(|| pool.create(hash, p).ok()).flatten();
+        let slot =
+            (self.hash.of(pool.seed(), p) == hash).then(|| pool.create(hash, p).ok()).flatten();
         // No slot: the frozen page is dropped, put back.
         if slot.is_some_and(|slot| frozen.install(slot)) {
             self.stats.merged.fetch_add(1, Ordering::Relaxed);
@@ -279,7 +280,7 @@ impl Scanner {
         let Some(frozen) = self.merger.freeze(idx, 0) else { return };
         let p = frozen.contents();
         let equal = p == frozen_hint.contents();
-        let slot = equal.then(|| pool.create(self.hash.of(p), p));
+        let slot = equal.then(|| pool.create(self.hash.of(pool.seed(), p), p));
         let Some(Ok(slot)) = slot else {
             if !equal {
                 self.stats.collisions.fetch_add(1, Ordering::Relaxed);

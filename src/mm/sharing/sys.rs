@@ -1,6 +1,10 @@
-//! The raw system calls of page sharing: the pool's memfd and its shared view, and the
+//! The raw system calls of page sharing: the pool's memfd, its seals and its views, the
 //! mappings that put a pool page over a guest page (`mremap`) and take it away again
-//! (`mmap` of fresh anonymous memory over it). Each is wrapped once here.
+//! (`mmap` of fresh anonymous memory over it), and the packet sockets of a sharing group's
+//! broker. Each is wrapped once here.
+//!
+//! Every mapping made here holds guest data, so each is `MADV_DONTDUMP`: a core dump of a
+//! VM process must not carry guest memory (or another VM's) to disk.
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -42,6 +46,63 @@ pub fn memfd(name: &CStr) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// Seals that make a memfd read-only for every descriptor and every future mapping:
+/// writes, new shared writable mappings, holes, truncation and growth are refused, and so
+/// is changing the seals. Mappings made writable before the seal keep working (the broker's).
+pub const READ_ONLY_SEALS: libc::c_int =
+    libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// A new memfd named `name` (close-on-exec) that accepts seals, empty.
+///
+/// # Errors
+/// The `memfd_create` error.
+pub fn sealable_memfd(name: &CStr) -> io::Result<File> {
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // SAFETY: a NUL-terminated name we own; the new descriptor is ours alone.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Adds [`READ_ONLY_SEALS`] to `file`.
+///
+/// # Errors
+/// The `fcntl` error (a memfd made without `MFD_ALLOW_SEALING` refuses).
+pub fn seal_read_only(file: &File) -> io::Result<()> {
+    // SAFETY: F_ADD_SEALS only changes the file's seals.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, READ_ONLY_SEALS) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `file` carries every one of [`READ_ONLY_SEALS`].
+///
+/// # Errors
+/// The `fcntl` error (not a memfd, for one).
+pub fn is_sealed_read_only(file: &File) -> io::Result<bool> {
+    // SAFETY: F_GET_SEALS only reads the file's seals.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(seals & READ_ONLY_SEALS == READ_ONLY_SEALS)
+}
+
+/// A new read-only descriptor of the file behind `file` (a separate open file description,
+/// so that the holder cannot `fcntl` its way to writing).
+///
+/// # Errors
+/// The `open` error (`/proc` not mounted, for one).
+pub fn reopen_read_only(file: &File) -> io::Result<File> {
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    std::fs::OpenOptions::new().read(true).open(path)
+}
+
 /// Frees the memory of `[offset, offset + len)` of `file`; the file keeps its size and
 /// those bytes read as zeros.
 ///
@@ -68,14 +129,27 @@ impl View {
     /// # Errors
     /// The `mmap` error.
     pub fn new(file: &File, len: u64) -> io::Result<Self> {
+        Self::map(file, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// Maps `len` bytes of `file` for reading only (a sealed pool, a read-only descriptor):
+    /// [`View::write`] on it would fault, so only the broker's own view is ever written.
+    ///
+    /// # Errors
+    /// The `mmap` error.
+    pub fn read_only(file: &File, len: u64) -> io::Result<Self> {
+        Self::map(file, len, libc::PROT_READ)
+    }
+
+    fn map(file: &File, len: u64, prot: libc::c_int) -> io::Result<Self> {
         let len = to_len(len)?;
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
         let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
         // SAFETY: a fresh mapping at an address the kernel picks; nothing else refers to it.
         let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, file.as_raw_fd(), 0) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        dont_dump(p as u64, len);
         Ok(Self { hva: p as u64, len })
     }
 
@@ -85,25 +159,10 @@ impl View {
             .then(|| (self.hva as *mut u8).wrapping_add(offset))
     }
 
-    /// The 64-bit word at index `i` of the view, shared with every process that maps the
-    /// same file (a sharing group's tables).
-    pub fn word(&self, i: u64) -> Option<&std::sync::atomic::AtomicU64> {
-        let offset = usize::try_from(i).ok()?.checked_mul(8)?;
-        if offset.checked_add(8)? > self.len {
-            return None;
-        }
-        // SAFETY: in bounds of our live mapping, 8-byte aligned (the mapping is page
-        // aligned); AtomicU64 has the layout of u64, and every process touches these words
-        // only atomically.
-        Some(unsafe {
-            &*(self.hva as *const u8).wrapping_add(offset).cast::<std::sync::atomic::AtomicU64>()
-        })
-    }
-
     /// Copies the page of slot `slot` into `out`; false past the end of the view. The
-    /// mapping is shared with other processes (a sharing group's members), which may write
-    /// it whatever the protocol says, so it is copied out with volatile reads, never
-    /// borrowed: a torn copy is at worst wrong bytes, never undefined behaviour.
+    /// mapping is shared with another process (a sharing group's broker, which writes only
+    /// free slots, but is another process all the same), so it is copied out with volatile
+    /// reads, never borrowed: a torn copy is at worst wrong bytes, never undefined behaviour.
     pub fn read(&self, slot: u64, out: &mut Page) -> bool {
         let Some(p) = self.at(slot) else { return false };
         let src = p.cast::<u64>().cast_const();
@@ -148,6 +207,7 @@ pub fn map_private_page(file: &File, offset: u64) -> io::Result<u64> {
     if p == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
+    dont_dump(p as u64, PAGE_BYTES);
     Ok(p as u64)
 }
 
@@ -209,6 +269,7 @@ pub fn map_anon_page() -> io::Result<u64> {
     if p == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
+    dont_dump(p as u64, PAGE_BYTES);
     Ok(p as u64)
 }
 
@@ -224,6 +285,17 @@ pub unsafe fn read_page_racy(hva: u64, out: &mut Page) {
         // SAFETY: the caller guarantees the page is mapped; `i` < 512 stays inside it.
         let word = unsafe { std::ptr::read_volatile(src.add(i)) };
         chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+}
+
+/// Leaves the mapping at `hva` out of core dumps. Best effort: a kernel that refuses says
+/// so once in the log, and the mapping works regardless.
+fn dont_dump(hva: u64, len: usize) {
+    // SAFETY: advice on a mapping of ours; MADV_DONTDUMP changes no contents.
+    if unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTDUMP) } != 0 {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        let e = io::Error::last_os_error();
+        ONCE.call_once(|| log::warn!("page sharing: MADV_DONTDUMP refused: {e}"));
     }
 }
 
