@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use std::os::fd::IntoRawFd;
 
 use ebb::mm::engine::{Engine, EngineConfig};
-use ebb::mm::sharing::broker::Broker;
 use ebb::mm::fault::around::FaultAround;
 use ebb::mm::fault::handler::{HandlerConfig, DEFAULT_OOM_WAIT};
+use ebb::mm::sharing::broker::Broker;
 use ebb::mm::MemoryManager;
 use ebb::vstate::memory::GuestRam;
 
@@ -137,5 +137,8 @@ fn main() {
     println!("  ebb copy-on-write of a shared page {c:>9.0}   {:.2}x the first-touch fault", c / f);
     println!("  scanner CPU per page shared        {m:>9.0}   ({pages} identical pages shared in {s:.2} s)");
     println!("  group: copy-on-write               {gc:>9.0}   {:.2}x the VM's own pool", gc / c);
-    println!("  group: scanner + broker CPU/page   {gm:>9.0}   {:.2}x ({pages} pages in {gs:.2} s)", gm / m);
+    println!(
+        "  group: scanner + broker CPU/page   {gm:>9.0}   {:.2}x ({pages} pages in {gs:.2} s)",
+        gm / m
+    );
 }

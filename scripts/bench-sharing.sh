@@ -10,6 +10,10 @@
 #     the idle phase; CPU is ebb's scanner thread, or ksmd's. Both start at the idle phase
 #     (ebb's scan rate is set through its control socket, KSM is switched on then), so
 #     neither gets a head start during the writes.
+#  3. two guests alike (touch, same seed: every page has a twin in the other VM): a sharing
+#     group of two under `ebb host` (the broker in the host) against two `ebb run --ksm`
+#     with KSM at ebb's CPU. Memory saved is the fall of the summed PSS of every process
+#     involved (the host too, which maps the group's pool) from when both guests are idle.
 # KSM's knobs are set for the run and restored afterwards (needs root). Prints a table;
 # timings are never asserted: the machines are noisy.
 #
@@ -132,6 +136,102 @@ if ksm_ok:
     ksm_write("run", 2)  # unmerge what this run merged
     time.sleep(1)
 
+def pair(name, start_procs, begin, cpu):
+    """Two guests alike: start_procs() -> (pids, serial logs, stop); begin() starts sharing."""
+    pids, logs, stop = start_procs()
+    t_start = time.time()
+    while not all(os.path.exists(l) and "touch: idle" in open(l, errors="replace").read() for l in logs):
+        if time.time() - t_start > 300:
+            stop()
+            raise SystemExit(f"{name}: the guests never went idle")
+        time.sleep(0.1)
+    pss = lambda: sum(pss_kib(p) for p in pids())
+    t0, pss0, cpu0 = time.time(), pss(), cpu()
+    begin()
+    samples = []
+    while time.time() - t0 < idle_s - 1:
+        time.sleep(0.2)
+        try:
+            samples.append((time.time() - t0, pss0 - pss(), cpu() - cpu0))
+        except OSError:
+            break
+    stop()
+    final = max(s[1] for s in samples[-10:]) if samples else 0
+    t90 = next((t for t, s, _ in samples if s >= 0.9 * final), float("nan")) if final > 0 else float("nan")
+    cpu90 = next((c for t, s, c in samples if s >= 0.9 * final), float("nan")) if final > 0 else float("nan")
+    return dict(name=name, saved_mib=final / 1024, t90=t90, cpu90=cpu90,
+                cpu_end=samples[-1][2] if samples else 0.0, ok=True)
+
+def touch_args(log):
+    return [f"pages={pages}", "mix=zero:20,dup:60,random:20", "dup_groups=64", "seed=7",
+            f"idle_ms={idle_s * 1000}"]
+
+def ebb_group():
+    d = tempfile.mkdtemp(prefix="ebb-bench-group-")
+    logs = [f"{d}/{n}.serial" for n in "ab"]
+    cfg = f"{d}/host.toml"
+    with open(cfg, "w") as f:
+        f.write(f'budget = "4G"\ntick_ms = 200\nsharing_rate_idle = 0\n')
+        for n, log in zip("ab", logs):
+            fa = ", ".join(json.dumps(a) for a in touch_args(log))
+            f.write(f'[[vm]]\nname = "{n}"\nmemory = "{mem_mib}M"\nfirmware = "touch"\n'
+                    f'firmware_args = [{fa}]\nserial_log = "{log}"\nsharing_group = "g"\n')
+    sock = f"{d}/host.sock"
+    h = subprocess.Popen(["./target/release/ebb", "host", "--config", cfg, "--api-sock", sock],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def pids():
+        kids = open(f"/proc/{h.pid}/task/{h.pid}/children").read().split()
+        return [h.pid] + [int(k) for k in kids]
+    def stop():
+        h.terminate()
+        h.wait(30)
+    state.update(sock=sock, pids=pids)
+    return pids, logs, stop
+
+def ebb_group_begin():
+    for n in "ab":
+        ask(state["sock"], {"vm": {"name": n, "request": {"sharing": {"scan_rate": rate}}}})
+
+def ebb_group_cpu():
+    total = 0.0
+    for pid in state["pids"]():
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+            except OSError:
+                continue
+            if "(ebb-share)" in stat or "(ebb-group-" in stat:
+                f = stat.rsplit(")", 1)[1].split()
+                total += (int(f[11]) + int(f[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    return total
+
+def ksm_pair():
+    d = tempfile.mkdtemp(prefix="ebb-bench-ksm-")
+    logs = [f"{d}/{n}.serial" for n in "ab"]
+    procs = []
+    for log in logs:
+        args = ["./target/release/ebb", "run", "--mem", f"{mem_mib}M", "--firmware", "touch",
+                "--serial-log", log, "--ksm"]
+        for kv in touch_args(log):
+            args += ["--firmware-arg", kv]
+        procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    def stop():
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+    return (lambda: [p.pid for p in procs]), logs, stop
+
+state = {}
+pairs = [pair(f"2 VMs, ebb sharing group, {rate} pages/s each", ebb_group, ebb_group_begin, ebb_group_cpu)]
+if ksm_ok and len(results) == 3:
+    ksm_write("run", 2)
+    n2 = min(20000, 2 * n)  # two scanners' worth: ebb scans each VM at its rate
+    ksm_write("pages_to_scan", n2)
+    pairs.append(pair(f"2 VMs, KSM at ebb's CPU ({n2} pages / 20 ms)", ksm_pair,
+                      lambda: ksm_write("run", 1), ksmd_cpu_ms))
+    ksm_write("run", 2)
+    time.sleep(1)
+
 print(f"{'':44} {'saved MiB':>9} {'to 90%':>8} {'CPU to 90%':>11} {'CPU, all':>9}  pages ok")
 for r in results:
     print(f"{r['name']:44} {r['saved_mib']:9.1f} {r['t90']:7.2f}s {r['cpu90']:9.0f}ms {r['cpu_end']:7.0f}ms  {r['ok']}")
@@ -140,4 +240,11 @@ if ksm_ok and len(results) == 3:
     print(f"ebb reaches 90% {d['t90'] / e['t90']:.1f}x sooner than KSM's defaults and "
           f"{f['t90'] / e['t90']:.1f}x sooner than KSM at about the same CPU; "
           f"saving ebb/KSM = {e['saved_mib'] / max(d['saved_mib'], 1e-9):.2f}")
+print()
+for r in pairs:
+    print(f"{r['name']:44} {r['saved_mib']:9.1f} {r['t90']:7.2f}s {r['cpu90']:9.0f}ms {r['cpu_end']:7.0f}ms")
+if len(pairs) == 2:
+    g, k = pairs
+    print(f"the group reaches 90% {k['t90'] / g['t90']:.1f}x sooner than KSM at about ebb's CPU; "
+          f"saving group/KSM = {g['saved_mib'] / max(k['saved_mib'], 1e-9):.2f}")
 PY

@@ -29,9 +29,9 @@ use crate::units::PAGE_SIZE;
 /// How long a member waits for the broker's answer (or for room to send).
 pub const BROKER_PATIENCE: Duration = Duration::from_secs(10);
 
+/// The state of asking: one question at a time, so that answers pair with questions.
 #[derive(Debug)]
-struct Link {
-    packets: Packets,
+struct Asking {
     seq: u64,
     buf: Vec<u8>,
 }
@@ -43,7 +43,10 @@ pub struct GroupMember {
     view: View,
     capacity: u64,
     seed: u64,
-    link: Mutex<Link>,
+    /// Messages are whole on a packet socket, so one-way messages go out without the
+    /// asking lock: a release never waits behind a question.
+    link: Packets,
+    asking: Mutex<Asking>,
     of_page: Mutex<HashMap<u64, u64>>,
     broken: AtomicBool,
 }
@@ -65,12 +68,10 @@ impl GroupMember {
         if !is_sealed_read_only(&data)? {
             return Err(invalid("its memfd is not sealed against writes"));
         }
-        let link = Link { packets: Packets::from_owned(link), seq: 0, buf: vec![0; MAX_MESSAGE] };
-        link.packets.set_timeouts(BROKER_PATIENCE)?;
-        let mut link = Mutex::new(link);
-        let hello = ask(link.get_mut().unwrap_or_else(PoisonError::into_inner), |seq| {
-            Request::Hello { seq }
-        });
+        let link = Packets::from_owned(link);
+        link.set_timeouts(BROKER_PATIENCE)?;
+        let mut asking = Asking { seq: 0, buf: vec![0; MAX_MESSAGE] };
+        let hello = ask(&link, &mut asking, |seq| Request::Hello { seq });
         let Some(Reply::Hello { seed, capacity, .. }) = hello else {
             return Err(invalid("its broker did not say hello"));
         };
@@ -84,13 +85,14 @@ impl GroupMember {
             capacity,
             seed,
             link,
+            asking: Mutex::new(asking),
             of_page: Mutex::default(),
             broken: AtomicBool::new(false),
         })
     }
 
-    fn link(&self) -> MutexGuard<'_, Link> {
-        self.link.lock().unwrap_or_else(PoisonError::into_inner)
+    fn asking(&self) -> MutexGuard<'_, Asking> {
+        self.asking.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn of_page(&self) -> MutexGuard<'_, HashMap<u64, u64>> {
@@ -107,7 +109,7 @@ impl GroupMember {
         if self.broken.load(Ordering::Relaxed) {
             return None;
         }
-        let reply = ask(&mut self.link(), req);
+        let reply = ask(&self.link, &mut self.asking(), req);
         if reply.is_none() {
             self.failed("the broker did not answer");
         }
@@ -118,7 +120,7 @@ impl GroupMember {
         if self.broken.load(Ordering::Relaxed) {
             return;
         }
-        if let Err(e) = self.link().packets.send(&req.encode(), false) {
+        if let Err(e) = self.link.send(&req.encode(), false) {
             self.failed(&format!("telling the broker: {e}"));
         }
     }
@@ -126,16 +128,16 @@ impl GroupMember {
 
 /// Sends the request made from the next sequence number and waits for its answer,
 /// skipping answers to earlier requests whose wait timed out.
-fn ask(link: &mut Link, req: impl FnOnce(u64) -> Request) -> Option<Reply> {
-    link.seq += 1;
-    let seq = link.seq;
-    link.packets.send(&req(seq).encode(), false).ok()?;
+fn ask(link: &Packets, asking: &mut Asking, req: impl FnOnce(u64) -> Request) -> Option<Reply> {
+    asking.seq += 1;
+    let seq = asking.seq;
+    link.send(&req(seq).encode(), false).ok()?;
     loop {
-        let n = link.packets.recv(&mut link.buf, false).ok()?;
+        let n = link.recv(&mut asking.buf, false).ok()?;
         if n == 0 {
             return None;
         }
-        let reply = Reply::decode(&link.buf[..n])?;
+        let reply = Reply::decode(&asking.buf[..n])?;
         if reply.seq() == seq {
             return Some(reply);
         }
