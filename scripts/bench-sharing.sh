@@ -189,8 +189,10 @@ def ebb_group():
     return pids, logs, stop
 
 def ebb_group_begin():
-    for n in "ab":
-        ask(state["sock"], {"vm": {"name": n, "request": {"sharing": {"scan_rate": rate}}}})
+    # Straight to each VM's socket: through the host, sharing is the policy's lever (and
+    # the policy here leaves it at 0, so it never sets it back).
+    for vm in ask(state["sock"], {"vms": {}})["vms"]:
+        ask(vm["sock"], {"sharing": {"scan_rate": rate}})
 
 def ebb_group_cpu():
     total = 0.0

@@ -19,6 +19,8 @@
 //! - the index is a hash map keyed by the member-sent hash with the map's own random key,
 //!   so no choice of hashes piles entries into one bucket; each member has at most
 //!   [`HINT_QUOTA`] hints, and clearing them costs its own hints, not the index;
+//! - a member stores new content only while it holds fewer slots than its fair share of
+//!   the pool (capacity / members), so no member fills the pool against the others;
 //! - every request costs O(1) (a `Create` copies one page) and the loop takes at most
 //!   [`BATCH`] messages from one member before it turns to the next, so one member's flood
 //!   delays another's request by at most a batch;
@@ -321,6 +323,12 @@ impl Tables {
                 return Ok(Ok(slot));
             }
         }
+        // A fair share of new slots: no member fills the pool so that the others can store
+        // nothing (pinning what others stored is not limited: that is sharing).
+        let share = self.capacity / (self.members.len() as u64).max(1);
+        if self.members.get(&id).is_some_and(|m| m.refs.len() as u64 >= share.max(1)) {
+            return Ok(Err(Refusal::Full));
+        }
         let Some(slot) = self.new_slot() else { return Ok(Err(Refusal::Full)) };
         self.view.write(slot, page);
         let i = to_index(slot);
@@ -576,6 +584,17 @@ mod tests {
             t.handle(a, Request::Hint { hash: 1000 + h, idx: h }).unwrap();
         }
         assert_eq!(t.members[&a].hints.len(), HINT_QUOTA);
+    }
+
+    #[test]
+    fn a_member_stores_at_most_its_fair_share_of_new_slots() {
+        let mut t = tables(4);
+        let (a, b) = (member(&mut t), member(&mut t));
+        create(&mut t, a, 1).unwrap();
+        create(&mut t, a, 2).unwrap();
+        assert_eq!(create(&mut t, a, 3), Err(Refusal::Full), "a's half is used");
+        assert_eq!(create(&mut t, b, 1).map(|_| ()), Ok(()), "joining a's content is sharing");
+        assert!(create(&mut t, b, 4).is_ok(), "b's half is free");
     }
 
     #[test]
