@@ -8,6 +8,8 @@
 //! | `pressure.rs` | minFree and the memory states (a pure transition function) |
 //! | `policy/` | the [`Policy`](policy::Policy) trait and the policies |
 //! | `child.rs` | one VM process: spawn, socket, signals, exit |
+//! | `poll.rs` | requests to every VM at once under one deadline, replies capped |
+//! | `figures.rs` | a VM's reported figures made safe, and what it holds measured from outside |
 //! | `supervisor.rs` | the tick: read the VMs, pick the state, ask the policy, move levers |
 //! | `report.rs` | the report per tick, and its Prometheus form |
 //! | `rundir.rs` | private directories (mkdtemp, mode 0700) for the run and the lab |
@@ -20,7 +22,9 @@
 pub mod api;
 pub mod child;
 pub mod config;
+pub mod figures;
 pub mod policy;
+pub mod poll;
 pub mod pressure;
 pub mod report;
 pub mod rundir;
@@ -182,7 +186,7 @@ pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
         None => None,
     };
     let mut sup = Supervisor::start(&opts.config, &opts.exe, dir.path(), policy)?;
-    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("eventfd"))?;
+    let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(setup("eventfd"))?;
     let api = match &opts.api_sock {
         Some(path) => {
             let h = api::HostApi::new(sup.shared(), wake.try_clone().map_err(setup("eventfd"))?);
