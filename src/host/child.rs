@@ -55,14 +55,6 @@ pub enum ChildError {
         /// Seconds waited.
         secs: u64,
     },
-    /// A request failed.
-    #[error("vm {name:?}: {msg}")]
-    Request {
-        /// The VM.
-        name: String,
-        /// What went wrong.
-        msg: String,
-    },
 }
 
 /// A running (or ended) VM process.
@@ -266,13 +258,18 @@ impl VmProcess {
     }
 }
 
+/// Longest reply [`request_with_timeout`] takes: a host's `host_stats` grows with its VMs
+/// (under 1 KiB each), a VM's replies stay under [`super::poll::MAX_REPLY_BYTES`].
+pub const MAX_CLIENT_REPLY_BYTES: usize = 1 << 20;
+
 /// One request over a fresh connection, the whole exchange bounded by `timeout` (a reply
-/// trickled a byte at a time fails at `timeout`, not a read's timeout later).
+/// trickled a byte at a time fails at `timeout`, not a read's timeout later) and the reply
+/// by [`MAX_CLIENT_REPLY_BYTES`].
 ///
 /// # Errors
 /// The socket fails or times out, or the reply is too long or not JSON.
 pub fn request_with_timeout(path: &Path, req: &Value, timeout: Duration) -> std::io::Result<Value> {
-    super::poll::request_within(path, req, timeout)
+    super::poll::request_within(path, req, timeout, MAX_CLIENT_REPLY_BYTES)
 }
 
 impl Drop for VmProcess {

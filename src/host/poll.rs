@@ -39,8 +39,8 @@ pub enum PollError {
         want: usize,
     },
     /// A reply line passed the cap.
-    #[error("a reply longer than {MAX_REPLY_BYTES} bytes")]
-    TooLong,
+    #[error("a reply longer than {0} bytes")]
+    TooLong(usize),
     /// The VM closed the connection before every reply came.
     #[error("the connection closed after {got} of {want} replies")]
     Closed {
@@ -79,11 +79,13 @@ struct Conn<'a> {
     line: Vec<u8>,
     replies: Vec<Value>,
     want: usize,
+    /// Longest reply line accepted, newline included.
+    max: usize,
     result: Option<Result<Vec<Value>, PollError>>,
 }
 
 impl<'a> Conn<'a> {
-    fn new(sock: &'a Path, requests: &[Value]) -> Self {
+    fn new(sock: &'a Path, requests: &[Value], max: usize) -> Self {
         let mut out = Vec::new();
         for r in requests {
             out.extend_from_slice(r.to_string().as_bytes());
@@ -97,6 +99,7 @@ impl<'a> Conn<'a> {
             line: Vec::new(),
             replies: Vec::new(),
             want: requests.len(),
+            max,
             result: None,
         };
         if c.want == 0 {
@@ -153,8 +156,8 @@ impl<'a> Conn<'a> {
         while let Some(nl) = bytes.iter().position(|&b| b == b'\n') {
             let (head, rest) = bytes.split_at(nl);
             bytes = rest.get(1..).unwrap_or_default();
-            if self.line.len() + head.len() >= MAX_REPLY_BYTES {
-                return self.fail(PollError::TooLong);
+            if self.line.len() + head.len() >= self.max {
+                return self.fail(PollError::TooLong(self.max));
             }
             self.line.extend_from_slice(head);
             match serde_json::from_slice(&self.line) {
@@ -168,22 +171,32 @@ impl<'a> Conn<'a> {
                 return;
             }
         }
-        if self.line.len() + bytes.len() >= MAX_REPLY_BYTES {
-            return self.fail(PollError::TooLong);
+        if self.line.len() + bytes.len() >= self.max {
+            return self.fail(PollError::TooLong(self.max));
         }
         self.line.extend_from_slice(bytes);
     }
 }
 
 /// Sends each job's requests to its socket and reads its replies, every job at once, all
-/// ending by `deadline`. Returns one result per job, in order: the replies (an
-/// `{"error": ...}` reply is a reply), or why that VM failed.
+/// ending by `deadline`, each reply line at most [`MAX_REPLY_BYTES`]. Returns one result per
+/// job, in order: the replies (an `{"error": ...}` reply is a reply), or why that VM failed.
 pub fn exchange_all(
     jobs: &[(&Path, Vec<Value>)],
     deadline: Instant,
 ) -> Vec<Result<Vec<Value>, PollError>> {
+    exchange_capped(jobs, deadline, MAX_REPLY_BYTES)
+}
+
+/// [`exchange_all`] with replies of at most `max_reply_bytes`.
+fn exchange_capped(
+    jobs: &[(&Path, Vec<Value>)],
+    deadline: Instant,
+    max_reply_bytes: usize,
+) -> Vec<Result<Vec<Value>, PollError>> {
     let start = Instant::now();
-    let mut conns: Vec<Conn<'_>> = jobs.iter().map(|(p, r)| Conn::new(p, r)).collect();
+    let mut conns: Vec<Conn<'_>> =
+        jobs.iter().map(|(p, r)| Conn::new(p, r, max_reply_bytes)).collect();
     loop {
         let mut retry = false;
         for c in conns.iter_mut().filter(|c| c.result.is_none() && c.stream.is_none()) {
@@ -235,14 +248,20 @@ fn poll_once(conns: &mut [Conn<'_>], wait: Duration) {
     }
 }
 
-/// One request to `path`, the whole exchange (connect, write, read) bounded by `timeout`.
+/// One request to `path`, the whole exchange (connect, write, read) bounded by `timeout`
+/// and the reply line by `max_reply_bytes`.
 ///
 /// # Errors
 /// The socket fails, the reply is late (`TimedOut`), too long or not JSON.
-pub fn request_within(path: &Path, req: &Value, timeout: Duration) -> std::io::Result<Value> {
+pub fn request_within(
+    path: &Path,
+    req: &Value,
+    timeout: Duration,
+    max_reply_bytes: usize,
+) -> std::io::Result<Value> {
     let jobs = [(path, vec![req.clone()])];
     let deadline = Instant::now() + timeout;
-    match exchange_all(&jobs, deadline).pop() {
+    match exchange_capped(&jobs, deadline, max_reply_bytes).pop() {
         Some(Ok(mut replies)) => {
             replies.pop().ok_or_else(|| std::io::Error::from(ErrorKind::UnexpectedEof))
         }
@@ -334,7 +353,8 @@ mod tests {
         let (_d, path) = sock("trickle");
         serve(&path, |_| (0..1000).map(|_| b" ".to_vec()).collect());
         let start = Instant::now();
-        let err = request_within(&path, &serde_json::json!({}), Duration::from_millis(300));
+        let req = serde_json::json!({});
+        let err = request_within(&path, &req, Duration::from_millis(300), MAX_REPLY_BYTES);
         assert_eq!(err.unwrap_err().kind(), ErrorKind::TimedOut);
         assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
     }
@@ -350,7 +370,7 @@ mod tests {
             &[(&long, req.clone()), (&ok, req)],
             Instant::now() + Duration::from_secs(5),
         );
-        assert!(matches!(out[0], Err(PollError::TooLong)), "{:?}", out[0]);
+        assert!(matches!(out[0], Err(PollError::TooLong(MAX_REPLY_BYTES))), "{:?}", out[0]);
         assert_eq!(out[1].as_ref().unwrap(), &[serde_json::json!({})]);
     }
 
