@@ -317,12 +317,14 @@ fn a_vm_that_under_reports_is_counted_at_what_it_holds() {
     let mut last = Value::Null;
     for _ in 0..4 {
         last = next_report(&rx, Duration::from_secs(10));
-        if u(vm(&last, "under"), "consumed_bytes") >= 60 * MIB {
+        if u(vm(&last, "under"), "consumed_bytes") >= 48 * MIB {
             break;
         }
     }
     let under = u(vm(&last, "under"), "consumed_bytes");
-    assert!(under >= 60 * MIB, "a VM holding 64 MiB is counted at {} MiB: {last}", under >> 20);
+    // Less what any VM process may hold for itself, beyond its report.
+    let floor = 64 * MIB - ebb::host::figures::PROCESS_ALLOWANCE_BYTES;
+    assert!(under >= floor, "a VM holding 64 MiB is counted at {} MiB: {last}", under >> 20);
 }
 
 #[test]

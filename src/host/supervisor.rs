@@ -90,7 +90,7 @@ struct Slot {
     proc: VmProcess,
     /// When it was spawned, while its socket is not up yet.
     starting: Option<Instant>,
-    /// What the policy sees: `consumed_bytes` the larger of the report and the measure.
+    /// What the policy sees: `consumed_bytes` is [`figures::counted_bytes`].
     view: VmView,
     /// Consumed bytes as last reported (clamped).
     reported_bytes: u64,
@@ -434,7 +434,7 @@ impl Supervisor {
             }
             let s = &mut self.slots[i];
             s.measured_bytes = self.meter.measure(s.proc.pid(), None);
-            s.view.consumed_bytes = s.reported_bytes.max(s.measured_bytes.unwrap_or(0));
+            s.view.consumed_bytes = figures::counted_bytes(s.reported_bytes, s.measured_bytes);
         }
     }
 
@@ -534,7 +534,7 @@ impl Slot {
         self.saved = f.saved;
         self.reported_bytes = f.view.consumed_bytes;
         // Until the next measure, the last one still holds.
-        let consumed = self.reported_bytes.max(self.measured_bytes.unwrap_or(0));
+        let consumed = figures::counted_bytes(self.reported_bytes, self.measured_bytes);
         self.view = VmView { consumed_bytes: consumed, fault_rate, refault_rate, ..f.view };
         Ok(())
     }
