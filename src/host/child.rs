@@ -123,9 +123,9 @@ pub fn run_args(vm: &VmSpec, sock: &Path) -> Vec<String> {
 }
 
 impl VmProcess {
-    /// Starts `exe run ...` for `vm` with its socket in `dir`; it does not wait for the
-    /// socket (see [`socket_up`](Self::socket_up)). `group` holds the memfds of its sharing group's pool, which the child inherits;
-    /// `extra` are more options (the policy's).
+    /// Starts `exe run ...` for `vm` with its socket in `dir`, without waiting for the socket
+    /// ([`socket_up`](Self::socket_up) looks). `group` holds the memfds of its sharing group's
+    /// pool, which the child inherits; `extra` are more options (the policy's).
     ///
     /// # Errors
     /// The process cannot start.
