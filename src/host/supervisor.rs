@@ -579,6 +579,9 @@ impl Slot {
         let name = &self.spec.entry.name;
         if self.proc.poll_exit().is_some() {
             log::debug!("vm {name}: {why} (it has ended)");
+        } else if !self.proc.sock.exists() {
+            // `ebb run` removes its socket as it ends: no warning for a VM ending.
+            log::info!("vm {name}: its control socket is gone (ending?)");
         } else if self.misses == 1 {
             log::warn!("vm {name}: stale ({why}): not asked for {skip} ticks");
         } else {
