@@ -193,7 +193,8 @@ impl<H: Handler> ApiServer<H> {
         };
         listener.set_nonblocking(true)?;
         let meta = std::fs::symlink_metadata(path)?;
-        let kick = EventFd::new(libc::EFD_NONBLOCK)?;
+        // Close-on-exec: the host's VMs, spawned while its socket serves, must not get it.
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         Ok(Self {
             path: path.to_owned(),
             created: (meta.dev(), meta.ino()),

@@ -8,15 +8,16 @@
 //! | `{"budget": {"mib": N}}` | `{"ok": true}`: the new budget (not below the reservations) |
 //! | `{"vm": {"name": "a", "request": {...}}}` | VM `a`'s reply to the request (not the levers the host owns: balloon, reclaim, sharing, alloc) |
 //!
-//! A pass-through waits for the VM (at most 2 s to connect and 2 s to answer) on the socket's
-//! thread: the one request here that can delay the host's other clients, by as long.
+//! A pass-through waits for the VM (at most 2 s in all, its reply at most 64 KiB) on the
+//! socket's thread: the one request here that can delay the host's other clients, by as long.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::{json, Value};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::child::{request_with_timeout, REPLY_TIMEOUT};
+use super::child::REPLY_TIMEOUT;
+use super::poll::{request_within, MAX_REPLY_BYTES};
 use super::supervisor::Shared;
 use crate::api::{error, parse_request, Handler};
 
@@ -88,7 +89,7 @@ impl HostApi {
         let Some(sock) = sock else {
             return error(format!("no VM named {name:?}"));
         };
-        request_with_timeout(&sock, request, REPLY_TIMEOUT)
+        request_within(&sock, request, REPLY_TIMEOUT, MAX_REPLY_BYTES)
             .unwrap_or_else(|e| error(format!("vm {name:?}: {e}")))
     }
 }

@@ -10,9 +10,7 @@
 //! sealed pool and its end of a socket to the group's broker; every other descriptor of the
 //! host stays close-on-exec.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -22,10 +20,11 @@ use serde_json::Value;
 
 use super::config::VmSpec;
 use crate::mm::sharing::broker::MemberFds;
+use super::poll::nonblocking_connect;
 
 /// How long a child's control socket may take to appear.
 pub const SOCKET_WAIT: Duration = Duration::from_secs(20);
-/// How long the host waits for one reply from a child.
+/// How long a pass-through request through the host's socket may take in all.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors starting or talking to a child.
@@ -56,14 +55,6 @@ pub enum ChildError {
         path: PathBuf,
         /// Seconds waited.
         secs: u64,
-    },
-    /// A request failed.
-    #[error("vm {name:?}: {msg}")]
-    Request {
-        /// The VM.
-        name: String,
-        /// What went wrong.
-        msg: String,
     },
 }
 
@@ -133,12 +124,12 @@ pub fn run_args(vm: &VmSpec, sock: &Path) -> Vec<String> {
 }
 
 impl VmProcess {
-    /// Starts `exe run ...` for `vm` with its socket in `dir`, and waits for the socket.
-    /// `group` holds its membership of its sharing group, which the child inherits;
-    /// `extra` are more options (the policy's).
+    /// Starts `exe run ...` for `vm` with its socket in `dir`, without waiting for the socket
+    /// ([`socket_up`](Self::socket_up) looks). `group` holds its membership of its sharing
+    /// group, which the child inherits; `extra` are more options (the policy's).
     ///
     /// # Errors
-    /// The process cannot start, ends first, or its socket does not come up.
+    /// The process cannot start.
     pub fn spawn(
         exe: &Path,
         vm: &VmSpec,
@@ -179,33 +170,37 @@ impl VmProcess {
         }
         let child =
             cmd.spawn().map_err(|source| ChildError::Spawn { name: name.clone(), source })?;
-        let mut p = Self { name, sock, child, exit: None };
-        p.wait_for_socket()?;
-        Ok(p)
+        Ok(Self { name, sock, child, exit: None })
     }
 
-    fn wait_for_socket(&mut self) -> Result<(), ChildError> {
-        let start = Instant::now();
-        loop {
-            if UnixStream::connect(&self.sock).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self.poll_exit() {
-                return Err(ChildError::EndedEarly {
-                    name: self.name.clone(),
-                    status: describe(status),
-                });
-            }
-            if start.elapsed() > SOCKET_WAIT {
-                self.kill();
-                return Err(ChildError::NoSocket {
-                    name: self.name.clone(),
-                    path: self.sock.clone(),
-                    secs: SOCKET_WAIT.as_secs(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
+    /// One look at the control socket, without waiting: true once it accepts connections
+    /// (a full backlog counts: something listens). The host looks once a tick, so that a VM
+    /// slow to come up never holds the others' tick.
+    ///
+    /// # Errors
+    /// The process ended first, or `since` (when it was spawned) is more than
+    /// [`SOCKET_WAIT`] ago: then it is killed.
+    pub fn socket_up(&mut self, since: Instant) -> Result<bool, ChildError> {
+        match nonblocking_connect(&self.sock) {
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+            Err(_) => {}
         }
+        if let Some(status) = self.poll_exit() {
+            return Err(ChildError::EndedEarly {
+                name: self.name.clone(),
+                status: describe(status),
+            });
+        }
+        if since.elapsed() > SOCKET_WAIT {
+            self.kill();
+            return Err(ChildError::NoSocket {
+                name: self.name.clone(),
+                path: self.sock.clone(),
+                secs: SOCKET_WAIT.as_secs(),
+            });
+        }
+        Ok(false)
     }
 
     /// The process id.
@@ -262,90 +257,20 @@ impl VmProcess {
         }
         self.exit
     }
-
-    /// Sends one request and returns the reply (an `{"error": ...}` reply is an error).
-    ///
-    /// # Errors
-    /// The socket fails, times out, or the VM answers with an error.
-    pub fn request(&self, req: &Value) -> Result<Value, ChildError> {
-        let fail = |msg: String| ChildError::Request { name: self.name.clone(), msg };
-        let reply = request_with_timeout(&self.sock, req, REPLY_TIMEOUT)
-            .map_err(|e| fail(e.to_string()))?;
-        match reply.get("error").and_then(Value::as_str) {
-            Some(e) => Err(fail(format!("{req} refused: {e}"))),
-            None => Ok(reply),
-        }
-    }
 }
 
-/// One request over a fresh connection, reads and writes bounded by `timeout`.
+/// Longest reply [`request_with_timeout`] takes: a host's `host_stats` grows with its VMs
+/// (under 1 KiB each), a VM's replies stay under [`super::poll::MAX_REPLY_BYTES`].
+pub const MAX_CLIENT_REPLY_BYTES: usize = 1 << 20;
+
+/// One request over a fresh connection, the whole exchange bounded by `timeout` (a reply
+/// trickled a byte at a time fails at `timeout`, not a read's timeout later) and the reply
+/// by [`MAX_CLIENT_REPLY_BYTES`].
 ///
 /// # Errors
-/// The socket fails or times out, or the reply is not JSON.
+/// The socket fails or times out, or the reply is too long or not JSON.
 pub fn request_with_timeout(path: &Path, req: &Value, timeout: Duration) -> std::io::Result<Value> {
-    let mut stream = connect_within(path, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    stream.write_all(format!("{req}\n").as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(stream).take(1 << 20).read_line(&mut line)?;
-    serde_json::from_str(line.trim())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-}
-
-/// Connects to `path`, giving up after `timeout`. A plain connect waits as long as the
-/// listener's backlog is full: a VM that stopped accepting would freeze the host.
-fn connect_within(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
-    let start = Instant::now();
-    loop {
-        match nonblocking_connect(path) {
-            Ok(s) => {
-                s.set_nonblocking(false)?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < timeout => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the control socket accepts no connection",
-                ));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// One non-blocking connect: `WouldBlock` when the listener's backlog is full.
-fn nonblocking_connect(path: &Path) -> std::io::Result<UnixStream> {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data; all zeros is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "socket path too long"));
-    }
-    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or(1);
-    for (dst, &b) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = libc::c_char::from_ne_bytes([b]);
-    }
-    let kind = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-    // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, kind, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket nothing else owns.
-    let stream = unsafe { UnixStream::from_raw_fd(fd) };
-    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap_or(0);
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes that lives across the call.
-    let ret = unsafe { libc::connect(fd, std::ptr::addr_of!(addr).cast(), len) };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(stream)
+    super::poll::request_within(path, req, timeout, MAX_CLIENT_REPLY_BYTES)
 }
 
 impl Drop for VmProcess {

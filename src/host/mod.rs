@@ -8,8 +8,11 @@
 //! | `pressure.rs` | minFree and the memory states (a pure transition function) |
 //! | `policy/` | the [`Policy`](policy::Policy) trait and the policies |
 //! | `child.rs` | one VM process: spawn, socket, signals, exit |
+//! | `poll.rs` | requests to every VM at once under one deadline, replies capped |
+//! | `figures.rs` | a VM's reported figures made safe, and what it holds measured from outside |
 //! | `supervisor.rs` | the tick: read the VMs, pick the state, ask the policy, move levers |
 //! | `report.rs` | the report per tick, and its Prometheus form |
+//! | `rundir.rs` | private directories (mkdtemp, mode 0700) for the run and the lab |
 //! | `api.rs` | the host's control socket |
 //! | `top.rs` | `ebb top`, the live terminal view |
 //!
@@ -19,9 +22,12 @@
 pub mod api;
 pub mod child;
 pub mod config;
+pub mod figures;
 pub mod policy;
+pub mod poll;
 pub mod pressure;
 pub mod report;
+pub mod rundir;
 pub mod supervisor;
 pub mod top;
 
@@ -80,7 +86,8 @@ pub struct HostOptions {
     pub api_sock: Option<PathBuf>,
     /// One JSON line per tick.
     pub stats_json: Option<PathBuf>,
-    /// Where the VMs' control sockets go (default: a fresh directory in the temp dir).
+    /// Where the VMs' control sockets go (default: a private directory in the temp dir,
+    /// created by `mkdtemp` and removed at exit).
     pub run_dir: Option<PathBuf>,
 }
 
@@ -109,34 +116,28 @@ fn setup(what: &str) -> impl FnOnce(std::io::Error) -> HostError + '_ {
     move |source| HostError::Setup { what: what.into(), source }
 }
 
-/// A directory removed on drop if this host created it.
+/// Where the VMs' sockets go: the user's directory, or a private one of ours (removed on
+/// drop).
 #[derive(Debug)]
-struct RunDir {
-    path: PathBuf,
-    created: bool,
+enum RunDir {
+    Given(PathBuf),
+    Ours(rundir::PrivateDir),
 }
 
 impl RunDir {
     fn new(given: Option<PathBuf>) -> Result<Self, HostError> {
-        let (path, created) = match given {
-            Some(p) => (p, false),
-            None => (std::env::temp_dir().join(format!("ebb-host-{}", std::process::id())), true),
-        };
-        if created {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&path)
-                .map_err(|source| HostError::RunDir { path: path.clone(), source })?;
+        match given {
+            Some(p) => Ok(Self::Given(p)),
+            None => rundir::PrivateDir::new("ebb-host-")
+                .map(Self::Ours)
+                .map_err(|source| HostError::RunDir { path: std::env::temp_dir(), source }),
         }
-        Ok(Self { path, created })
     }
-}
 
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if self.created {
-            let _ = std::fs::remove_dir_all(&self.path);
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Self::Given(p) => p,
+            Self::Ours(d) => d.path(),
         }
     }
 }
@@ -184,8 +185,8 @@ pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
         }
         None => None,
     };
-    let mut sup = Supervisor::start(&opts.config, &opts.exe, &dir.path, policy)?;
-    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("eventfd"))?;
+    let mut sup = Supervisor::start(&opts.config, &opts.exe, dir.path(), policy)?;
+    let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(setup("eventfd"))?;
     let api = match &opts.api_sock {
         Some(path) => {
             let h = api::HostApi::new(sup.shared(), wake.try_clone().map_err(setup("eventfd"))?);
@@ -222,4 +223,30 @@ pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
     drop(sup);
     drop(dir);
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_run_dir_is_private_and_a_planted_symlink_neither_followed_nor_blocking() {
+        let elsewhere =
+            std::env::temp_dir().join(format!("ebb-host-planted-{}", std::process::id()));
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        let planted = std::env::temp_dir().join(format!("ebb-host-{}", std::process::id()));
+        let _ = std::fs::remove_file(&planted);
+        std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
+        let made = RunDir::new(None);
+        let _ = std::fs::remove_file(&planted);
+        let _ = std::fs::remove_dir_all(&elsewhere);
+        let dir = made.unwrap();
+        let path = dir.path().to_owned();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_dir(), "{path:?}");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{path:?}");
+        drop(dir);
+        assert!(!path.exists(), "{path:?} is left behind");
+    }
 }

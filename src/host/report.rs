@@ -90,6 +90,15 @@ pub struct VmReport {
     pub refaults: u64,
     /// A payload's progress counter, when it has one.
     pub guest_progress: Option<u64>,
+    /// What the host measured the VM to hold from outside (its cgroup, or its process's
+    /// anonymous and shared memory), when it could; `consumed_bytes` is never below it less
+    /// `figures::PROCESS_ALLOWANCE_BYTES`.
+    #[serde(default)]
+    pub measured_bytes: Option<u64>,
+    /// The VM missed its last exchange (late, or a bad reply): its figures are old, and it
+    /// gets no levers until it answers again.
+    #[serde(default)]
+    pub stale: bool,
 }
 
 /// Names of the states, High to Low, as `state_ms` orders them.

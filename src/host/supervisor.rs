@@ -1,10 +1,20 @@
-//! The host's loop, on its main thread: every tick it reaps ended VMs, reads every running
-//! VM's statistics over its control socket, works out free memory and the state, asks the
+//! The host's loop, on its main thread: every tick it starts the VMs due, looks once at the
+//! sockets of those starting, reaps ended VMs, reads every running VM's statistics over its
+//! control socket, measures what each holds, works out free memory and the state, asks the
 //! policy, moves the levers that changed, and publishes the report.
+//!
+//! No VM can stall the tick: the statistics of every VM are read at once under one
+//! deadline, and the levers sent at once under another ([`exchange_all`]), each half
+//! of the tick at most; a VM that misses a deadline or answers wrongly is *stale*: it keeps
+//! its last figures, gets no levers, and is not asked again for 1, 2, 4, then up to
+//! [`MAX_BACKOFF_TICKS`] ticks. A VM's socket is looked at once a tick until it comes up,
+//! never waited for inside one.
 //!
 //! Invariants: the supervisor alone moves a VM's levers (what it last sent is in
 //! [`Slot::sent`], so a lever is sent only when the policy changes it); the budget changes
-//! only through [`Shared::set_budget`], which refuses a budget below the reservations.
+//! only through [`Shared::set_budget`], which refuses a budget below the reservations; a
+//! VM's figures enter the host's sums only through [`figures`] (saturated, clamped, and
+//! never below what the VM is measured to hold).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,19 +24,26 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::child::{describe, VmProcess};
+use super::child::{describe, ChildError, VmProcess, REPLY_TIMEOUT};
 use super::config::{HostConfig, VmSpec};
+use super::figures::{self, Meter};
 use super::policy::{keep_reservation, HostView, Policy, Snapshot, VmAction, VmView};
+use super::poll::exchange_all;
 use super::pressure::{min_free_bytes, MemState, DEFAULT_THRESHOLDS};
 use super::report::{HostReport, VmReport};
 use crate::mm::sharing::broker::{Broker, DEFAULT_GROUP_SLOTS};
 use crate::mm::thread::ThreadClock;
-use crate::units::{MIB, PAGE_SIZE};
+use crate::units::MIB;
 
 /// Largest budget: 1 PiB.
 pub const MAX_BUDGET_BYTES: u64 = 1 << 50;
 /// Host memory kept out of `free` beyond what `MemAvailable` says (other processes' room).
 pub const HOST_MARGIN_BYTES: u64 = 64 << 20;
+/// Most ticks a stale VM is left out before it is asked again.
+pub const MAX_BACKOFF_TICKS: u64 = 8;
+/// Shortest time a half tick gives the VMs to answer (with a short tick, a loaded host
+/// still gets its answers; the tick then runs long).
+pub const MIN_EXCHANGE: Duration = Duration::from_millis(250);
 
 /// What the supervisor and the host's control socket share.
 #[derive(Debug)]
@@ -71,7 +88,18 @@ impl Shared {
 struct Slot {
     spec: VmSpec,
     proc: VmProcess,
+    /// When it was spawned, while its socket is not up yet.
+    starting: Option<Instant>,
+    /// What the policy sees: `consumed_bytes` is [`figures::counted_bytes`].
     view: VmView,
+    /// Consumed bytes as last reported (clamped).
+    reported_bytes: u64,
+    /// What it was last measured to hold from outside, if it could be.
+    measured_bytes: Option<u64>,
+    /// Ticks missed in a row (late, or a bad reply): stale while not 0.
+    misses: u32,
+    /// The tick before which it is not asked (backing off while stale).
+    skip_until: u64,
     /// Counters at the last tick, for rates: (faults, refaults, when).
     last_counts: Option<(u64, u64, Instant)>,
     refaults: u64,
@@ -110,10 +138,7 @@ pub struct Supervisor {
     dir: std::path::PathBuf,
     /// The sharing groups' brokers (serving while the host runs).
     groups: HashMap<String, Broker>,
-}
-
-fn field(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+    meter: Meter,
 }
 
 /// `MemAvailable` of `/proc/meminfo`, bytes.
@@ -134,7 +159,7 @@ impl Supervisor {
         exe: &Path,
         dir: &Path,
         policy: Box<dyn Policy>,
-    ) -> Result<Self, super::child::ChildError> {
+    ) -> Result<Self, ChildError> {
         let shared = Shared {
             budget_bytes: config.budget_bytes,
             reserved_bytes: config.vms.iter().map(|v| v.reservation_bytes).sum(),
@@ -151,6 +176,7 @@ impl Supervisor {
             exe: exe.to_owned(),
             dir: dir.to_owned(),
             groups: HashMap::new(),
+            meter: Meter::default(),
             policy,
             shared: Arc::new(Mutex::new(shared)),
             state: MemState::High,
@@ -164,12 +190,50 @@ impl Supervisor {
         };
         // Dropping `sup` kills the VMs started before a failure.
         sup.start_due(Duration::ZERO)?;
+        sup.wait_started()?;
         Ok(sup)
     }
 
+    /// Waits for the sockets of the VMs started with the host (all at once: the wait is
+    /// the slowest one's, not their sum).
+    fn wait_started(&mut self) -> Result<(), ChildError> {
+        while self.slots.iter().any(|s| s.starting.is_some()) {
+            for s in &mut self.slots {
+                if let Some(since) = s.starting {
+                    if s.proc.socket_up(since)? {
+                        s.starting = None;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Looks once at the socket of each VM starting; one that ended or took too long is
+    /// logged (it is reported as ended).
+    fn check_starting(&mut self) {
+        for s in &mut self.slots {
+            let Some(since) = s.starting else { continue };
+            match s.proc.socket_up(since) {
+                Ok(true) => {
+                    log::info!("vm {}: control socket up", s.spec.entry.name);
+                    s.starting = None;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    log::error!("{e}");
+                    s.proc.kill();
+                    s.starting = None;
+                    s.exit_logged = true;
+                }
+            }
+        }
+    }
+
     /// Starts the VMs whose `start_after_ms` is at most `now` since the host started, in
-    /// order.
-    fn start_due(&mut self, now: Duration) -> Result<(), super::child::ChildError> {
+    /// order, without waiting for their sockets.
+    fn start_due(&mut self, now: Duration) -> Result<(), ChildError> {
         while let Some(spec) = self.pending.last() {
             if spec.start_after > now {
                 break;
@@ -194,9 +258,14 @@ impl Supervisor {
             log::info!("vm {}: started, pid {}", spec.entry.name, proc.pid());
             self.lock().vms.push((spec.entry.name.clone(), proc.sock.clone(), proc.pid()));
             self.slots.push(Slot {
+                view: figures::base_view(&spec),
                 spec,
                 proc,
-                view: VmView::default(),
+                starting: Some(Instant::now()),
+                reported_bytes: 0,
+                measured_bytes: None,
+                misses: 0,
+                skip_until: 0,
                 last_counts: None,
                 refaults: 0,
                 alloc_waits: 0,
@@ -254,16 +323,15 @@ impl Supervisor {
         if let Err(e) = self.start_due(self.start.elapsed()) {
             log::error!("{e}");
         }
+        self.check_starting();
         self.reap();
-        for i in 0..self.slots.len() {
-            if self.slots[i].proc.poll_exit().is_none() {
-                self.poll(i);
-            }
-        }
+        let answered = self.read_all();
+        self.measure_all();
         let budget = self.lock().budget_bytes;
-        let running: Vec<usize> =
-            (0..self.slots.len()).filter(|&i| self.slots[i].proc.poll_exit().is_none()).collect();
-        let used: u64 = running.iter().map(|&i| self.slots[i].view.consumed_bytes).sum();
+        let running: Vec<usize> = (0..self.slots.len()).filter(|&i| self.is_running(i)).collect();
+        let used = running
+            .iter()
+            .fold(0u64, |sum, &i| sum.saturating_add(self.slots[i].view.consumed_bytes));
         let min_free = min_free_bytes(budget);
         let free = free_bytes(budget, used, mem_available());
         self.enter(DEFAULT_THRESHOLDS.next(self.state, free, min_free));
@@ -277,15 +345,29 @@ impl Supervisor {
             vms: running.iter().map(|&i| self.slots[i].view.clone()).collect(),
         };
         let actions = self.policy.decide(&snap);
-        // The host keeps every reservation, whatever the policy asked.
-        for ((&i, action), vm) in running.iter().zip(actions).zip(&snap.vms) {
-            self.apply(i, keep_reservation(action, vm));
-        }
+        // The host keeps every reservation, whatever the policy asked. A stale VM gets no
+        // levers this tick.
+        let levers: Vec<(usize, VmAction)> = (running.iter().zip(actions).zip(&snap.vms))
+            .filter(|((i, _), _)| answered.contains(i))
+            .map(|((&i, action), vm)| (i, keep_reservation(action, vm)))
+            .collect();
+        self.apply_all(levers);
         self.ticks += 1;
         let tick_cpu_us = self.clock.ns().saturating_sub(cpu_before) / 1000;
         let report = self.report(&snap.host, tick_cpu_us);
         self.lock().report = report.clone();
         report
+    }
+
+    /// VM `i` is up and has not ended.
+    fn is_running(&mut self, i: usize) -> bool {
+        let s = &mut self.slots[i];
+        s.starting.is_none() && s.proc.poll_exit().is_none()
+    }
+
+    /// How long one exchange with the VMs may take: half a tick, within bounds.
+    fn exchange_time(&self) -> Duration {
+        (self.tick / 2).clamp(MIN_EXCHANGE, REPLY_TIMEOUT)
     }
 
     fn enter(&mut self, next: MemState) {
@@ -316,83 +398,78 @@ impl Supervisor {
         }
     }
 
-    /// Reads VM `i`'s statistics into its view.
-    fn poll(&mut self, i: usize) {
-        let s = &mut self.slots[i];
-        let stats = match s.proc.request(&json!({ "stats": {} })) {
-            Ok(v) => v,
-            Err(e) => {
-                log::debug!("{e}");
-                return;
-            }
-        };
-        let balloon_ready = s.spec.balloon.is_some()
-            && s.proc
-                .request(&json!({ "balloon_stats": {} }))
-                .ok()
-                .and_then(|b| b.get("driver_ready").and_then(Value::as_bool))
-                == Some(true);
-        let now = Instant::now();
-        let faults = field(&stats, "faults");
-        let refaults = field(&stats, "refaults");
-        let (fault_rate, refault_rate) = match s.last_counts {
-            Some((f0, r0, t0)) => {
-                let dt = now.duration_since(t0).as_secs_f64().max(1e-3);
-                (faults.saturating_sub(f0) as f64 / dt, refaults.saturating_sub(r0) as f64 / dt)
-            }
-            None => (0.0, 0.0),
-        };
-        s.last_counts = Some((faults, refaults, now));
-        s.refaults = refaults;
-        s.alloc_waits = field(&stats, "alloc_waits");
-        let ms = |k: &str| stats.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-        s.cpu_ms = ms("handler_cpu_ms") + ms("reclaim_cpu_ms") + ms("sharing_cpu_ms");
-        s.progress = stats.get("guest_progress").and_then(Value::as_u64);
-        s.saved =
-            field(&stats, "sharing_saved_bytes") + field(&stats, "zero_pages_shared") * PAGE_SIZE;
-        s.view = VmView {
-            name: s.spec.entry.name.clone(),
-            configured_bytes: s.spec.memory_bytes,
-            consumed_bytes: field(&stats, "consumed_bytes") + field(&stats, "metadata_bytes"),
-            resident_bytes: field(&stats, "resident_bytes"),
-            active_bytes: field(&stats, "active_bytes"),
-            shared_bytes: field(&stats, "shared_bytes"),
-            ballooned_bytes: field(&stats, "ballooned_bytes"),
-            compressed_bytes: field(&stats, "zcache_pages") * PAGE_SIZE,
-            swapped_bytes: field(&stats, "swapped_bytes"),
-            reservation_bytes: s.spec.reservation_bytes,
-            limit_bytes: s.spec.limit_bytes,
-            shares: s.spec.shares,
-            balloon_ready,
-            fault_rate,
-            refault_rate,
-        };
-    }
-
-    /// Moves VM `i`'s levers where `action` differs from what was sent.
-    fn apply(&mut self, i: usize, action: VmAction) {
-        let s = &mut self.slots[i];
-        for (lever, req) in lever_requests(&action, s.spec.balloon.is_some()) {
-            if s.levers.get(lever) == Some(&req) {
-                continue; // sent already, and accepted
-            }
-            match s.proc.request(&req) {
-                Ok(_) => {
-                    s.levers.insert(lever, req);
+    /// Reads the statistics of every running VM not backing off, all at once; returns the
+    /// VMs that answered.
+    fn read_all(&mut self) -> Vec<usize> {
+        let ticks = self.ticks;
+        let ask: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.is_running(i) && self.slots[i].skip_until <= ticks)
+            .collect();
+        let jobs: Vec<(&std::path::Path, Vec<Value>)> = (ask.iter().map(|&i| &self.slots[i]))
+            .map(|s| {
+                let mut reqs = vec![json!({ "stats": {} })];
+                if s.spec.balloon.is_some() {
+                    reqs.push(json!({ "balloon_stats": {} }));
                 }
-                Err(e) => {
-                    // Not recorded as sent: the next tick tries again.
-                    let msg = e.to_string();
-                    if s.proc.poll_exit().is_some() {
-                        log::debug!("{msg} (it has ended)");
-                    } else if s.last_error.as_deref() != Some(msg.as_str()) {
-                        log::warn!("{msg}");
-                        s.last_error = Some(msg);
-                    }
+                (s.proc.sock.as_path(), reqs)
+            })
+            .collect();
+        let results = exchange_all(&jobs, Instant::now() + self.exchange_time());
+        let mut answered = Vec::with_capacity(ask.len());
+        for (i, result) in ask.into_iter().zip(results) {
+            let s = &mut self.slots[i];
+            match result.map_err(|e| e.to_string()).and_then(|r| s.take_stats(&r)) {
+                Ok(()) => {
+                    s.answered();
+                    answered.push(i);
                 }
+                Err(msg) => s.missed(ticks, &msg),
             }
         }
-        s.sent = Some(action);
+        answered
+    }
+
+    /// Measures what each running VM holds; the larger of that and its report counts.
+    fn measure_all(&mut self) {
+        for i in 0..self.slots.len() {
+            if !self.is_running(i) {
+                continue;
+            }
+            let s = &mut self.slots[i];
+            s.measured_bytes = self.meter.measure(s.proc.pid(), None);
+            s.view.consumed_bytes = figures::counted_bytes(s.reported_bytes, s.measured_bytes);
+        }
+    }
+
+    /// Moves each VM's levers where its action differs from what was sent, all VMs at once.
+    fn apply_all(&mut self, actions: Vec<(usize, VmAction)>) {
+        let mut sent = Vec::with_capacity(actions.len());
+        for (i, action) in actions {
+            let s = &mut self.slots[i];
+            let changed: Vec<(&'static str, Value)> =
+                lever_requests(&action, s.spec.balloon.is_some())
+                    .into_iter()
+                    .filter(|(lever, req)| s.levers.get(lever) != Some(req))
+                    .collect();
+            s.sent = Some(action);
+            if !changed.is_empty() {
+                sent.push((i, changed));
+            }
+        }
+        let jobs: Vec<(&std::path::Path, Vec<Value>)> = (sent.iter())
+            .map(|(i, reqs)| {
+                (self.slots[*i].proc.sock.as_path(), reqs.iter().map(|(_, r)| r.clone()).collect())
+            })
+            .collect();
+        let results = exchange_all(&jobs, Instant::now() + self.exchange_time());
+        let ticks = self.ticks;
+        for ((i, reqs), result) in sent.into_iter().zip(results) {
+            let s = &mut self.slots[i];
+            match result {
+                Ok(replies) => s.take_lever_replies(reqs, &replies),
+                Err(e) => s.missed(ticks, &format!("levers: {e}")),
+            }
+        }
     }
 
     fn report(&self, host: &HostView, tick_cpu_us: u64) -> HostReport {
@@ -434,6 +511,87 @@ impl Supervisor {
 }
 
 impl Slot {
+    /// Takes a `stats` (and `balloon_stats`) reply into the view.
+    fn take_stats(&mut self, replies: &[Value]) -> Result<(), String> {
+        let stats = replies.first().ok_or("no stats reply")?;
+        if let Some(e) = stats.get("error") {
+            return Err(format!("stats refused: {e}"));
+        }
+        let balloon_ready =
+            replies.get(1).and_then(|b| b.get("driver_ready")).and_then(Value::as_bool)
+                == Some(true);
+        let f = figures::read(&self.spec, stats, balloon_ready);
+        let now = Instant::now();
+        let (fault_rate, refault_rate) = match self.last_counts {
+            Some((f0, r0, t0)) => {
+                let dt = now.duration_since(t0).as_secs_f64().max(1e-3);
+                (f.faults.saturating_sub(f0) as f64 / dt, f.refaults.saturating_sub(r0) as f64 / dt)
+            }
+            None => (0.0, 0.0),
+        };
+        self.last_counts = Some((f.faults, f.refaults, now));
+        self.refaults = f.refaults;
+        self.alloc_waits = f.alloc_waits;
+        self.cpu_ms = f.cpu_ms;
+        self.progress = f.progress;
+        self.saved = f.saved;
+        self.reported_bytes = f.view.consumed_bytes;
+        // Until the next measure, the last one still holds.
+        let consumed = figures::counted_bytes(self.reported_bytes, self.measured_bytes);
+        self.view = VmView { consumed_bytes: consumed, fault_rate, refault_rate, ..f.view };
+        Ok(())
+    }
+
+    /// Records each lever the VM accepted; logs a refusal once.
+    fn take_lever_replies(&mut self, reqs: Vec<(&'static str, Value)>, replies: &[Value]) {
+        for ((lever, req), reply) in reqs.into_iter().zip(replies) {
+            match reply.get("error") {
+                // Not recorded as sent: the next tick tries again.
+                Some(e) => {
+                    let msg = format!("vm {}: {req} refused: {e}", self.spec.entry.name);
+                    if self.last_error.as_deref() != Some(msg.as_str()) {
+                        log::warn!("{msg}");
+                        self.last_error = Some(msg);
+                    }
+                }
+                None => {
+                    self.levers.insert(lever, req);
+                }
+            }
+        }
+    }
+
+    /// The VM answered in time.
+    fn answered(&mut self) {
+        if self.misses > 0 {
+            log::info!(
+                "vm {}: answers again after {} missed ticks",
+                self.spec.entry.name,
+                self.misses
+            );
+        }
+        self.misses = 0;
+    }
+
+    /// The VM missed tick `tick` (`why`): stale, and left out for the next 1, 2, 4 ... up
+    /// to [`MAX_BACKOFF_TICKS`] ticks.
+    fn missed(&mut self, tick: u64, why: &str) {
+        self.misses = self.misses.saturating_add(1);
+        let skip = 1u64.checked_shl(self.misses - 1).unwrap_or(u64::MAX).min(MAX_BACKOFF_TICKS);
+        self.skip_until = tick.saturating_add(1).saturating_add(skip);
+        let name = &self.spec.entry.name;
+        if self.proc.poll_exit().is_some() {
+            log::debug!("vm {name}: {why} (it has ended)");
+        } else if !self.proc.sock.exists() {
+            // `ebb run` removes its socket as it ends: no warning for a VM ending.
+            log::info!("vm {name}: its control socket is gone (ending?)");
+        } else if self.misses == 1 {
+            log::warn!("vm {name}: stale ({why}): not asked for {skip} ticks");
+        } else {
+            log::debug!("vm {name}: stale ({why}), {} ticks in a row", self.misses);
+        }
+    }
+
     fn report(&self) -> VmReport {
         let v = &self.view;
         let sent = self.sent.clone().unwrap_or_default();
@@ -465,6 +623,8 @@ impl Slot {
             balloon_ready: v.balloon_ready,
             refaults: self.refaults,
             guest_progress: self.progress,
+            measured_bytes: self.measured_bytes,
+            stale: self.misses > 0,
         }
     }
 }

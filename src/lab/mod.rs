@@ -20,6 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::host::rundir::PrivateDir;
 use scenario::Scenario;
 use summary::Summary;
 
@@ -92,6 +93,11 @@ fn dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
     move |source| LabError::Dir { path: path.to_owned(), source }
 }
 
+/// The lab's work directory: private, removed when the guard drops.
+fn work_dir() -> Result<PrivateDir, LabError> {
+    PrivateDir::new("ebb-lab-").map_err(dir_error(&std::env::temp_dir()))
+}
+
 /// Runs every scenario of `opts` under every policy, writing each scenario's table to
 /// `out` as soon as it is done.
 ///
@@ -109,8 +115,8 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<LabOutcome, LabErro
     }
     let scenarios: Vec<Scenario> =
         opts.scenarios.iter().map(|p| Scenario::load(p, opts.scale)).collect::<Result<_, _>>()?;
-    let work = std::env::temp_dir().join(format!("ebb-lab-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(dir_error(&work))?;
+    let work_dir = work_dir()?;
+    let work = work_dir.path();
     if let Some(dir) = &opts.plot {
         std::fs::create_dir_all(dir).map_err(dir_error(dir))?;
     }
@@ -138,7 +144,7 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<LabOutcome, LabErro
                         );
                     }
                 };
-                let run = runner::run(&opts.exe, s, policy, unconstrained, &work, show).map_err(
+                let run = runner::run(&opts.exe, s, policy, unconstrained, work, show).map_err(
                     |source| LabError::Run {
                         scenario: s.name.clone(),
                         policy: label.to_owned(),
@@ -180,6 +186,35 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<LabOutcome, LabErro
         }
         Ok(())
     })();
-    let _ = std::fs::remove_dir_all(&work);
+    drop(work_dir);
     result.map(|()| outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn the_work_dir_is_private_and_never_a_planted_symlink() {
+        // Someone else plants a symlink where a predictable name would be.
+        let elsewhere =
+            std::env::temp_dir().join(format!("ebb-lab-planted-{}", std::process::id()));
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        let planted = std::env::temp_dir().join(format!("ebb-lab-{}", std::process::id()));
+        let _ = std::fs::remove_file(&planted);
+        std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
+        let dir = work_dir().unwrap();
+        let work = dir.path();
+        let meta = std::fs::symlink_metadata(work).unwrap();
+        let target = std::fs::metadata(&elsewhere).unwrap();
+        let followed = (meta.dev(), meta.ino()) == (target.dev(), target.ino());
+        let _ = std::fs::remove_file(&planted);
+        let _ = std::fs::remove_dir_all(&elsewhere);
+        assert!(
+            meta.is_dir() && !followed,
+            "the work dir {work:?} is the planted symlink's target"
+        );
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{work:?}");
+    }
 }
