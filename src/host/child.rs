@@ -7,7 +7,7 @@
 //! host's main thread, which lives as long as the host.
 //!
 //! A VM of a sharing group inherits its group's two memfds (`--share-group-fds`); every
-//! other descriptor of the host stays close-on-exec.
+//! other descriptor of the host is made close-on-exec before exec (`ebb::jail`).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -127,6 +127,7 @@ pub fn run_args(vm: &VmSpec, sock: &Path) -> Vec<String> {
     if let Some(b) = &vm.balloon {
         a.push(format!("--balloon={b}"));
     }
+    a.extend(crate::jail::next_vm_args());
     a.extend(e.args.iter().cloned());
     a
 }
@@ -156,7 +157,7 @@ impl VmProcess {
             cmd.arg(format!("--share-group-fds={d},{m}"));
         }
         // SAFETY: the closure runs in the child between fork and exec and calls only
-        // async-signal-safe functions (prctl, getppid, setpgid, fcntl, _exit).
+        // async-signal-safe functions (prctl, getppid, setpgid, close_range, fcntl, _exit).
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -167,13 +168,8 @@ impl VmProcess {
                     libc::_exit(1);
                 }
                 libc::setpgid(0, 0);
-                for fd in inherit.into_iter().flatten() {
-                    // The group's memfds are close-on-exec in the host: keep them open here.
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
+                // Nothing of the host's but the group's memfds reaches the VM.
+                crate::jail::child_pre_exec(inherit.as_ref().map_or(&[], |fds| &fds[..]))
             });
         }
         let child =

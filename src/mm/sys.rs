@@ -45,6 +45,15 @@ pub fn madvise_mergeable(hva: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Leaves `[hva, hva + len)` out of core dumps (`MADV_DONTDUMP`): guest RAM and the copies
+/// ebb keeps of it never reach a disk through a crash. Best effort: a refusal is logged.
+pub fn dont_dump(hva: u64, len: usize) {
+    // SAFETY: MADV_DONTDUMP changes no contents and no mapping, only what a core dump holds.
+    if unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTDUMP) } != 0 {
+        log::warn!("MADV_DONTDUMP on {len} bytes: {}", io::Error::last_os_error());
+    }
+}
+
 /// A private anonymous mapping of `len` bytes (no swap reservation), unmapped when dropped.
 #[derive(Debug)]
 pub struct Mapping {
@@ -65,6 +74,7 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        dont_dump(p as u64, len);
         Ok(Self { hva: p as u64, len })
     }
 
@@ -134,7 +144,7 @@ pub fn mapped_pages_from(hva: u64, pages: usize) -> io::Result<usize> {
     use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
-    let file = std::fs::File::open("/proc/self/pagemap")?;
+    let file = shared_pagemap()?;
     let mut entries = vec![0u8; pages * 8];
     file.read_exact_at(&mut entries, hva / crate::units::PAGE_SIZE * 8)?;
     Ok(entries
@@ -144,6 +154,27 @@ pub fn mapped_pages_from(hva: u64, pages: usize) -> io::Result<usize> {
             u64::from_le_bytes(e) & (PRESENT | SWAPPED) != 0
         })
         .count())
+}
+
+/// `/proc/self/pagemap`, opened once by [`open_pagemap`] (or at first use).
+static PAGEMAP: std::sync::OnceLock<io::Result<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Opens `/proc/self/pagemap` for every later reader. `ebb run` calls it before it makes
+/// itself non-dumpable: the pagemap of a non-dumpable process belongs to root (mode 0400),
+/// so an unprivileged one could not open its own afterwards.
+pub fn open_pagemap() {
+    let _ = shared_pagemap();
+}
+
+/// The descriptor of the shared pagemap, if it is open.
+pub fn pagemap_fd() -> Option<RawFd> {
+    use std::os::fd::AsRawFd;
+    PAGEMAP.get().and_then(|r| r.as_ref().ok()).map(AsRawFd::as_raw_fd)
+}
+
+fn shared_pagemap() -> io::Result<&'static std::fs::File> {
+    let opened = PAGEMAP.get_or_init(|| std::fs::File::open("/proc/self/pagemap"));
+    opened.as_ref().map_err(|e| io::Error::new(e.kind(), e.to_string()))
 }
 
 /// `/proc/self/pagemap`, kept open: whether a page is mapped, without faulting it in.
@@ -156,7 +187,7 @@ impl Pagemap {
     /// # Errors
     /// The open error.
     pub fn open() -> io::Result<Self> {
-        std::fs::File::open("/proc/self/pagemap").map(Self)
+        shared_pagemap()?.try_clone().map(Self)
     }
 
     /// True if the page at `hva` is mapped (present, or swapped out by the kernel, which

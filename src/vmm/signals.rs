@@ -55,7 +55,7 @@ impl StopSignals {
     /// # Errors
     /// The eventfd could not be created or a handler not installed.
     pub fn install() -> std::io::Result<Self> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         // The fd stays open as long as this value lives; the handlers only write to it.
         NOTIFY_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
         for num in STOP_SIGNALS {

@@ -88,7 +88,12 @@ impl GuestRam {
             .collect::<Result<_, MemoryError>>()?;
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|source| MemoryError::Map { mem_bytes, source })?;
-        Ok(Self { mem: Arc::new(mem), mem_bytes })
+        let ram = Self { mem: Arc::new(mem), mem_bytes };
+        // Guest RAM never reaches a core dump (the jailer also sets RLIMIT_CORE to 0).
+        for r in ram.regions() {
+            crate::mm::sys::dont_dump(r.hva, usize::try_from(r.len).unwrap_or(usize::MAX));
+        }
+        Ok(ram)
     }
 
     /// The vm-memory view.

@@ -71,6 +71,7 @@ impl View {
         let len = to_len(len)?;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+        // TODO(lead, jailer): MADV_DONTDUMP the pool (crate::mm::sys::dont_dump), as guest RAM.
         // SAFETY: a fresh mapping at an address the kernel picks; nothing else refers to it.
         let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, file.as_raw_fd(), 0) };
         if p == libc::MAP_FAILED {
