@@ -4,7 +4,7 @@
 //! 1. [`early`], first thing in `main`: `/proc/self/pagemap` is opened (a non-dumpable
 //!    process may not open its own, see below), then `PR_SET_DUMPABLE` 0: no core dump of
 //!    guest RAM, and no process of the same uid may open `/proc/PID/fd/*`, `/proc/PID/mem`
-//!    or ptrace it.
+//!    or ptrace it; and `RLIMIT_CORE` 0.
 //! 2. [`close_inherited_fds`]: every descriptor from 3 up that the command line does not name
 //!    (`--share-group-fds`) is closed; `ebb host` also marks them close-on-exec in the child
 //!    before exec ([`child_pre_exec`]).
@@ -42,8 +42,8 @@ pub const DEFAULT_VM_UID_BASE: u32 = 100_000;
 /// Errors of the jailer.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    /// `prctl` refused a setting.
-    #[error("prctl({what}): {source}")]
+    /// `prctl` or `setrlimit` refused a setting.
+    #[error("{what}: {source}")]
     Prctl {
         /// The setting.
         what: &'static str,
@@ -112,7 +112,7 @@ fn prctl_set(
 /// # Errors
 /// The prctl failed.
 pub fn set_undumpable() -> Result<(), JailError> {
-    prctl_set("PR_SET_DUMPABLE", libc::PR_SET_DUMPABLE, 0)
+    prctl_set("prctl(PR_SET_DUMPABLE, 0)", libc::PR_SET_DUMPABLE, 0)
 }
 
 /// The first step of `ebb run`: opens `/proc/self/pagemap` while it still can, then makes
@@ -122,7 +122,19 @@ pub fn set_undumpable() -> Result<(), JailError> {
 /// The prctl failed (a pagemap that cannot be opened is left for its readers to report).
 pub fn early() -> Result<(), JailError> {
     crate::mm::sys::open_pagemap();
-    set_undumpable()
+    set_undumpable()?;
+    // No core file at all, whatever fs.suid_dumpable says: the zcache's slabs and other
+    // heap buffers hold guest data too, and marking each MADV_DONTDUMP would split the
+    // heap into one mapping per slab.
+    let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) } != 0 {
+        return Err(JailError::Prctl {
+            what: "setrlimit(RLIMIT_CORE, 0)",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// Closes every descriptor from 3 up but those in `keep` (and the shared pagemap).
@@ -205,7 +217,7 @@ pub fn lock_down(opts: &JailOptions) -> Result<(), JailError> {
         change_identity(id)?;
     }
     set_undumpable()?;
-    prctl_set("PR_SET_NO_NEW_PRIVS", libc::PR_SET_NO_NEW_PRIVS, 1)?;
+    prctl_set("prctl(PR_SET_NO_NEW_PRIVS, 1)", libc::PR_SET_NO_NEW_PRIVS, 1)?;
     if opts.seccomp {
         seccomp::install()?;
         log::debug!("seccomp: {} system calls allowed", seccomp::allowed_count());
