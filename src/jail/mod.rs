@@ -11,8 +11,8 @@
 //! 3. The VM is built: `/dev/kvm`, userfaultfd, the swap file, the serial log, the statistics
 //!    file and the control socket are opened or bound while the process still has its rights.
 //! 4. [`lock_down`]: `setgroups([])`, `setresgid`, `setresuid` to `--uid`/`--gid` when given
-//!    (glibc applies them to every thread), `PR_SET_DUMPABLE` 0 again (a uid change resets
-//!    it), then `PR_SET_NO_NEW_PRIVS` and the seccomp filter ([`seccomp`]) on every thread.
+//!    (glibc applies them to every thread), `PR_SET_DUMPABLE` 0 and `PR_SET_PDEATHSIG` again
+//!    (a credential change clears both), then `PR_SET_NO_NEW_PRIVS` and the seccomp filter ([`seccomp`]) on every thread.
 //!
 //! Kernel facts that shape the order:
 //! - A non-dumpable process's `/proc/PID/*` files belong to root; `/proc/self/pagemap` is
@@ -71,6 +71,9 @@ pub enum JailError {
     /// The seccomp filter could not be installed.
     #[error("installing the seccomp filter: {0}")]
     Install(#[source] seccompiler::Error),
+    /// The parent (`ebb host`) ended while the VM changed uid.
+    #[error("the parent process ended while the VM was set up")]
+    ParentGone,
     /// The SIGSYS handler could not be installed.
     #[error("installing the SIGSYS handler: {0}")]
     Sigaction(#[source] std::io::Error),
@@ -184,6 +187,17 @@ pub fn child_pre_exec(keep: &[RawFd]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The parent-death signal of this thread (0: none).
+fn parent_death_signal() -> Result<libc::c_int, JailError> {
+    let mut signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer, which points at `signal`.
+    if unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &raw mut signal, 0, 0, 0) } != 0 {
+        let source = std::io::Error::last_os_error();
+        return Err(JailError::Prctl { what: "prctl(PR_GET_PDEATHSIG)", source });
+    }
+    Ok(signal)
+}
+
 /// Changes to `id` for good: supplementary groups, gid, uid (real, effective, saved).
 fn change_identity(id: Identity) -> Result<(), JailError> {
     let fail = |step| JailError::Identity {
@@ -214,7 +228,21 @@ fn change_identity(id: Identity) -> Result<(), JailError> {
 /// Any step failed: the VM must not run half-jailed.
 pub fn lock_down(opts: &JailOptions) -> Result<(), JailError> {
     if let Some(id) = opts.identity {
+        // A credential change clears the parent-death signal `ebb host` asked for: set it
+        // again, or a host killed with SIGKILL would leave this VM running.
+        let death_signal = parent_death_signal()?;
+        // SAFETY: getppid cannot fail.
+        let parent = unsafe { libc::getppid() };
         change_identity(id)?;
+        if death_signal != 0 {
+            let signal = libc::c_ulong::from(death_signal.unsigned_abs());
+            prctl_set("prctl(PR_SET_PDEATHSIG)", libc::PR_SET_PDEATHSIG, signal)?;
+            // The parent may have died in between: then no signal would come.
+            // SAFETY: getppid cannot fail.
+            if unsafe { libc::getppid() } != parent {
+                return Err(JailError::ParentGone);
+            }
+        }
     }
     set_undumpable()?;
     prctl_set("prctl(PR_SET_NO_NEW_PRIVS, 1)", libc::PR_SET_NO_NEW_PRIVS, 1)?;

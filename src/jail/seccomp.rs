@@ -19,7 +19,8 @@
 //! - `openat` only read-only, never creating or truncating (the swap file, serial log and
 //!   statistics file are opened before); which path cannot be checked (a pointer);
 //! - `mmap` and `mprotect` never with `PROT_EXEC`: no new code after setup;
-//! - `tgkill` and `kill` only at this process (vCPU kicks, `abort`);
+//! - `tgkill` and `kill` only at this process (vCPU kicks, `abort`), or `kill` with signal 0
+//!   (whether a process exists: a sharing group's lock holder);
 //! - `prctl` only `PR_SET_NAME`/`PR_GET_NAME` (thread names) and `PR_SET_DUMPABLE` 0;
 //! - no `socket`, `connect`, `execve`, `ptrace`, `process_vm_readv`/`writev`, `open`
 //!   (the old call), `setuid` and friends: the control socket is bound before, and only
@@ -161,7 +162,8 @@ fn conditional(pid: u64) -> Result<Vec<(i64, Vec<SeccompRule>)>, JailError> {
         (libc::SYS_mmap, vec![rule(vec![masked(2, exec, 0)?])?]),
         (libc::SYS_mprotect, vec![rule(vec![masked(2, exec, 0)?])?]),
         (libc::SYS_tgkill, vec![rule(vec![equals(0, pid)?])?]),
-        (libc::SYS_kill, vec![rule(vec![equals(0, pid)?])?]),
+        // kill(pid, 0) only asks whether a process exists (a sharing group's lock holder).
+        (libc::SYS_kill, vec![rule(vec![equals(0, pid)?])?, rule(vec![equals(1, 0)?])?]),
         (libc::SYS_prctl, prctls?),
     ])
 }
