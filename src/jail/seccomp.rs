@@ -270,6 +270,80 @@ mod tests {
         assert!(allowed_count() > 50);
     }
 
+    /// Runs `call` in a forked child under the filter (built before the fork, for this
+    /// process's pid); the child's exit status. The child only makes raw calls.
+    fn status_under_filter(call: impl FnOnce() -> i32) -> i32 {
+        let program = filter(std::process::id()).unwrap();
+        // SAFETY: the child makes only async-signal-safe calls (sigaction, prctl, seccomp,
+        // the call under test, _exit) on memory prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let installed = install_sigsys_handler().is_ok()
+                && seccompiler::apply_filter_all_threads(&program).is_ok();
+            // SAFETY: _exit ends the child.
+            unsafe { libc::_exit(if installed { call() } else { 100 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
+    #[test]
+    fn a_forbidden_call_ends_the_process_with_sigsys_status() {
+        let traceme = || {
+            // SAFETY: PTRACE_TRACEME takes no memory.
+            let rc = unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+            i32::from(rc != 0)
+        };
+        assert_eq!(status_under_filter(traceme), SECCOMP_EXIT_STATUS);
+    }
+
+    #[test]
+    fn any_pid_may_be_probed_with_signal_zero_but_not_signalled() {
+        let kill = |signal| {
+            // SAFETY: kill takes integers; signal 0 sends nothing, and SIGCONT to init is
+            // refused by the filter before it runs (and would be harmless anyway).
+            let rc = unsafe { libc::kill(1, signal) };
+            i32::from(rc != 0)
+        };
+        assert_eq!(status_under_filter(|| kill(0)), 0);
+        assert_eq!(status_under_filter(|| kill(libc::SIGCONT)), SECCOMP_EXIT_STATUS);
+    }
+
+    #[test]
+    fn files_open_only_for_reading() {
+        const PATH: &[u8] = b"/dev/null\0";
+        let open = |flags| {
+            // SAFETY: a NUL-terminated path.
+            let fd = unsafe { libc::open(PATH.as_ptr().cast(), flags) };
+            i32::from(fd < 0)
+        };
+        assert_eq!(status_under_filter(|| open(libc::O_RDONLY)), 0);
+        assert_eq!(status_under_filter(|| open(libc::O_WRONLY)), SECCOMP_EXIT_STATUS);
+        assert_eq!(
+            status_under_filter(|| open(libc::O_RDONLY | libc::O_CREAT)),
+            SECCOMP_EXIT_STATUS
+        );
+    }
+
+    #[test]
+    fn no_new_executable_memory() {
+        let map = |prot| {
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+            // SAFETY: a fresh anonymous mapping, never used.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, -1, 0) };
+            i32::from(p == libc::MAP_FAILED)
+        };
+        assert_eq!(status_under_filter(|| map(libc::PROT_READ)), 0);
+        assert_eq!(
+            status_under_filter(|| map(libc::PROT_READ | libc::PROT_EXEC)),
+            SECCOMP_EXIT_STATUS
+        );
+    }
+
     #[test]
     fn a_syscall_number_is_named_from_the_table() {
         assert_eq!(syscall_name(libc::SYS_ptrace), "ptrace");
