@@ -4,7 +4,9 @@
 //! 1. [`early`], first thing in `main`: `/proc/self/pagemap` is opened (a non-dumpable
 //!    process may not open its own, see below), then `PR_SET_DUMPABLE` 0: no core dump of
 //!    guest RAM, and no process of the same uid may open `/proc/PID/fd/*`, `/proc/PID/mem`
-//!    or ptrace it; and `RLIMIT_CORE` 0.
+//!    or ptrace it; and `RLIMIT_CORE` 0, which keeps guest RAM and the heap buffers that hold
+//!    guest data (zcache slabs) out of core files (`MADV_DONTDUMP` is only on the reclaim
+//!    scratch range for now: see the TODO in `vstate/memory.rs`).
 //! 2. [`close_inherited_fds`]: every descriptor from 3 up that the command line does not name
 //!    (`--share-group-fds`) is closed; `ebb host` also marks them close-on-exec in the child
 //!    before exec ([`child_pre_exec`]).

@@ -22,6 +22,7 @@
 //! - `tgkill` and `kill` only at this process (vCPU kicks, `abort`), or `kill` with signal 0
 //!   (whether a process exists: a sharing group's lock holder);
 //! - `prctl` only `PR_SET_NAME`/`PR_GET_NAME` (thread names) and `PR_SET_DUMPABLE` 0;
+//! - `prlimit64` only to read a limit (so `RLIMIT_CORE` stays 0);
 //! - no `socket`, `connect`, `execve`, `ptrace`, `process_vm_readv`/`writev`, `open`
 //!   (the old call), `setuid` and friends: the control socket is bound before, and only
 //!   accepts.
@@ -103,7 +104,6 @@ const ALWAYS: &[i64] = &[
     libc::SYS_getegid,
     libc::SYS_sched_yield,
     libc::SYS_sched_getaffinity,
-    libc::SYS_prlimit64,
     libc::SYS_getrusage,
     libc::SYS_clock_gettime,
     libc::SYS_clock_getres,
@@ -165,6 +165,8 @@ fn conditional(pid: u64) -> Result<Vec<(i64, Vec<SeccompRule>)>, JailError> {
         // kill(pid, 0) only asks whether a process exists (a sharing group's lock holder).
         (libc::SYS_kill, vec![rule(vec![equals(0, pid)?])?, rule(vec![equals(1, 0)?])?]),
         (libc::SYS_prctl, prctls?),
+        // prlimit64 only to read a limit (std reads RLIMIT_STACK): RLIMIT_CORE stays 0.
+        (libc::SYS_prlimit64, vec![rule(vec![equals(2, 0)?])?]),
     ])
 }
 

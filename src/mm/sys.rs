@@ -45,8 +45,13 @@ pub fn madvise_mergeable(hva: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Leaves `[hva, hva + len)` out of core dumps (`MADV_DONTDUMP`): guest RAM and the copies
-/// ebb keeps of it never reach a disk through a crash. Best effort: a refusal is logged.
+/// Leaves `[hva, hva + len)` out of core dumps (`MADV_DONTDUMP`): the copies ebb keeps of
+/// guest RAM never reach a disk through a crash. Best effort: a refusal is logged.
+///
+/// `VM_DONTDUMP` is a VMA flag: the kernel merges only neighbouring VMAs with equal flags,
+/// and `mremap` carries a VMA's flags along. So it goes only on ranges whose pages move by
+/// `UFFDIO_MOVE` (the reclaim scratch range), never on guest RAM alone while sharing
+/// remaps pages between it and mappings without the flag.
 pub fn dont_dump(hva: u64, len: usize) {
     // SAFETY: MADV_DONTDUMP changes no contents and no mapping, only what a core dump holds.
     if unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTDUMP) } != 0 {
@@ -74,7 +79,6 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        dont_dump(p as u64, len);
         Ok(Self { hva: p as u64, len })
     }
 
