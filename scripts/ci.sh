@@ -31,6 +31,13 @@ if [[ $EUID -eq 0 ]] && { ! command -v mkfs.ext4 >/dev/null || ! command -v lose
     fi
 fi
 
+# tests/jail.rs runs `ebb host` as an ordinary user: make it, with /dev/kvm and
+# /dev/userfaultfd granted by ACL (the test calls this too, and skips loudly if it fails).
+if [[ $EUID -eq 0 ]]; then
+    step "the ordinary user of the jail tests (scripts/jail-test-user.sh)"
+    scripts/jail-test-user.sh >/dev/null || echo "no test user: the ordinary-user host test will skip" >&2
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -41,7 +48,7 @@ step "cargo test (benchmarks are run by scripts/bench-*.sh, never as tests)"
 cargo test --locked --lib --bins --tests
 
 # Suites whose tests race real threads, devices and processes.
-REPEATED=(host balloon sharing swap uffd reclaim lab hostile api races handler_failure groups host_stall)
+REPEATED=(host balloon sharing swap uffd reclaim lab hostile api races handler_failure groups host_stall jail)
 repeats=${EBB_CI_REPEATS:-3}
 for ((run = 2; run <= repeats; run++)); do
     for suite in "${REPEATED[@]}"; do

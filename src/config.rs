@@ -201,6 +201,9 @@ pub struct VmConfig {
     pub balloon: Option<BalloonConfig>,
     /// The control socket, if any.
     pub api_sock: Option<PathBuf>,
+    /// What the process gives up once the VM is built (uid, seccomp); none by default, so
+    /// that a library user's process is left as it is. `ebb run` asks for the filter.
+    pub jail: crate::jail::JailOptions,
 }
 
 /// The lazy-RAM engine's options.
@@ -411,6 +414,7 @@ impl VmConfig {
             memory: MemoryConfig::default(),
             balloon: None,
             api_sock: None,
+            jail: crate::jail::JailOptions::default(),
         }
     }
 

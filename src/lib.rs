@@ -27,6 +27,7 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod host;
+pub mod jail;
 pub mod lab;
 pub mod metrics;
 pub mod mm;

@@ -94,9 +94,13 @@ struct HostArgs {
     /// Write the host and every VM as one JSON line per tick to this file.
     #[arg(long, value_name = "PATH")]
     stats_json: Option<PathBuf>,
-    /// Directory for the VMs' control sockets [default: a fresh one in $TMPDIR].
+    /// Directory for the VMs' control sockets [default: a fresh one in $TMPDIR, mode 0700].
     #[arg(long, value_name = "DIR")]
     run_dir: Option<PathBuf>,
+    /// Started as root, the host runs VM number N (from 0, in start order) as uid and gid
+    /// BASE + N.
+    #[arg(long, value_name = "BASE", default_value_t = ebb::jail::DEFAULT_VM_UID_BASE)]
+    vm_uid_base: u32,
 }
 
 #[derive(Args)]
@@ -257,6 +261,21 @@ struct RunArgs {
     /// Listen for control requests (JSON lines) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Run the guest as this user id, once /dev/kvm, the files and the socket are open
+    /// (needs root; with --gid). `ebb host` started as root gives each VM its own.
+    #[arg(long, value_name = "UID", requires = "gid")]
+    uid: Option<u32>,
+    /// Run the guest as this group id (with --uid); supplementary groups are dropped.
+    #[arg(long, value_name = "GID", requires = "uid")]
+    gid: Option<u32>,
+    /// The control socket serves this uid and root only [default: the uid that started
+    /// ebb]. `ebb host` passes its own.
+    #[arg(long, value_name = "UID")]
+    owner_uid: Option<u32>,
+    /// Run without the seccomp system call filter. For debugging only: a compromised VM
+    /// could then make any system call its uid allows.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
@@ -337,6 +356,11 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
     };
     config.balloon = args.balloon.as_deref().map(parse_balloon).transpose()?;
     config.api_sock = args.api_sock;
+    let identity = match (args.uid, args.gid) {
+        (Some(uid), Some(gid)) => Some(ebb::jail::Identity { uid, gid }),
+        _ => None,
+    };
+    config.jail = ebb::jail::JailOptions { identity, seccomp: !args.no_seccomp };
     Ok(config)
 }
 
@@ -370,6 +394,12 @@ fn named(option: &str, e: impl std::fmt::Display) -> anyhow::Error {
 }
 
 fn main() -> ExitCode {
+    // A VM process is non-dumpable from its first instruction on (see ebb::jail).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "run") {
+        if let Err(e) = ebb::jail::early() {
+            return report_error(&e.into());
+        }
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let args = match cli.command {
@@ -379,7 +409,18 @@ fn main() -> ExitCode {
         Command::Top(args) => return top(&args),
         Command::Lab(args) => return lab(args),
     };
-    let result = build_config(args).and_then(|c| Ok(ebb::run(&c)?));
+    match args.owner_uid {
+        Some(uid) => ebb::jail::set_owner_uid(uid),
+        // Fixed now, before the VM changes its uid.
+        None => {
+            let _ = ebb::jail::owner_uid();
+        }
+    }
+    let result = build_config(args).and_then(|c| {
+        let keep = c.memory.share_group_fds.map_or(Vec::new(), |(d, m)| vec![d, m]);
+        ebb::jail::close_inherited_fds(&keep)?;
+        Ok(ebb::run(&c)?)
+    });
     match result {
         Ok(outcome) => {
             if let ebb::RunOutcome::Crashed(report) = &outcome {
@@ -547,6 +588,9 @@ fn host(args: HostArgs) -> ExitCode {
         tick_ms: args.tick_ms,
         vms: args.vms,
     };
+    // The VMs' control sockets serve the uid that started the host (and root).
+    let _ = ebb::jail::owner_uid();
+    ebb::jail::set_vm_uid_base(args.vm_uid_base);
     let run = || -> anyhow::Result<ebb::host::HostOutcome> {
         let config = ebb::host::config::HostConfig::load(args.config.as_deref(), &over)?;
         let exe = std::env::current_exe()

@@ -33,8 +33,15 @@ pub fn request(path: &Path, req: &Value) -> Result<Value, ClientError> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = req.to_string();
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    // A server that refuses the client (another uid) says why and closes at once: the
+    // request may then meet a closed socket, but the reason is still there to read.
+    let sent = stream.write_all(line.as_bytes());
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply)?;
+    let read = BufReader::new(stream).read_line(&mut reply);
+    match (sent, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(e.into()),
+        (Ok(()), Ok(_)) => {}
+    }
     serde_json::from_str(reply.trim()).map_err(|_| ClientError::Reply(reply))
 }

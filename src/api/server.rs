@@ -4,6 +4,8 @@
 //! statistics timer.
 //!
 //! What a client gets (the README repeats it):
+//! - only clients of the owner's uid (`ebb::jail::owner_uid`) and root are served: any other
+//!   is sent one error line saying why and closed;
 //! - the socket is created mode 0600 whatever the umask; `bind` refuses a path where another
 //!   process answers or that is not a socket; at exit only the socket this process created
 //!   is removed;
@@ -208,6 +210,14 @@ impl<H: Handler> ApiServer<H> {
 
     fn accept(&mut self, ops: &mut EventOps) {
         while let Ok((stream, _)) = self.listener.accept() {
+            // Only the owner's uid and root are served (SO_PEERCRED); others learn why.
+            if let Err(why) = crate::jail::check_peer(&stream) {
+                let _ = stream.set_nonblocking(true);
+                let line = serde_json::json!({ "error": why }).to_string() + "\n";
+                let _ = (&stream).write_all(line.as_bytes());
+                self.dropped += 1;
+                continue;
+            }
             if self.conns.len() >= MAX_CONNECTIONS && !self.evict_quietest(ops) {
                 // Best effort: the client learns why; it is closed either way.
                 let _ = stream.set_nonblocking(true);

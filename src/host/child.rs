@@ -8,7 +8,7 @@
 //!
 //! A VM of a sharing group inherits its membership (`--share-group-fds`): the group's
 //! sealed pool and its end of a socket to the group's broker; every other descriptor of the
-//! host stays close-on-exec.
+//! host is made close-on-exec before exec (`ebb::jail`).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::config::VmSpec;
-use crate::mm::sharing::broker::MemberFds;
 use super::poll::nonblocking_connect;
+use crate::mm::sharing::broker::MemberFds;
 
 /// How long a child's control socket may take to appear.
 pub const SOCKET_WAIT: Duration = Duration::from_secs(20);
@@ -119,6 +119,7 @@ pub fn run_args(vm: &VmSpec, sock: &Path) -> Vec<String> {
     if let Some(b) = &vm.balloon {
         a.push(format!("--balloon={b}"));
     }
+    a.extend(crate::jail::next_vm_args());
     a.extend(e.args.iter().cloned());
     a
 }
@@ -148,7 +149,7 @@ impl VmProcess {
             cmd.arg(format!("--share-group-fds={d},{m}"));
         }
         // SAFETY: the closure runs in the child between fork and exec and calls only
-        // async-signal-safe functions (prctl, getppid, setpgid, fcntl, _exit).
+        // async-signal-safe functions (prctl, getppid, setpgid, close_range, fcntl, _exit).
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -159,13 +160,8 @@ impl VmProcess {
                     libc::_exit(1);
                 }
                 libc::setpgid(0, 0);
-                for fd in inherit.into_iter().flatten() {
-                    // The membership is close-on-exec in the host: keep it open here.
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
+                // Nothing of the host's but the group membership reaches the VM.
+                crate::jail::child_pre_exec(inherit.as_ref().map_or(&[], |fds| &fds[..]))
             });
         }
         let child =

@@ -236,7 +236,9 @@ mod tests {
             std::env::temp_dir().join(format!("ebb-host-planted-{}", std::process::id()));
         std::fs::create_dir_all(&elsewhere).unwrap();
         let planted = std::env::temp_dir().join(format!("ebb-host-{}", std::process::id()));
+        // A run dir of an older ebb whose pid was ours may be left there: it is no one's now.
         let _ = std::fs::remove_file(&planted);
+        let _ = std::fs::remove_dir_all(&planted);
         std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
         let made = RunDir::new(None);
         let _ = std::fs::remove_file(&planted);

@@ -219,9 +219,11 @@ impl Engine {
         // every faulting thread. (A thread that failed hands its hold to the engine.)
         let held = uffd;
         let reclaim = worker.as_ref().map(|w| w.control.clone());
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Setup)?;
+        let stop =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(EngineError::Setup)?;
         let stop_thread = stop.try_clone().map_err(EngineError::Setup)?;
-        let failed = EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Setup)?;
+        let failed =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(EngineError::Setup)?;
         let failed_thread = failed.try_clone().map_err(EngineError::Setup)?;
         let failure = Arc::new(Mutex::new(Failure::default()));
         let failure_thread = failure.clone();
@@ -526,7 +528,7 @@ fn start_reclaim(
     let evictor =
         Evictor::new(&config.uffd_dev, uffd.clone(), map, table.clone(), backing.clone())?;
     let control = Arc::new(ReclaimControl::new(config.reclaim_target).map_err(EngineError::Setup)?);
-    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Setup)?;
+    let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(EngineError::Setup)?;
     let stop_worker = stop.try_clone().map_err(EngineError::Setup)?;
     let thread = reclaim::spawn(
         control.clone(),
@@ -612,7 +614,7 @@ fn start_sharing(
     )?;
     let control =
         Arc::new(SharingControl::new(config.share_scan_rate).map_err(EngineError::Setup)?);
-    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Setup)?;
+    let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(EngineError::Setup)?;
     let stop_scanner = stop.try_clone().map_err(EngineError::Setup)?;
     let thread = super::sharing::spawn(
         control.clone(),

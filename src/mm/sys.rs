@@ -45,6 +45,23 @@ pub fn madvise_mergeable(hva: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Leaves `[hva, hva + len)` out of core dumps (`MADV_DONTDUMP`): the copies ebb keeps of
+/// guest RAM never reach a disk through a crash. Best effort: a refusal is logged.
+///
+/// `VM_DONTDUMP` is a VMA flag: the kernel merges only neighbouring VMAs with equal flags,
+/// and `mremap` carries a VMA's flags along. So it goes only on ranges whose pages move by
+/// `UFFDIO_MOVE` (the reclaim scratch range), never on guest RAM alone while sharing
+/// remaps pages between it and mappings without the flag.
+pub fn dont_dump(hva: u64, len: usize) {
+    // SAFETY: MADV_DONTDUMP changes no contents and no mapping, only what a core dump holds.
+    if unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTDUMP) } != 0 {
+        // Once: page sharing calls this for every page it maps.
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        let e = io::Error::last_os_error();
+        ONCE.call_once(|| log::warn!("MADV_DONTDUMP on {len} bytes refused: {e}"));
+    }
+}
+
 /// A private anonymous mapping of `len` bytes (no swap reservation), unmapped when dropped.
 #[derive(Debug)]
 pub struct Mapping {
@@ -134,7 +151,7 @@ pub fn mapped_pages_from(hva: u64, pages: usize) -> io::Result<usize> {
     use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
-    let file = std::fs::File::open("/proc/self/pagemap")?;
+    let file = shared_pagemap()?;
     let mut entries = vec![0u8; pages * 8];
     file.read_exact_at(&mut entries, hva / crate::units::PAGE_SIZE * 8)?;
     Ok(entries
@@ -144,6 +161,27 @@ pub fn mapped_pages_from(hva: u64, pages: usize) -> io::Result<usize> {
             u64::from_le_bytes(e) & (PRESENT | SWAPPED) != 0
         })
         .count())
+}
+
+/// `/proc/self/pagemap`, opened once by [`open_pagemap`] (or at first use).
+static PAGEMAP: std::sync::OnceLock<io::Result<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Opens `/proc/self/pagemap` for every later reader. `ebb run` calls it before it makes
+/// itself non-dumpable: the pagemap of a non-dumpable process belongs to root (mode 0400),
+/// so an unprivileged one could not open its own afterwards.
+pub fn open_pagemap() {
+    let _ = shared_pagemap();
+}
+
+/// The descriptor of the shared pagemap, if it is open.
+pub fn pagemap_fd() -> Option<RawFd> {
+    use std::os::fd::AsRawFd;
+    PAGEMAP.get().and_then(|r| r.as_ref().ok()).map(AsRawFd::as_raw_fd)
+}
+
+fn shared_pagemap() -> io::Result<&'static std::fs::File> {
+    let opened = PAGEMAP.get_or_init(|| std::fs::File::open("/proc/self/pagemap"));
+    opened.as_ref().map_err(|e| io::Error::new(e.kind(), e.to_string()))
 }
 
 /// `/proc/self/pagemap`, kept open: whether a page is mapped, without faulting it in.
@@ -156,7 +194,7 @@ impl Pagemap {
     /// # Errors
     /// The open error.
     pub fn open() -> io::Result<Self> {
-        std::fs::File::open("/proc/self/pagemap").map(Self)
+        shared_pagemap()?.try_clone().map(Self)
     }
 
     /// True if the page at `hva` is mapped (present, or swapped out by the kernel, which

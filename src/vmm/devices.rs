@@ -152,7 +152,8 @@ fn add_virtio_mmio(
     mmio.insert(base, VIRTIO_MMIO_WINDOW_BYTES, Arc::new(Mutex::new(transport)))?;
     let mut evts = Vec::with_capacity(queues);
     for index in 0..queues {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventLoopSetup)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(VmmError::EventLoopSetup)?;
         let datamatch = u32::try_from(index).unwrap_or(u32::MAX);
         let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
         vm.register_ioevent(&evt, &addr, datamatch)

@@ -79,7 +79,8 @@ fn run_until_end(
     stats: Option<Arc<Mutex<StatsWriter>>>,
     engine: Option<&Engine>,
 ) -> Result<RunOutcome, VmmError> {
-    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventLoopSetup)?;
+    let exit_evt =
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmmError::EventLoopSetup)?;
     let signal = exit_evt.try_clone().map_err(VmmError::EventLoopSetup)?;
     let watcher = FlagWatcher::new(exit_evt);
     let mut events: EventManager<Subscriber> = EventManager::new().map_err(VmmError::EventLoop)?;

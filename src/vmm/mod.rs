@@ -125,6 +125,9 @@ pub enum VmmError {
     /// The vCPU thread died.
     #[error("vCPU thread panicked")]
     VcpuPanic,
+    /// The process could not give up its rights before the guest runs.
+    #[error("jailer: {0}")]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// How much longer than the fault handler the vCPU waits for memory (see `Vm::build`).
@@ -266,7 +269,12 @@ impl Vm {
 /// # Errors
 /// See [`Vm::build`] and [`Vm::run`].
 pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
-    Vm::build(config)?.run()
+    let vm = Vm::build(config)?;
+    // Every file, device and socket is open: the process gives up what it no longer needs
+    // before the first guest instruction (and before the vCPU thread, which inherits the
+    // filter).
+    crate::jail::lock_down(&config.jail)?;
+    vm.run()
 }
 
 fn load_boot(

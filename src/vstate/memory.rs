@@ -88,6 +88,15 @@ impl GuestRam {
             .collect::<Result<_, MemoryError>>()?;
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|source| MemoryError::Map { mem_bytes, source })?;
+        // Guest RAM never goes into a core file. Every page mapping page sharing moves over
+        // guest RAM is marked too (`mm/sharing/sys.rs`): VMAs merge only when their flags
+        // agree, and a shared page released or unshared must merge back into guest RAM.
+        for region in mem.iter() {
+            crate::mm::sys::dont_dump(
+                region.as_ptr() as u64,
+                usize::try_from(region.len()).unwrap_or(0),
+            );
+        }
         Ok(Self { mem: Arc::new(mem), mem_bytes })
     }
 

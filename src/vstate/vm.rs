@@ -116,7 +116,7 @@ pub fn create(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
 /// An eventfd that raises `gsi` when written.
 pub fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmError> {
     let ioctl = |what| move |source| VmError::Ioctl { what, source };
-    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Ioctl {
+    let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| VmError::Ioctl {
         what: "eventfd",
         source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
     })?;

@@ -456,7 +456,9 @@ mod tests {
     fn setup(refuse: bool) -> (MmioTransport, Arc<Mutex<Recorder>>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let dev = Arc::new(Mutex::new(Recorder { refuse, ..Default::default() }));
-        let irq = Arc::new(VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let irq = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap(),
+        ));
         (MmioTransport::new(dev.clone(), Arc::new(mem), irq), dev)
     }
 

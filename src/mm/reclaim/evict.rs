@@ -90,6 +90,8 @@ impl Evictor {
         }
         let moves = Uffd::open_for_moves(dev)?;
         let scratch = Mapping::new(BATCH_PAGES * PAGE).map_err(UffdError::Setup)?;
+        // Guest pages pass through it: never into a core file.
+        crate::mm::sys::dont_dump(scratch.hva(), scratch.size_bytes());
         // SAFETY: the scratch range is this value's own, and only ever a move's destination.
         unsafe { moves.register_for_moves(scratch.hva(), scratch.size_bytes() as u64) }?;
         Ok(Self {

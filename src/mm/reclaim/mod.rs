@@ -52,7 +52,7 @@ impl ReclaimControl {
     /// # Errors
     /// The eventfd that wakes the worker could not be created.
     pub fn new(target: Option<u64>) -> std::io::Result<Self> {
-        let kick = EventFd::new(libc::EFD_NONBLOCK)?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let clock = crate::mm::thread::ThreadClock::default();
         Ok(Self { target: AtomicU64::new(target.unwrap_or(OFF)), kick, clock })
     }

@@ -149,7 +149,7 @@ impl View {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        dont_dump(p as u64, len);
+        crate::mm::sys::dont_dump(p as u64, len);
         Ok(Self { hva: p as u64, len })
     }
 
@@ -207,7 +207,7 @@ pub fn map_private_page(file: &File, offset: u64) -> io::Result<u64> {
     if p == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
-    dont_dump(p as u64, PAGE_BYTES);
+    crate::mm::sys::dont_dump(p as u64, PAGE_BYTES);
     Ok(p as u64)
 }
 
@@ -269,7 +269,7 @@ pub fn map_anon_page() -> io::Result<u64> {
     if p == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
-    dont_dump(p as u64, PAGE_BYTES);
+    crate::mm::sys::dont_dump(p as u64, PAGE_BYTES);
     Ok(p as u64)
 }
 
@@ -285,17 +285,6 @@ pub unsafe fn read_page_racy(hva: u64, out: &mut Page) {
         // SAFETY: the caller guarantees the page is mapped; `i` < 512 stays inside it.
         let word = unsafe { std::ptr::read_volatile(src.add(i)) };
         chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-}
-
-/// Leaves the mapping at `hva` out of core dumps. Best effort: a kernel that refuses says
-/// so once in the log, and the mapping works regardless.
-fn dont_dump(hva: u64, len: usize) {
-    // SAFETY: advice on a mapping of ours; MADV_DONTDUMP changes no contents.
-    if unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTDUMP) } != 0 {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        let e = io::Error::last_os_error();
-        ONCE.call_once(|| log::warn!("page sharing: MADV_DONTDUMP refused: {e}"));
     }
 }
 

@@ -642,7 +642,9 @@ mod tests {
         let region = crate::vstate::memory::RamRegion { gpa: 0, hva, len: MEM };
         let mm = Arc::new(MemoryManager::new(&[region], true));
         let balloon = Balloon::new(all_features(), mem.clone(), MEM, mm.clone()).unwrap();
-        let irq = Arc::new(VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let irq = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap(),
+        ));
         let queues = QUEUE_GPA
             .iter()
             .map(|&gpa| MockSplitQueue::create(leaked, GuestAddress(gpa), size))
