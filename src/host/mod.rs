@@ -62,6 +62,14 @@ pub enum HostError {
         /// Why.
         source: std::io::Error,
     },
+    /// The run directory given is not private to this user.
+    #[error("run directory {path}: {why}; give a directory of yours that no one else can write (mkdir -m 700 DIR), or leave --run-dir out for a fresh private one")]
+    RunDirNotPrivate {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A VM could not start.
     #[error(transparent)]
     Child(#[from] child::ChildError),
@@ -127,7 +135,11 @@ enum RunDir {
 impl RunDir {
     fn new(given: Option<PathBuf>) -> Result<Self, HostError> {
         match given {
-            Some(p) => Ok(Self::Given(p)),
+            Some(p) => {
+                rundir::check_private(&p)
+                    .map_err(|why| HostError::RunDirNotPrivate { path: p.clone(), why })?;
+                Ok(Self::Given(p))
+            }
             None => rundir::PrivateDir::new("ebb-host-")
                 .map(Self::Ours)
                 .map_err(|source| HostError::RunDir { path: std::env::temp_dir(), source }),

@@ -58,10 +58,53 @@ impl Drop for PrivateDir {
     }
 }
 
+/// Checks that `dir` is a directory (not a symlink to one) of this process's user that no one
+/// else can write, so that nobody can swap a VM's socket there for one of theirs.
+///
+/// # Errors
+/// What is wrong, in words.
+pub fn check_private(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+    if meta.file_type().is_symlink() {
+        return Err("it is a symbolic link".into());
+    }
+    if !meta.is_dir() {
+        return Err("it is not a directory".into());
+    }
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!("it belongs to uid {}, not to {me}", meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!("its group or others may write it (mode {:o})", meta.mode() & 0o777));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_given_run_dir_must_be_a_private_directory_of_ours() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = PrivateDir::new("ebb-unit-check-").unwrap();
+        assert_eq!(check_private(d.path()), Ok(()));
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(check_private(d.path()).unwrap_err().contains("may write"));
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = d.path().with_extension("link");
+        std::os::unix::fs::symlink(d.path(), &link).unwrap();
+        assert!(check_private(&link).unwrap_err().contains("symbolic link"));
+        std::fs::remove_file(&link).unwrap();
+        let file = d.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        assert!(check_private(&file).unwrap_err().contains("not a directory"));
+        assert!(check_private(&d.path().join("missing")).is_err());
+    }
 
     #[test]
     fn a_private_dir_is_fresh_mode_0700_and_gone_after_drop() {

@@ -118,7 +118,7 @@ impl SharingControl {
     /// # Errors
     /// The eventfd that wakes the scanner could not be created.
     pub fn new(rate: u64) -> std::io::Result<Self> {
-        let kick = EventFd::new(libc::EFD_NONBLOCK)?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         Ok(Self { rate: AtomicU64::new(rate), kick, clock: Default::default() })
     }
 

@@ -99,7 +99,7 @@ impl Unsharer {
         stats: Arc<SharingStats>,
         uffd: Arc<Uffd>,
     ) -> std::io::Result<Self> {
-        let failed = EventFd::new(libc::EFD_NONBLOCK)?;
+        let failed = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let failure = Arc::new(Mutex::new(None));
         let (tx, rx) = sync_channel(QUEUE);
         let worker = Worker { pool, stats, uffd, page: Box::new([0; PAGE_BYTES]) };
