@@ -45,22 +45,9 @@ pub fn madvise_mergeable(hva: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Leaves `[hva, hva + len)` out of core dumps (`MADV_DONTDUMP`): the copies ebb keeps of
-/// guest RAM never reach a disk through a crash. Best effort: a refusal is logged.
-///
-/// `VM_DONTDUMP` is a VMA flag: the kernel merges only neighbouring VMAs with equal flags,
-/// and `mremap` carries a VMA's flags along. So it goes only on ranges whose pages move by
-/// `UFFDIO_MOVE` (the reclaim scratch range), never on guest RAM alone while sharing
-/// remaps pages between it and mappings without the flag.
-pub fn dont_dump(hva: u64, len: usize) {
-    // SAFETY: MADV_DONTDUMP changes no contents and no mapping, only what a core dump holds.
-    if unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTDUMP) } != 0 {
-        // Once: page sharing calls this for every page it maps.
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        let e = io::Error::last_os_error();
-        ONCE.call_once(|| log::warn!("MADV_DONTDUMP on {len} bytes refused: {e}"));
-    }
-}
+/// Leaves a range out of core dumps: guest RAM's own helper (see there), which every
+/// mapping that page sharing or reclaim moves pages through uses too.
+pub use crate::vstate::memory::dont_dump;
 
 /// A private anonymous mapping of `len` bytes (no swap reservation), unmapped when dropped.
 #[derive(Debug)]

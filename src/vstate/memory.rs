@@ -92,10 +92,7 @@ impl GuestRam {
         // guest RAM is marked too (`mm/sharing/sys.rs`): VMAs merge only when their flags
         // agree, and a shared page released or unshared must merge back into guest RAM.
         for region in mem.iter() {
-            crate::mm::sys::dont_dump(
-                region.as_ptr() as u64,
-                usize::try_from(region.len()).unwrap_or(0),
-            );
+            dont_dump(region.as_ptr() as u64, usize::try_from(region.len()).unwrap_or(0));
         }
         Ok(Self { mem: Arc::new(mem), mem_bytes })
     }
@@ -116,6 +113,22 @@ impl GuestRam {
             .iter()
             .map(|r| RamRegion { gpa: r.start_addr().0, hva: r.as_ptr() as u64, len: r.len() })
             .collect()
+    }
+}
+
+/// Leaves `[hva, hva + len)` out of core dumps (`MADV_DONTDUMP`): the copies ebb keeps of
+/// guest RAM never reach a disk through a crash. Best effort: a refusal is logged.
+///
+/// `VM_DONTDUMP` is a VMA flag: the kernel merges only neighbouring VMAs with equal flags,
+/// and `mremap` carries a VMA's flags along. So guest RAM and every mapping page sharing
+/// moves over it carry it alike, or a page released or unshared would never merge back.
+pub fn dont_dump(hva: u64, len: usize) {
+    // SAFETY: MADV_DONTDUMP changes no contents and no mapping, only what a core dump holds.
+    if unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_DONTDUMP) } != 0 {
+        // Once: page sharing calls this for every page it maps.
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        let e = std::io::Error::last_os_error();
+        ONCE.call_once(|| log::warn!("MADV_DONTDUMP on {len} bytes refused: {e}"));
     }
 }
 
