@@ -447,7 +447,7 @@ impl Supervisor {
         for (i, action) in actions {
             let s = &mut self.slots[i];
             let changed: Vec<(&'static str, Value)> =
-                lever_requests(&action, s.spec.balloon.is_some())
+                lever_requests(&action, s.spec.balloon.is_some(), s.spec.reservation_bytes)
                     .into_iter()
                     .filter(|(lever, req)| s.levers.get(lever) != Some(req))
                     .collect();
@@ -629,8 +629,21 @@ impl Slot {
     }
 }
 
-/// The control-socket request of each lever of `action` (the balloon's only with a balloon).
-fn lever_requests(action: &VmAction, balloon: bool) -> Vec<(&'static str, Value)> {
+/// A lever of `bytes` in the control socket's whole MiB: rounded down (a lever rounded up
+/// leaves up to a MiB a VM more than the policy gave, which the host's free memory pays),
+/// but never below the reservation, which is rounded up (a lever rounded down would reclaim
+/// below a reservation that is not a whole number of MiB).
+fn lever_mib(bytes: u64, reservation: u64) -> u64 {
+    (bytes / MIB).max(reservation.div_ceil(MIB)).max(1)
+}
+
+/// The control-socket request of each lever of `action` (the balloon's only with a balloon)
+/// for a VM with `reservation` bytes reserved.
+fn lever_requests(
+    action: &VmAction,
+    balloon: bool,
+    reservation: u64,
+) -> Vec<(&'static str, Value)> {
     let mut out = Vec::with_capacity(4);
     if balloon {
         out.push(("balloon", json!({ "balloon": { "target_mib": action.balloon_bytes >> 20 } })));
@@ -639,9 +652,7 @@ fn lever_requests(action: &VmAction, balloon: bool) -> Vec<(&'static str, Value)
         "reclaim",
         match action.reclaim_target_bytes {
             None => json!({ "reclaim": { "off": true } }),
-            // Rounded up: a lever rounded down would reclaim below a reservation that is
-            // not a whole number of MiB.
-            Some(b) => json!({ "reclaim": { "target_mib": b.div_ceil(MIB).max(1) } }),
+            Some(b) => json!({ "reclaim": { "target_mib": lever_mib(b, reservation) } }),
         },
     ));
     out.push(("sharing", json!({ "sharing": { "scan_rate": action.share_scan_rate } })));
@@ -649,7 +660,7 @@ fn lever_requests(action: &VmAction, balloon: bool) -> Vec<(&'static str, Value)
         "alloc",
         match action.alloc_wait_above_bytes {
             None => json!({ "alloc": { "off": true } }),
-            Some(b) => json!({ "alloc": { "wait_above_mib": b.div_ceil(MIB).max(1) } }),
+            Some(b) => json!({ "alloc": { "wait_above_mib": lever_mib(b, reservation) } }),
         },
     ));
     out
@@ -675,5 +686,13 @@ mod tests {
         let avail = HOST_MARGIN_BYTES + 100;
         assert_eq!(free_bytes(1 << 30, 0, Some(avail)), 100);
         assert_eq!(free_bytes(1 << 30, 0, Some(0)), -i64::try_from(HOST_MARGIN_BYTES).unwrap());
+    }
+
+    #[test]
+    fn levers_round_down_to_mib_but_never_below_the_reservation() {
+        assert_eq!(lever_mib(30 * MIB + MIB / 2, 0), 30, "what the policy gave, not more");
+        assert_eq!(lever_mib(160 * MIB, 159 * MIB + 1), 160, "the reservation, rounded up");
+        assert_eq!(lever_mib(159 * MIB + 2, 159 * MIB + 1), 160);
+        assert_eq!(lever_mib(0, 0), 1, "0 MiB means off: the least lever is 1");
     }
 }
