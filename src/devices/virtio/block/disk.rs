@@ -48,7 +48,7 @@ impl Disk {
         let open_err = |source| BlockError::Open { path: path.to_owned(), source };
         let (file, direct) = match open_file(path, read_only, true) {
             Ok(f) => (f, true),
-            // EINVAL: the file system has no direct I/O (tmpfs before 6.6, for one).
+            // EINVAL: the file system has no direct I/O (tmpfs on older kernels, for one).
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 (open_file(path, read_only, false).map_err(open_err)?, false)
             }
