@@ -99,6 +99,9 @@ pub enum ConfigError {
         "invalid --balloon {0:?}: expected target=SIZE,stats=SECS,deflate_on_oom=on|off,free_page_reporting=on|off"
     )]
     Balloon(String),
+    /// A `--disk` option that does not parse.
+    #[error("invalid --disk {0:?}: expected PATH or PATH,ro")]
+    Disk(String),
     /// A balloon size that is not a whole number of MiB.
     #[error("balloon size {0} is not a whole number of MiB (the balloon moves in MiB)")]
     BalloonNotMib(u64),
@@ -169,6 +172,27 @@ impl FirmwareSource {
     }
 }
 
+/// A virtio-blk disk as the user configures it (`--disk PATH[,ro]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// The guest may not write it.
+    pub read_only: bool,
+}
+
+/// Parses `--disk PATH[,ro]`. A path that itself ends in `,ro` cannot be given (rename it).
+pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
+    let (path, read_only) = match s.strip_suffix(",ro") {
+        Some(p) => (p, true),
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err(ConfigError::Disk(s.to_owned()));
+    }
+    Ok(DiskConfig { path: PathBuf::from(path), read_only })
+}
+
 /// The virtio-balloon as the user configures it (`--balloon ...`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BalloonConfig {
@@ -199,6 +223,8 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     /// The virtio-balloon device, if any.
     pub balloon: Option<BalloonConfig>,
+    /// virtio-blk disks, in the order the guest sees them (`vda`, `vdb`, ...).
+    pub disks: Vec<DiskConfig>,
     /// The control socket, if any.
     pub api_sock: Option<PathBuf>,
     /// What the process gives up once the VM is built (uid, seccomp); none by default, so
@@ -413,6 +439,7 @@ impl VmConfig {
             kvm_path: PathBuf::from(DEFAULT_KVM_DEV),
             memory: MemoryConfig::default(),
             balloon: None,
+            disks: Vec::new(),
             api_sock: None,
             jail: crate::jail::JailOptions::default(),
         }
@@ -536,6 +563,16 @@ mod tests {
         assert!(matches!(m.validate(), Err(ConfigError::SampleRate { rate: 10_000_000, .. })));
         m.active.sample_pages = 200;
         assert_eq!(m.validate(), Ok(()), "20000 pages/s is the most");
+    }
+
+    #[test]
+    fn disk_options_parse_path_and_read_only() {
+        let rw = DiskConfig { path: PathBuf::from("/img/a.raw"), read_only: false };
+        assert_eq!(parse_disk("/img/a.raw"), Ok(rw));
+        let ro = DiskConfig { path: PathBuf::from("a,b.raw"), read_only: true };
+        assert_eq!(parse_disk("a,b.raw,ro"), Ok(ro));
+        assert_eq!(parse_disk(",ro"), Err(ConfigError::Disk(",ro".into())));
+        assert!(parse_disk("").is_err());
     }
 
     #[test]

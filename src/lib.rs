@@ -9,7 +9,7 @@
 //! | [`config`] | the VM description and the parsing of option strings |
 //! | [`vstate`] | KVM wrappers: the VM, vCPUs, guest RAM, CPUID, MSRs |
 //! | [`boot`] | kernels and payloads placed in guest memory, the kernel command line |
-//! | [`devices`] | what the guest talks to: buses, UART, i8042, virtio-mmio, the balloon |
+//! | [`devices`] | what the guest talks to: buses, UART, i8042, virtio-mmio, the balloon, disks |
 //! | [`mm`] | the overcommit engine: page states, faults, Active memory, reclaim, sharing |
 //! | [`host`] | `ebb host`: many VM processes under one budget, the memory states, policies, `ebb top` |
 //! | [`lab`] | `ebb lab`: scenarios run under several policies, tables and charts |

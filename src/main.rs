@@ -7,9 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 
 use ebb::config::{
-    balloon_mib, parse_balloon, parse_cache_size, parse_fault_around, parse_firmware_arg,
-    BootSource, FirmwareSource, MemoryConfig, ReclaimOptions, VmConfig, DEFAULT_KVM_DEV,
-    DEFAULT_MEM, DEFAULT_STATS_INTERVAL,
+    balloon_mib, parse_balloon, parse_cache_size, parse_disk, parse_fault_around,
+    parse_firmware_arg, BootSource, FirmwareSource, MemoryConfig, ReclaimOptions, VmConfig,
+    DEFAULT_KVM_DEV, DEFAULT_MEM, DEFAULT_STATS_INTERVAL,
 };
 use ebb::mm::fault::active::{ActiveConfig, DEFAULT_INTERVAL_MS, DEFAULT_SAMPLE_PAGES};
 use ebb::mm::fault::around::FaultAround;
@@ -258,6 +258,11 @@ struct RunArgs {
     /// Add a virtio-balloon: [target=SIZE,stats=SECS,deflate_on_oom=on,free_page_reporting=on].
     #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<String>,
+    /// Add a virtio-blk disk backed by a raw image file: PATH[,ro] (repeatable: vda, vdb, ...).
+    /// Opened with O_DIRECT where the file system allows, so the host does not cache what the
+    /// guest caches already.
+    #[arg(long, value_name = "PATH[,ro]")]
+    disk: Vec<String>,
     /// Listen for control requests (JSON lines) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -355,6 +360,8 @@ fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
         share_group_fds: args.share_group_fds.as_deref().map(parse_fd_pair).transpose()?,
     };
     config.balloon = args.balloon.as_deref().map(parse_balloon).transpose()?;
+    config.disks =
+        args.disk.iter().map(String::as_str).map(parse_disk).collect::<Result<_, _>>()?;
     config.api_sock = args.api_sock;
     let identity = match (args.uid, args.gid) {
         (Some(uid), Some(gid)) => Some(ebb::jail::Identity { uid, gid }),

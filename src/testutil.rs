@@ -32,3 +32,22 @@ impl SplitMix {
         }
     }
 }
+
+/// A file under the system's temporary directory, removed when dropped.
+#[derive(Debug)]
+pub(crate) struct TempFile(pub std::path::PathBuf);
+
+impl TempFile {
+    /// A fresh file named for `name` and this process, holding `bytes`.
+    pub(crate) fn with_bytes(name: &str, bytes: &[u8]) -> Self {
+        let path = std::env::temp_dir().join(format!("ebb-test-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

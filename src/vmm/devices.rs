@@ -19,6 +19,8 @@ use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::virtio::balloon::event_handler::BalloonEventHandler;
 use crate::devices::virtio::balloon::Balloon;
+use crate::devices::virtio::block::event_handler::BlockEventHandler;
+use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::{MmioMetrics, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::Bus;
@@ -71,6 +73,10 @@ pub struct Devices {
     pub balloon_handler: Option<BalloonEventHandler>,
     /// What the balloon's transport counted of the guest's mistakes.
     pub balloon_transport: Option<Arc<MmioMetrics>>,
+    /// The disks, in `--disk` order (`vda`, `vdb`, ... in a Linux guest).
+    pub disks: Vec<Arc<Mutex<Block>>>,
+    /// The disks' event-loop glue, until the loop takes it.
+    pub disk_handlers: Vec<BlockEventHandler>,
     /// `virtio_mmio.device=` entries for a Linux command line.
     pub cmdline: Vec<String>,
 }
@@ -79,17 +85,20 @@ impl std::fmt::Debug for Devices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Devices")
             .field("balloon", &self.balloon.is_some())
+            .field("disks", &self.disks.len())
             .field("cmdline", &self.cmdline)
             .finish_non_exhaustive()
     }
 }
 
 impl Devices {
-    /// Creates the UART, i8042, debug-exit port and, if configured, the balloon.
+    /// Creates the UART, i8042, debug-exit port and, if configured, the balloon and the
+    /// disks (their images are opened here: after the jailer closed inherited descriptors,
+    /// before the seccomp filter).
     ///
     /// # Errors
-    /// The serial log cannot be created, KVM refuses an irqfd or ioeventfd, or devices
-    /// overlap.
+    /// The serial log or a disk image cannot be opened, KVM refuses an irqfd or ioeventfd,
+    /// or devices overlap.
     pub fn new(
         config: &VmConfig,
         vm: &VmFd,
@@ -130,8 +139,59 @@ impl Devices {
             balloon_handler = Some(handler);
             balloon = Some(dev);
         }
+        let (mut disks, mut disk_handlers) = (Vec::new(), Vec::new());
+        for dc in &config.disks {
+            let disk = Disk::open(&dc.path, dc.read_only)?;
+            log::info!(
+                "disk {}: {} sectors{}{}",
+                dc.path.display(),
+                disk.capacity_sectors(),
+                if dc.read_only { ", read-only" } else { "" },
+                if disk.direct() { ", direct I/O" } else { ", host page cache" }
+            );
+            let dev = Arc::new(Mutex::new(Block::new(disk)));
+            let (base, irq) = slots.take().ok_or(VmmError::NoMmioSlot)?;
+            let (queue_evts, _transport) =
+                add_virtio_mmio(vm, ram, &mut mmio, dev.clone(), base, irq)?;
+            cmdline.push(MmioTransport::cmdline_entry(VIRTIO_MMIO_WINDOW_BYTES, base, irq));
+            let evt = queue_evts.into_iter().next().ok_or(VmmError::NoMmioSlot)?;
+            disk_handlers.push(BlockEventHandler::new(dev.clone(), evt));
+            disks.push(dev);
+        }
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-        Ok(Self { pio, mmio, serial, balloon, balloon_handler, balloon_transport, cmdline })
+        Ok(Self {
+            pio,
+            mmio,
+            serial,
+            balloon,
+            balloon_handler,
+            balloon_transport,
+            disks,
+            disk_handlers,
+            cmdline,
+        })
+    }
+
+    /// Logs what each disk did and what its guest did wrong (at exit).
+    pub fn log_disk_metrics(&self) {
+        for dev in &self.disks {
+            let dev = dev.lock().unwrap_or_else(PoisonError::into_inner);
+            let m = dev.metrics();
+            let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            log::info!(
+                "disk {}: {} reads ({} bytes), {} writes ({} bytes), {} flushes, {} get-ids, \
+                 {} I/O errors, {} guest errors",
+                dev.disk().path().display(),
+                n(&m.reads),
+                n(&m.read_bytes),
+                n(&m.writes),
+                n(&m.write_bytes),
+                n(&m.flushes),
+                n(&m.get_ids),
+                n(&m.io_errors),
+                m.guest_errors()
+            );
+        }
     }
 }
 

@@ -27,6 +27,7 @@ use crate::api::ApiContext;
 use crate::boot::{self, cmdline::linux_cmdline, firmware, linux, BootCpu, BootError};
 use crate::config::{BootSource, ConfigError, VmConfig};
 use crate::devices::virtio::balloon::BalloonError;
+use crate::devices::virtio::block::BlockError;
 use crate::devices::BusError;
 use crate::metrics::{MemorySource, StatsSource, StatsWriter};
 use crate::mm::engine::Engine;
@@ -99,6 +100,9 @@ pub enum VmmError {
     /// The balloon could not be created.
     #[error(transparent)]
     Balloon(#[from] BalloonError),
+    /// A disk could not be set up.
+    #[error(transparent)]
+    Block(#[from] BlockError),
     /// The control socket could not be created.
     #[error("cannot listen on control socket {path}: {source}")]
     ApiSock {
@@ -214,6 +218,9 @@ impl Vm {
         if let Some(h) = devices.balloon_handler.take() {
             subscribers.push(Arc::new(Mutex::new(h)));
         }
+        for h in devices.disk_handlers.drain(..) {
+            subscribers.push(Arc::new(Mutex::new(h)));
+        }
         if let Some(path) = &config.api_sock {
             let (balloon, transport) = (devices.balloon.clone(), devices.balloon_transport.clone());
             let reclaim =
@@ -248,6 +255,7 @@ impl Vm {
         if let Err(e) = devices.serial.lock().unwrap_or_else(PoisonError::into_inner).flush() {
             log::warn!("flushing serial output: {e}");
         }
+        devices.log_disk_metrics();
         if let Some(engine) = engine {
             let m = engine.snapshot(u64::try_from(started.elapsed().as_millis()).unwrap_or(0));
             log::info!(

@@ -2,9 +2,11 @@
 //!
 //! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] puts it on the MMIO bus,
 //! negotiates features and queues with the driver, and hands the device its queues when the
-//! driver sets `DRIVER_OK`. The balloon (`virtio/balloon/`) is the first device to come.
+//! driver sets `DRIVER_OK`. The devices: the balloon (`virtio/balloon/`) and disks
+//! (`virtio/block/`).
 
 pub mod balloon;
+pub mod block;
 pub mod mmio;
 
 use std::io;
