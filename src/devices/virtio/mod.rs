@@ -13,8 +13,8 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::{GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// `VIRTIO_F_VERSION_1` (virtio 1.2, section 6): the device is not legacy. Always offered and
@@ -148,4 +148,32 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u16);
     /// Returns the device to its initial state (the driver wrote 0 to Status).
     fn reset(&mut self);
+}
+
+/// One descriptor, copied out of the guest's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable (`VIRTQ_DESC_F_WRITE`).
+    pub write_only: bool,
+}
+
+/// The descriptors of a chain, or None if it has more than `max` (a loop ends the same way:
+/// virtio-queue stops a chain after queue-size descriptors).
+pub fn chain_descriptors<M>(chain: DescriptorChain<M>, max: usize) -> Option<Vec<Desc>>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mut descs = Vec::new();
+    for d in chain {
+        if descs.len() == max {
+            return None;
+        }
+        descs.push(Desc { addr: d.addr().0, len: d.len(), write_only: d.is_write_only() });
+    }
+    Some(descs)
 }

@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::metrics::BalloonMetrics;
 use super::{
@@ -23,7 +23,8 @@ use super::{
 };
 use crate::config::BalloonConfig;
 use crate::devices::virtio::{
-    irq, ActivateError, Activation, VirtioDevice, VirtioError, VirtioInterrupt,
+    chain_descriptors, irq, ActivateError, Activation, Desc, VirtioDevice, VirtioError,
+    VirtioInterrupt,
 };
 use crate::mm::{MemoryManager, MmError, Release};
 use crate::units::{MIB_SHIFT, PAGE_SIZE};
@@ -242,7 +243,9 @@ impl Balloon {
         let mem = running.mem.clone();
         let (_, queue) = running.queues.get_mut(index)?;
         match queue.iter(&*mem) {
-            Ok(mut iter) => iter.next().map(|chain| (chain.head_index(), descriptors(chain))),
+            Ok(mut iter) => iter
+                .next()
+                .map(|chain| (chain.head_index(), chain_descriptors(chain, MAX_CHAIN_DESCRIPTORS))),
             Err(e) => {
                 self.metrics.bad_descriptors.hit(|| format!("queue {index}: {e}"));
                 None
@@ -475,31 +478,6 @@ impl Balloon {
         self.metrics.reported_pages.fetch_add(pages, Ordering::Relaxed);
         named
     }
-}
-
-/// One descriptor, copied out of the guest's table.
-#[derive(Debug, Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    write_only: bool,
-}
-
-/// The descriptors of a chain, or None if it is longer than `MAX_CHAIN_DESCRIPTORS` (a loop
-/// ends the same way: virtio-queue stops a chain after queue-size descriptors).
-fn descriptors<M>(chain: DescriptorChain<M>) -> Option<Vec<Desc>>
-where
-    M: std::ops::Deref + Clone,
-    M::Target: GuestMemory,
-{
-    let mut descs = Vec::new();
-    for d in chain {
-        if descs.len() == MAX_CHAIN_DESCRIPTORS {
-            return None;
-        }
-        descs.push(Desc { addr: d.addr().0, len: d.len(), write_only: d.is_write_only() });
-    }
-    Some(descs)
 }
 
 impl VirtioDevice for Balloon {

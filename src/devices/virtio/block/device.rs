@@ -9,8 +9,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::metrics::BlockMetrics;
 use super::request::{self, Desc, Fault, Geometry, Kind, Refused, Request};
@@ -19,7 +19,7 @@ use super::{
     MAX_CHAIN_DESCRIPTORS, QUEUE_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK,
 };
 use crate::devices::virtio::{
-    irq, ActivateError, Activation, VirtioDevice, VirtioError, VirtioInterrupt,
+    chain_descriptors, irq, ActivateError, Activation, VirtioDevice, VirtioError, VirtioInterrupt,
 };
 
 /// Chains served per event before other events get their turn (each at most
@@ -107,7 +107,9 @@ impl Block {
     fn pop_chain(&mut self, mem: &GuestMemoryMmap) -> Option<(u16, Option<Vec<Desc>>)> {
         let running = self.running.as_mut()?;
         match running.queue.iter(mem) {
-            Ok(mut iter) => iter.next().map(|chain| (chain.head_index(), descriptors(chain))),
+            Ok(mut iter) => iter
+                .next()
+                .map(|chain| (chain.head_index(), chain_descriptors(chain, MAX_CHAIN_DESCRIPTORS))),
             Err(e) => {
                 self.metrics.bad_descriptors.hit(|| format!("virtio-blk queue: {e}"));
                 None
@@ -287,23 +289,6 @@ impl Block {
 /// A request that failed, already counted and logged: the guest gets `IOERR`.
 #[derive(Debug)]
 struct Failed;
-
-/// The descriptors of a chain, or None if it has more than `MAX_CHAIN_DESCRIPTORS` (a loop
-/// ends the same way: virtio-queue stops a chain after queue-size descriptors).
-fn descriptors<M>(chain: DescriptorChain<M>) -> Option<Vec<Desc>>
-where
-    M: std::ops::Deref + Clone,
-    M::Target: GuestMemory,
-{
-    let mut descs = Vec::new();
-    for d in chain {
-        if descs.len() == MAX_CHAIN_DESCRIPTORS {
-            return None;
-        }
-        descs.push(Desc { addr: d.addr().0, len: d.len(), write_only: d.is_write_only() });
-    }
-    Some(descs)
-}
 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {

@@ -9,16 +9,7 @@ use super::{
     req_status, req_type, HEADER_BYTES, MAX_REQUEST_BYTES, SECTOR_BYTES, SEG_MAX, SIZE_MAX,
 };
 
-/// One descriptor, copied out of the guest's table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Desc {
-    /// Guest physical address.
-    pub addr: u64,
-    /// Length in bytes.
-    pub len: u32,
-    /// Device-writable (`VIRTQ_DESC_F_WRITE`).
-    pub write_only: bool,
-}
+pub use crate::devices::virtio::Desc;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
