@@ -202,7 +202,9 @@ mod tests {
             std::env::temp_dir().join(format!("ebb-lab-planted-{}", std::process::id()));
         std::fs::create_dir_all(&elsewhere).unwrap();
         let planted = std::env::temp_dir().join(format!("ebb-lab-{}", std::process::id()));
+        // A work dir of an older ebb whose pid was ours may be left there: it is no one's now.
         let _ = std::fs::remove_file(&planted);
+        let _ = std::fs::remove_dir_all(&planted);
         std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
         let dir = work_dir().unwrap();
         let work = dir.path();
