@@ -39,7 +39,9 @@ fn run_with_failure(test: &str, failure: &str) -> Option<(Option<i32>, String, S
         .args(["--fault-around", "0"])
         .env("EBB_TEST_HANDLER_FAULT", failure)
         .env("RUST_LOG", "warn,ebb=info,ebb::vmm::event_loop=debug")
-        .env("RUST_BACKTRACE", "0")
+        // As a user chasing the panic would run it: printing the backtrace needs system
+        // calls (getcwd) that the seccomp filter must allow, or the VM ends with SIGSYS.
+        .env("RUST_BACKTRACE", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -116,26 +116,23 @@ impl Mounted {
         }
     }
 
-    /// Makes every block of the device past the first MiB fail with EIO, at once: the loop
-    /// device's size limit is cut (`LOOP_SET_STATUS64`). Shrinking the backing file instead
-    /// leaves a window (until `losetup -c`) in which the loop driver completes reads past
-    /// the file's end with zeros, which is silent corruption below ebb, not a failing disk.
+    /// Makes the file system fail every read and write with EIO, at once, as a file system
+    /// does once its disk died: `EXT4_IOC_SHUTDOWN` without flushing the journal (the call
+    /// xfstests' `godown` makes). Cutting the loop device's size limit under the mounted
+    /// file system was the first way; ext4 then went on allocating blocks on a device it
+    /// could no longer read, and this host's kernel hit `BUG` in `ext4_mb_use_inode_pa`
+    /// (the reclaim thread died in the kernel and the test failed for a reason of the
+    /// kernel's). A shut-down ext4 refuses I/O before it reaches the allocator.
     fn fail_device(&self) {
-        const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
-        const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
-        /// Offset of `lo_sizelimit` in `struct loop_info64`, and the struct's size.
-        const SIZELIMIT_AT: usize = 32;
-        const INFO_BYTES: usize = 232;
-        let Some(dev) = &self.loop_dev else { return };
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(dev).unwrap();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-        let mut info = [0u8; INFO_BYTES];
-        // SAFETY: LOOP_GET_STATUS64 writes one struct loop_info64 (232 bytes) into `info`.
-        assert_eq!(unsafe { libc::ioctl(fd, LOOP_GET_STATUS64, info.as_mut_ptr()) }, 0);
-        info[SIZELIMIT_AT..SIZELIMIT_AT + 8].copy_from_slice(&(1u64 << 20).to_le_bytes());
-        // SAFETY: LOOP_SET_STATUS64 reads one struct loop_info64 from `info`.
-        let ret = unsafe { libc::ioctl(fd, LOOP_SET_STATUS64, info.as_ptr()) };
-        assert_eq!(ret, 0, "LOOP_SET_STATUS64: {}", std::io::Error::last_os_error());
+        /// `_IOR('X', 125, __u32)` (`fs/ext4/ext4.h`) and `EXT4_GOING_FLAGS_NOLOGFLUSH`.
+        const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
+        const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+        let dir = std::fs::File::open(&self.point.0).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+        let flags = EXT4_GOING_FLAGS_NOLOGFLUSH;
+        // SAFETY: EXT4_IOC_SHUTDOWN reads one u32 of flags from the pointer given.
+        let ret = unsafe { libc::ioctl(fd, EXT4_IOC_SHUTDOWN, &flags) };
+        assert_eq!(ret, 0, "EXT4_IOC_SHUTDOWN: {}", std::io::Error::last_os_error());
     }
 }
 
@@ -354,8 +351,8 @@ fn a_swap_read_error_ends_the_vm_with_a_clear_error() {
     if !kvm_or_skip(test) {
         return;
     }
-    // device-mapper's error target would be the direct way; a loop device whose size limit
-    // is cut gives the same EIO on kernels built without device-mapper, as here.
+    // device-mapper's error target would fail the device itself; this host's kernel has no
+    // device-mapper, so the file system above it is shut down (every read EIO).
     let Some(disk) = Mounted::failing_ext4(test) else { return };
     let stats = temp_file(&format!("{test}.json"), b"");
     let touch = ["pages=4096", "pattern=random", "idle_ms=6000"];

@@ -102,6 +102,9 @@ const ALWAYS: &[i64] = &[
     libc::SYS_geteuid,
     libc::SYS_getgid,
     libc::SYS_getegid,
+    // A panic's backtrace (`RUST_BACKTRACE`) shortens paths against the working directory:
+    // without it, a panic the VM would report and survive ends it with SIGSYS instead.
+    libc::SYS_getcwd,
     libc::SYS_sched_yield,
     libc::SYS_sched_getaffinity,
     libc::SYS_getrusage,

@@ -490,7 +490,11 @@ fn serve(
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| handler.run(stop)))
         .unwrap_or_else(|payload| Err(FaultError::Panicked(panic_message(&*payload))));
     if let Some(w) = worker {
-        w.stop();
+        // A worker thread the kernel ended without unwinding (an oops in a system call)
+        // makes `join` panic; the handler's own failure must still reach the VMM.
+        if std::panic::catch_unwind(AssertUnwindSafe(|| w.stop())).is_err() {
+            log::error!("the reclaim worker ended abnormally");
+        }
     }
     let Err(e) = result else { return };
     // Guest RAM stays registered, and the descriptor open, until the VMM has stopped the
