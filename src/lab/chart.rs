@@ -52,7 +52,7 @@ const STATE_COLORS: [RGBColor; 5] = [
 const THRESHOLDS: [(&str, u64); 5] =
     [("Clear", 300), ("minFree", 100), ("Soft", 64), ("Hard", 32), ("Low", 16)];
 
-fn register_font() {
+pub(super) fn register_font() {
     REGISTER.call_once(|| {
         if plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_err() {
             log::warn!("the charts' font could not be loaded: labels will be missing");
@@ -64,7 +64,7 @@ fn secs(r: &HostReport) -> f64 {
     r.t_ms as f64 / 1000.0
 }
 
-fn fail(path: &Path) -> impl Fn(String) -> ChartError + '_ {
+pub(super) fn fail(path: &Path) -> impl Fn(String) -> ChartError + '_ {
     move |msg| ChartError { path: path.display().to_string(), msg }
 }
 
@@ -80,10 +80,11 @@ fn vm_names(reports: &[HostReport]) -> Vec<String> {
 }
 
 /// A chart's drawing context: time in seconds across, MiB up.
-type Chart<'a> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+pub(super) type Chart<'a> =
+    ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 /// The axes of a chart titled `caption` on `root`, up to `t_max` s and `y_max` MiB.
-fn axes<'a>(
+pub(super) fn axes<'a>(
     root: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
     caption: String,
     (t_max, y_max): (f64, f64),
@@ -106,10 +107,18 @@ fn axes<'a>(
 }
 
 /// Draws the legend of `chart` in its upper right corner.
-fn legend(chart: &mut Chart<'_>) -> Result<(), String> {
+pub(super) fn legend(chart: &mut Chart<'_>) -> Result<(), String> {
+    legend_at(chart, SeriesLabelPosition::UpperRight)
+}
+
+/// Draws the legend of `chart` at `position`.
+pub(super) fn legend_at(
+    chart: &mut Chart<'_>,
+    position: SeriesLabelPosition,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(position)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))

@@ -15,6 +15,7 @@ pub mod chart;
 pub mod runner;
 pub mod scenario;
 pub mod summary;
+pub mod timeline;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
