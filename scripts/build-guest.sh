@@ -235,14 +235,17 @@ fi
 log "building initramfs"
 # memfill against the tree's own nolibc: a few KiB instead of ~700 KiB of
 # static glibc (initramfs bytes cost boot time on kvm-pvm hosts).
-step "memfill" gcc -static -O2 -s -Wall -Wextra -nostdlib -fno-stack-protector \
-	-fno-asynchronous-unwind-tables -fno-ident \
-	-include "$SRC/tools/include/nolibc/nolibc.h" \
-	-o "$TMP/memfill" "$GUEST/initramfs/src/memfill.c" -lgcc
+# ymmcheck the same way (only its inline assembly uses AVX).
+for prog in memfill ymmcheck; do
+	step "$prog" gcc -static -O2 -s -Wall -Wextra -nostdlib -fno-stack-protector \
+		-fno-asynchronous-unwind-tables -fno-ident \
+		-include "$SRC/tools/include/nolibc/nolibc.h" \
+		-o "$TMP/$prog" "$GUEST/initramfs/src/$prog.c" -lgcc
+done
 step "gen_init_cpio" gcc -O2 -o "$TMP/gen_init_cpio" "$SRC/usr/gen_init_cpio.c"
 BUSYBOX=/bin/busybox
 APPLETS="sh ash cat echo printf test mount umount tr sleep ls mkdir uname dmesg
-	free ps grep head tail true false poweroff reboot halt"
+	free ps grep head tail true false poweroff reboot halt sync cmp"
 [ -x "$BUSYBOX" ] || die "$BUSYBOX missing (busybox-static)"
 {
 	for d in /bin /dev /proc /sys; do
@@ -256,6 +259,7 @@ APPLETS="sh ash cat echo printf test mount umount tr sleep ls mkdir uname dmesg
 	echo "file /init $GUEST/initramfs/init 0755 0 0"
 	echo "file /bin/busybox $BUSYBOX 0755 0 0"
 	echo "file /bin/memfill $TMP/memfill 0755 0 0"
+	echo "file /bin/ymmcheck $TMP/ymmcheck 0755 0 0"
 	# A short list of applet links, not all ~270: on kvm-pvm hosts the guest
 	# kernel unpacks each cpio entry through the emulator (tens of ms apiece).
 	# Debian's busybox runs its applets from sh without links anyway.

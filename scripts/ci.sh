@@ -22,7 +22,8 @@ if [[ -z "${EBB_SKIP_GUEST:-}" ]]; then
 fi
 
 # The swap tests mount a tmpfs and build ext4 on a loop device (to make a swap device fail
-# for real); they skip loudly without these tools, so install them where we can.
+# for real), and the Linux user-space tests make an ext2 disk image (mkfs.ext2); they skip
+# loudly without these tools, so install them where we can.
 if [[ $EUID -eq 0 ]] && { ! command -v mkfs.ext4 >/dev/null || ! command -v losetup >/dev/null; }; then
     step "tools for the swap tests (e2fsprogs, mount)"
     if command -v apt-get >/dev/null; then

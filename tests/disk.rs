@@ -2,8 +2,8 @@
 //! boots with two disks, a writable `vda` and a read-only `vdb`, each a 1 MiB image with an
 //! MBR partition table of one partition.
 //!
-//! User space does not run on PVM hosts (docs/design.md, "The host"), so the test checks
-//! what the kernel does on its own at boot: the driver reads the capacity from config space
+//! The test checks what the kernel does on its own at boot (tests/guest_user.rs reads a file
+//! from an ext2 disk in user space): the driver reads the capacity from config space
 //! and prints it, the partition scan reads sector 0 through the queue and finds `vda1`, the
 //! read-only disk's driver accepted `VIRTIO_BLK_F_RO`, and ebb's counters at exit show the
 //! reads, no guest errors, and images left as they were.

@@ -1,8 +1,8 @@
 //! Linux e2e: the tiny guest kernel from scripts/build-guest.sh boots under ebb.
 //!
-//! On hardware-virtualization hosts the guest reaches user space (`ebb-guest: init started`).
-//! On PVM hosts guest CPL0 code is emulated and user space dies at its first `syscall`
-//! (docs/design.md, "The host"), so the test checks that the kernel gets to `Run /init`.
+//! The guest reaches user space (`ebb-guest: init started`) on every host: on PVM hosts through
+//! `ebb_syscall_pf`, which ebb adds there and the guest kernel's patch understands
+//! (docs/design.md, "The host"); tests/guest_user.rs runs programs in it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -22,12 +22,8 @@ fn boot(test: &str, kernel_of: impl Fn(&Guest) -> &std::path::Path) {
         return;
     }
     let Some(guest) = guest_or_skip(test) else { return };
-    let (marker, what) = if hardware_virtualization() {
-        (USER_SPACE_LINE, "first user-space line (hardware virtualization)")
-    } else {
-        (RUN_INIT_LINE, "`Run /init` (PVM: user space cannot run here)")
-    };
-    eprintln!("{test}: checking that the kernel reaches the {what}");
+    let marker = USER_SPACE_LINE;
+    eprintln!("{test}: checking that the kernel reaches user space");
     let kernel = kernel_of(&guest).to_str().unwrap().to_owned();
     let initrd = guest.initramfs.to_str().unwrap().to_owned();
     let start = Instant::now();
@@ -44,9 +40,8 @@ fn boot(test: &str, kernel_of: impl Fn(&Guest) -> &std::path::Path) {
     assert!(banner, "the kernel printed its banner on ttyS0");
     let cmdline = vm.seen.iter().find(|l| l.starts_with("Command line:")).unwrap();
     assert!(cmdline.contains("console=ttyS0 reboot=k"), "ebb's base command line: {cmdline}");
-    // Then the guest goes down on its own: on hardware hosts init reboots; on PVM init dies at
-    // its first syscall, the kernel panics and reboots at once (panic=-1). Either way the
-    // reboot goes through the i8042 and ebb exits 0.
+    assert!(vm.seen.iter().any(|l| l.contains(RUN_INIT_LINE)), "the kernel ran /init");
+    // Then init reboots on its own; the reboot goes through the i8042 and ebb exits 0.
     let status = vm.wait_exit(Duration::from_secs(120));
     assert_eq!(
         status,

@@ -9,11 +9,15 @@ use crate::accel::Accelerator;
 pub const BASE_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
-/// Added on PVM hosts: the instruction emulator that runs guest CPL0 code lacks XSAVE,
-/// POPCNT, SMAP's stac/clac, `cmpxchg16b` and friends, and the guest at CPL0 sees the host's
-/// CPUID bits for them anyway (see docs/design.md, "The host"), so Linux must be told not to
-/// use them. `cx16` is the name Linux gives CMPXCHG16B (`X86_FEATURE_CX16`).
-pub const PVM_CMDLINE: &str = "noxsave clearcpuid=smap,smep,popcnt,umip,pku,cx16";
+/// Added on PVM hosts (see docs/design.md, "The host"):
+/// - the instruction emulator that runs guest CPL0 code lacks XSAVE, POPCNT, SMAP's
+///   stac/clac, `cmpxchg16b` and friends, and the guest at CPL0 sees the host's CPUID bits
+///   for them anyway, so Linux must be told not to use them. `cx16` is the name Linux gives
+///   CMPXCHG16B (`X86_FEATURE_CX16`);
+/// - `ebb_syscall_pf`: a `syscall` at guest CPL3 stays at CPL3 and faults at the kernel's
+///   entry; ebb's guest kernel (`guest/patches/0003-*`) then makes the system call. Another
+///   kernel ignores the word (it reaches init as an argument).
+pub const PVM_CMDLINE: &str = "noxsave clearcpuid=smap,smep,popcnt,umip,pku,cx16 ebb_syscall_pf";
 
 /// The full Linux command line: ebb's base, device entries, host work-arounds, then the user's.
 pub fn linux_cmdline(accel: Accelerator, devices: &[String], user: &str) -> String {
@@ -44,6 +48,7 @@ mod tests {
         let pvm = c.find(PVM_CMDLINE).unwrap();
         assert!(dev < pvm && pvm < c.find("rootwait").unwrap());
         assert!(c.contains("cx16"), "cmpxchg16b is hidden too: {c}");
+        assert!(c.contains(" ebb_syscall_pf "), "system calls through the fault: {c}");
     }
 
     #[test]
