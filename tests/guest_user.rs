@@ -216,10 +216,14 @@ fn samples(path: &std::path::Path) -> Vec<Sample> {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| Sample {
-            t: v["t_ms"].as_f64().unwrap_or(0.0) / 1000.0,
-            consumed: v["consumed_bytes"].as_f64().unwrap_or(0.0) / MIB,
-            active: v["active_bytes"].as_f64().unwrap_or(0.0) / MIB,
+        .map(|v| {
+            // A renamed or missing field fails here rather than reading as 0.
+            let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"));
+            Sample {
+                t: f("t_ms") / 1000.0,
+                consumed: f("consumed_bytes") / MIB,
+                active: f("active_bytes") / MIB,
+            }
         })
         .collect()
 }
