@@ -8,6 +8,13 @@ void ebb_exit(int status)
 		; /* ebb stops the vCPU on the write; never reached */
 }
 
+/* Payloads that use one vCPU leave the others idle. */
+__attribute__((weak)) void ebb_ap_main(const struct ebb_boot_info *bi, u32 cpu)
+{
+	(void)bi;
+	(void)cpu;
+}
+
 void put_char(char c) { outb(EBB_UART_PORT, (u8)c); }
 
 void put_str(const char *s)

@@ -442,12 +442,258 @@ static void put_params(const struct cfg *c, u64 pages, u64 passes, u64 stride, e
 	put_str(order_names[order]);
 }
 
+/* --- many vCPUs ------------------------------------------------------------------------ */
+
+/* What every vCPU works from: set by vCPU 0 before it lets the others go. */
+struct job {
+	const struct ebb_boot_info *bi;
+	struct cfg c;
+	u64 pages, passes, corrupt, skip, stride, loop_ms, idle_ms, hot, rewrite, cross, ncpu;
+	enum order order;
+	enum dist dist;
+};
+static struct job job;
+static volatile u64 go;                  /* 1 once job is set */
+static u64 bar_count, bar_gen;           /* the barrier's arrivals and generation */
+static u64 share_sum[EBB_MAX_CPUS];      /* FNV state per share, across passes */
+static u64 total_bad, total_accesses, total_rank1;
+
+static void barrier(void)
+{
+	if (job.ncpu == 1)
+		return;
+	u64 gen = __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE);
+	if (__atomic_add_fetch(&bar_count, 1, __ATOMIC_ACQ_REL) == job.ncpu) {
+		__atomic_store_n(&bar_count, 0, __ATOMIC_RELAXED);
+		__atomic_store_n(&bar_gen, gen + 1, __ATOMIC_RELEASE);
+		return;
+	}
+	while (__atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) == gen)
+		__asm__ volatile("pause");
+}
+
+/* Share s of n items among the vCPUs: [lo, hi). */
+static u64 share_lo(u64 n, u64 s) { return n * s / job.ncpu; }
+
+static inline u64 *page_of(u64 p) { return page_addr(job.bi, job.skip + p * job.stride); }
+
+/* Writes share s of the pages in pass n in the job's order (corrupting the first pages on
+ * the last pass, if asked). */
+static void write_share(u64 s, u64 n)
+{
+	u64 lo = share_lo(job.pages, s), len = share_lo(job.pages, s + 1) - lo;
+	if (!len)
+		return;
+	struct fastmod m = fastmod_new(len);
+	u64 seed_mod = job.c.seed % len;
+	for (u64 i = 0; i < len; i++) {
+		u64 p = lo + visit(job.order, i, m, seed_mod);
+		struct content ct;
+		page_content(&job.c, n, p, &ct);
+		write_words(page_of(p), &ct, 0, WORDS);
+	}
+	if (n == job.passes - 1)
+		for (u64 p = lo; p < lo + len && p < job.corrupt; p++)
+			page_of(p)[0] ^= 1;
+}
+
+/* Verifies share s against pass n, folding every word into the share's checksum; returns the
+ * bad pages. */
+static u64 verify_share(u64 s, u64 n)
+{
+	u64 bad = 0, sum = share_sum[s];
+	for (u64 p = share_lo(job.pages, s); p < share_lo(job.pages, s + 1); p++) {
+		const volatile u64 *pg = page_of(p);
+		struct content ct;
+		int page_bad = 0;
+		page_content(&job.c, n, p, &ct);
+		for (u64 w = 0; w < WORDS; w++) {
+			u64 v = pg[w];
+			page_bad |= v != content_word(&ct, w);
+			sum = (sum ^ v) * FNV_PRIME;
+		}
+		bad += (u64)page_bad;
+	}
+	share_sum[s] = sum;
+	return bad;
+}
+
+/* The loop phase on vCPU cpu: sweeps its share of the hot set, or makes random accesses
+ * anywhere in it (a stream of its own); returns its rounds (sweep). */
+static u64 loop_phase(u64 cpu, volatile u64 *progress)
+{
+	u64 end = rdtsc() + job.loop_ms * job.bi->tsc_khz, last = job.passes - 1, rounds = 0;
+	if (job.dist == DIST_SWEEP) {
+		u64 lo = share_lo(job.hot, cpu), len = share_lo(job.hot, cpu + 1) - lo;
+		if (!len) {
+			while (rdtsc() < end)
+				__asm__ volatile("pause");
+			return 0;
+		}
+		struct fastmod m = fastmod_new(len);
+		u64 seed_mod = job.c.seed % len;
+		while (rdtsc() < end) {
+			for (u64 i = 0; i < len; i++) {
+				u64 p = lo + visit(job.order, i, m, seed_mod);
+				struct content ct;
+				page_content(&job.c, last, p, &ct);
+				write_words(page_of(p), &ct, 0, WORDS);
+				__atomic_add_fetch(progress, 1, __ATOMIC_RELAXED);
+			}
+			rounds++;
+		}
+		return rounds;
+	}
+	struct fastmod hot_mod = fastmod_new(job.hot);
+	u64 seed_hot = job.c.seed % job.hot;
+	u64 state = job.c.seed ^ LOOP_SALT ^ (cpu * GOLDEN_GAMMA), rank1 = 0, count = 0;
+	while (rdtsc() < end) {
+		for (u64 k = 0; k < LOOP_BATCH; k++) {
+			u64 r1 = mix64(state += GOLDEN_GAMMA), rank, line;
+			if (job.dist == DIST_ZIPF) {
+				u64 r2 = mix64(state += GOLDEN_GAMMA);
+				rank = zipf_rank(r1, r2);
+				line = r2 % LINES; /* low bits; mulhi used the high ones */
+			} else {
+				rank = mulhi(r1, job.hot);
+				line = r1 % LINES;
+			}
+			rank1 += rank == 0;
+			u64 p = visit(job.order, rank, hot_mod, seed_hot);
+			struct content ct;
+			page_content(&job.c, last, p, &ct);
+			write_words(page_of(p), &ct, line * LINE_WORDS, (line + 1) * LINE_WORDS);
+		}
+		count += LOOP_BATCH;
+		__atomic_add_fetch(progress, LOOP_BATCH, __ATOMIC_RELAXED);
+	}
+	__atomic_add_fetch(&total_accesses, count, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&total_rank1, rank1, __ATOMIC_RELAXED);
+	return rounds;
+}
+
+/* Everything after the arguments, on vCPU cpu; vCPU 0 also reports. Returns the exit status
+ * (vCPU 0) once every vCPU is done. */
+static int work(u64 cpu)
+{
+	u64 ncpu = job.ncpu, t_write = 0, t_verify = 0, bad = 0, local_progress = 0, rounds;
+	for (u64 n = 0; n < job.passes; n++) {
+		/* cross=1: vCPU c writes share c + n and verifies share c + n + 1 (mod ncpu). */
+		u64 w = job.cross ? (cpu + n) % ncpu : cpu;
+		u64 v = job.cross ? (cpu + n + 1) % ncpu : cpu;
+		barrier();
+		u64 t0 = rdtsc();
+		write_share(w, n);
+		barrier();
+		u64 t1 = rdtsc();
+		bad += verify_share(v, n);
+		barrier();
+		t_write += t1 - t0;
+		t_verify += rdtsc() - t1;
+	}
+	volatile u64 *progress = job.bi->progress_gpa ? (volatile u64 *)job.bi->progress_gpa
+						      : &local_progress;
+	if (job.loop_ms) {
+		if (cpu == 0)
+			put_str("touch: loop\n");
+		rounds = loop_phase(cpu, progress);
+		barrier();
+		if (cpu == 0) {
+			if (job.dist == DIST_SWEEP) {
+				put_str("touch: loop rounds=");
+				put_u64(rounds);
+			} else {
+				put_str("touch: loop accesses=");
+				put_u64(total_accesses);
+				put_str(" rank1=");
+				put_u64(total_rank1);
+			}
+			put_char('\n');
+		}
+	}
+	if (job.idle_ms) {
+		u64 end = rdtsc() + job.idle_ms * job.bi->tsc_khz;
+		if (cpu == 0)
+			put_str("touch: idle\n");
+		while (rdtsc() < end)
+			__asm__ volatile("pause");
+	}
+	u64 lo = share_lo(job.pages, cpu), hi = share_lo(job.pages, cpu + 1);
+	if (job.rewrite) {
+		barrier();
+		if (cpu == 0)
+			put_str("touch: rewrite\n");
+		for (u64 p = lo; p < hi; p++) {
+			struct content ct;
+			page_content(&job.c, job.passes - 1, p, &ct);
+			write_words(page_of(p), &ct, 0, WORDS);
+		}
+	}
+	if (job.loop_ms || job.idle_ms || job.rewrite) {
+		barrier(); /* the loop's random accesses reach every share */
+		for (u64 p = lo > job.corrupt ? lo : job.corrupt; p < hi; p++) {
+			const volatile u64 *pg = page_of(p);
+			struct content ct;
+			page_content(&job.c, job.passes - 1, p, &ct);
+			for (u64 w = 0; w < WORDS; w++)
+				if (pg[w] != content_word(&ct, w)) {
+					bad++;
+					break;
+				}
+		}
+	}
+	__atomic_add_fetch(&total_bad, bad, __ATOMIC_RELAXED);
+	barrier();
+	if (cpu != 0)
+		return 0;
+
+	u64 sum = share_sum[0], high = 0;
+	if (ncpu > 1) {
+		sum = FNV_OFFSET;
+		for (u64 s = 0; s < ncpu; s++)
+			sum = (sum ^ share_sum[s]) * FNV_PRIME;
+	}
+	for (u64 p = 0; p < job.pages; p++)
+		high += (u64)page_of(p) >= (1UL << 32);
+	put_str("touch: done ");
+	put_params(&job.c, job.pages, job.passes, job.stride, job.order);
+	put_str(" checksum=");
+	put_hex(sum);
+	put_str(" bad=");
+	put_u64(total_bad);
+	put_str(" high=");
+	put_u64(high);
+	put_str(" write_cycles=");
+	put_u64(t_write);
+	put_str(" verify_cycles=");
+	put_u64(t_verify);
+	put_str(" hot=");
+	put_u64(job.hot);
+	put_str(" dist=");
+	put_str(dist_names[job.dist]);
+	put_str(" cpus=");
+	put_u64(ncpu);
+	put_str(" cross=");
+	put_u64(job.cross);
+	put_str(" progress=");
+	put_u64(*progress);
+	put_char('\n');
+	return total_bad ? 3 : 0;
+}
+
+void ebb_ap_main(const struct ebb_boot_info *bi, u32 cpu)
+{
+	(void)bi;
+	while (!go)
+		__asm__ volatile("pause");
+	if (cpu < job.ncpu)
+		work(cpu);
+}
+
 int ebb_main(const struct ebb_boot_info *bi)
 {
-	u64 pages = 16384, passes = 1, corrupt = 0, skip = 0, high = 0, stride = 1;
-	u64 loop_ms = 0, idle_ms = 0, hot = 0, zipf_s = DEFAULT_ZIPF_S, local_progress = 0;
-	u64 rewrite = 0;
-	u64 bad = 0, sum = FNV_OFFSET, t_write = 0, t_verify = 0;
+	u64 pages = 16384, passes = 1, corrupt = 0, skip = 0, stride = 1;
+	u64 loop_ms = 0, idle_ms = 0, hot = 0, zipf_s = DEFAULT_ZIPF_S, rewrite = 0, cross = 0;
 	struct cfg c = { .pat = SEQ, .dup_groups = 1 };
 	enum order order = ORDER_SEQ;
 	enum dist dist = DIST_SWEEP;
@@ -462,9 +708,10 @@ int ebb_main(const struct ebb_boot_info *bi)
 	    arg_u64(bi, "idle_ms", &idle_ms) < 0 || arg_u64(bi, "stride", &stride) < 0 ||
 	    (has_hot = arg_u64(bi, "hot", &hot)) < 0 ||
 	    (has_zipf_s = arg_u64(bi, "zipf_s", &zipf_s)) < 0 ||
-	    arg_u64(bi, "dup_groups", &c.dup_groups) < 0 || arg_u64(bi, "rewrite", &rewrite) < 0)
+	    arg_u64(bi, "dup_groups", &c.dup_groups) < 0 || arg_u64(bi, "rewrite", &rewrite) < 0 ||
+	    arg_u64(bi, "cross", &cross) < 0)
 		return fail("pages, passes, seed, corrupt, skip, stride, loop_ms, idle_ms, hot, "
-			    "zipf_s, dup_groups and rewrite take a number");
+			    "zipf_s, dup_groups, rewrite and cross take a number");
 	if ((loop_ms || idle_ms) && bi->tsc_khz == 0)
 		return fail("loop_ms and idle_ms need the TSC frequency, which ebb did not provide");
 	if (arg_str(bi, "pattern", name, sizeof(name))) {
@@ -529,142 +776,20 @@ int ebb_main(const struct ebb_boot_info *bi)
 		return fail("the Zipf table is too small for hot="); /* cannot happen below 2^31 */
 	if (corrupt > pages)
 		corrupt = pages;
+	if (cross > 1)
+		return fail("cross must be 0 or 1");
+	if (bi->nr_cpus == 0 || bi->nr_cpus > EBB_MAX_CPUS)
+		return fail("the boot info's nr_cpus is out of range");
 
-	for (u64 p = 0; p < pages; p++)
-		high += (u64)page_addr(bi, skip + p * stride) >= (1UL << 32);
-
+	job = (struct job){ bi, c, pages, passes, corrupt, skip, stride, loop_ms, idle_ms, hot,
+			    rewrite, cross, bi->nr_cpus, order, dist };
 	put_str("touch: start ");
 	put_params(&c, pages, passes, stride, order);
+	put_str(" cpus=");
+	put_u64(job.ncpu);
 	put_char('\n');
-
-	struct fastmod all = fastmod_new(pages);
-	u64 seed_all = c.seed % pages;
-	for (u64 n = 0; n < passes; n++) {
-		u64 t0 = rdtsc();
-		for (u64 i = 0; i < pages; i++) {
-			u64 p = visit(order, i, all, seed_all);
-			struct content ct;
-			page_content(&c, n, p, &ct);
-			write_words(page_addr(bi, skip + p * stride), &ct, 0, WORDS);
-		}
-		if (n == passes - 1)
-			for (u64 p = 0; p < corrupt; p++)
-				page_addr(bi, skip + p * stride)[0] ^= 1;
-		u64 t1 = rdtsc();
-		for (u64 p = 0; p < pages; p++) {
-			const volatile u64 *pg = page_addr(bi, skip + p * stride);
-			struct content ct;
-			int page_bad = 0;
-			page_content(&c, n, p, &ct);
-			for (u64 w = 0; w < WORDS; w++) {
-				u64 v = pg[w];
-				page_bad |= v != content_word(&ct, w);
-				sum = (sum ^ v) * FNV_PRIME;
-			}
-			bad += (u64)page_bad;
-		}
-		t_write += t1 - t0;
-		t_verify += rdtsc() - t1;
-	}
-
-	volatile u64 *progress = bi->progress_gpa ? (volatile u64 *)bi->progress_gpa
-						  : &local_progress;
-	if (loop_ms) {
-		u64 end = rdtsc() + loop_ms * bi->tsc_khz, count = 0;
-		struct fastmod hot_mod = fastmod_new(hot);
-		u64 seed_hot = c.seed % hot, last = passes - 1;
-		put_str("touch: loop\n");
-		if (dist == DIST_SWEEP) {
-			u64 rounds = 0;
-			while (rdtsc() < end) {
-				for (u64 i = 0; i < hot; i++) {
-					u64 p = visit(order, i, hot_mod, seed_hot);
-					struct content ct;
-					page_content(&c, last, p, &ct);
-					write_words(page_addr(bi, skip + p * stride), &ct, 0, WORDS);
-					*progress = ++count;
-				}
-				rounds++;
-			}
-			put_str("touch: loop rounds=");
-			put_u64(rounds);
-		} else {
-			u64 state = c.seed ^ LOOP_SALT, rank1 = 0;
-			while (rdtsc() < end) {
-				for (u64 k = 0; k < LOOP_BATCH; k++) {
-					u64 r1 = mix64(state += GOLDEN_GAMMA), rank, line;
-					if (dist == DIST_ZIPF) {
-						u64 r2 = mix64(state += GOLDEN_GAMMA);
-						rank = zipf_rank(r1, r2);
-						line = r2 % LINES; /* low bits; mulhi used the high ones */
-					} else {
-						rank = mulhi(r1, hot);
-						line = r1 % LINES;
-					}
-					rank1 += rank == 0;
-					u64 p = visit(order, rank, hot_mod, seed_hot);
-					struct content ct;
-					page_content(&c, last, p, &ct);
-					write_words(page_addr(bi, skip + p * stride), &ct,
-						    line * LINE_WORDS, (line + 1) * LINE_WORDS);
-				}
-				count += LOOP_BATCH;
-				*progress = count;
-			}
-			put_str("touch: loop accesses=");
-			put_u64(count);
-			put_str(" rank1=");
-			put_u64(rank1);
-		}
-		put_char('\n');
-	}
-	if (idle_ms) {
-		u64 end = rdtsc() + idle_ms * bi->tsc_khz;
-		put_str("touch: idle\n");
-		while (rdtsc() < end)
-			__asm__ volatile("pause");
-	}
-	if (rewrite) {
-		put_str("touch: rewrite\n");
-		for (u64 p = 0; p < pages; p++) {
-			struct content ct;
-			page_content(&c, passes - 1, p, &ct);
-			write_words(page_addr(bi, skip + p * stride), &ct, 0, WORDS);
-		}
-	}
-	if (loop_ms || idle_ms || rewrite) {
-		u64 late_bad = 0;
-		for (u64 p = corrupt; p < pages; p++) {
-			const volatile u64 *pg = page_addr(bi, skip + p * stride);
-			struct content ct;
-			page_content(&c, passes - 1, p, &ct);
-			for (u64 w = 0; w < WORDS; w++)
-				if (pg[w] != content_word(&ct, w)) {
-					late_bad++;
-					break;
-				}
-		}
-		bad += late_bad;
-	}
-
-	put_str("touch: done ");
-	put_params(&c, pages, passes, stride, order);
-	put_str(" checksum=");
-	put_hex(sum);
-	put_str(" bad=");
-	put_u64(bad);
-	put_str(" high=");
-	put_u64(high);
-	put_str(" write_cycles=");
-	put_u64(t_write);
-	put_str(" verify_cycles=");
-	put_u64(t_verify);
-	put_str(" hot=");
-	put_u64(hot);
-	put_str(" dist=");
-	put_str(dist_names[dist]);
-	put_str(" progress=");
-	put_u64(*progress);
-	put_char('\n');
-	return bad ? 3 : 0;
+	for (u64 s = 0; s < EBB_MAX_CPUS; s++)
+		share_sum[s] = FNV_OFFSET;
+	__atomic_store_n(&go, 1, __ATOMIC_RELEASE);
+	return work(0);
 }

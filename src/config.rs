@@ -27,9 +27,9 @@ pub const INTERVAL_RANGE_MS: std::ops::RangeInclusive<u128> = 10..=3_600_000;
 pub const MAX_OOM_WAIT: Duration = Duration::from_secs(3600);
 /// Most pages one Active-memory sample may hold.
 pub const MAX_SAMPLE_PAGES: u32 = 100_000;
-/// Most vCPUs this version can run: SMP needs a vCPU thread each and a way to kick them
-/// out of `KVM_RUN` (the MP table already describes the CPUs), which are not done yet.
-pub const MAX_VCPUS: u8 = 1;
+/// Most vCPUs a VM may have (Firecracker's limit too; the MP table and the firmware stacks
+/// are sized for it).
+pub const MAX_VCPUS: u8 = 32;
 
 /// Errors in a VM description.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub enum ConfigError {
     #[error("--mem {0} is not a multiple of 4 KiB")]
     UnalignedMemory(u64),
     /// A vCPU count out of range.
-    #[error("--vcpus {0} is not supported: this version runs exactly {MAX_VCPUS} vCPU")]
+    #[error("--vcpus {0} is out of range: a VM has 1 to {MAX_VCPUS} vCPUs")]
     VcpuCount(u8),
     /// A firmware argument without `=`.
     #[error("invalid --firmware-arg {0:?}: expected KEY=VALUE")]
@@ -535,8 +535,10 @@ mod tests {
         c.mem_bytes = 4097;
         assert_eq!(c.validate(), Err(ConfigError::UnalignedMemory(4097)));
         c.mem_bytes = 1 << 20;
-        c.vcpus = 2;
-        assert_eq!(c.validate(), Err(ConfigError::VcpuCount(2)));
+        c.vcpus = 33;
+        assert_eq!(c.validate(), Err(ConfigError::VcpuCount(33)));
+        c.vcpus = 0;
+        assert_eq!(c.validate(), Err(ConfigError::VcpuCount(0)));
     }
 
     #[test]

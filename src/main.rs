@@ -182,7 +182,8 @@ struct RunArgs {
     /// Guest memory, e.g. 512M or 2G.
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEM)]
     mem: String,
-    /// Number of vCPUs.
+    /// Number of vCPUs (1 to 32), one thread each. A payload starts on every vCPU; Linux
+    /// brings up the others itself.
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: u8,
     /// A built-in payload by name (hello, touch) or the path of a payload ELF file.

@@ -112,7 +112,8 @@ fn initrd_without_kernel() {
 
 #[test]
 fn more_vcpus_than_supported() {
-    expect_error(&["run", "--vcpus", "2"], "--vcpus 2 is not supported");
+    expect_error(&["run", "--vcpus", "33"], "--vcpus 33 is out of range: a VM has 1 to 32 vCPUs");
+    expect_error(&["run", "--vcpus", "0"], "--vcpus 0 is out of range");
 }
 
 #[test]

@@ -5,7 +5,9 @@
 //! and the virtio-mmio device windows at 0xd000_0000 too (accesses there exit to ebb's
 //! devices), interrupts off, no IDT (an exception is a triple fault, reported by ebb), a TSS I/O
 //! bitmap that lets `out`/`in` reach every port, `rsp` at [`FIRMWARE_STACK_TOP_GPA`] and
-//! `rdi` pointing at a [`FirmwareBootInfo`]. The UART is at 0x3f8; writing a 32-bit value to
+//! `rdi` pointing at a [`FirmwareBootInfo`] and `rsi` holding the vCPU's index. Every vCPU
+//! (`--vcpus N`) starts there at once, each on its own stack ([`stack_top`]); the boot info
+//! says how many there are. The UART is at 0x3f8; writing a 32-bit value to
 //! the debug-exit port 0xf4 ends the VM with that value (low 8 bits) as ebb's exit status.
 //!
 //! A payload may also get a data blob from the host (a text corpus for `touch`'s `mix=text`,
@@ -27,8 +29,8 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMm
 
 use super::layout::{
     ram_ranges, ram_top, CMDLINE_GPA, CMDLINE_MAX_BYTES, FIRMWARE_PROGRESS_GPA,
-    FIRMWARE_STACK_TOP_GPA, HIMEM_GPA, MMIO_HOLE_GPA, PAGE_BYTES, VIRTIO_MMIO_BASE_GPA,
-    VIRTIO_MMIO_WINDOW_BYTES, ZERO_PAGE_GPA,
+    FIRMWARE_STACK_BYTES, FIRMWARE_STACK_TOP_GPA, HIMEM_GPA, MMIO_HOLE_GPA, PAGE_BYTES,
+    VIRTIO_MMIO_BASE_GPA, VIRTIO_MMIO_WINDOW_BYTES, ZERO_PAGE_GPA,
 };
 use super::{gdt, paging, write_bytes, write_obj, BootCpu, BootError, CpuMode};
 use crate::config::FirmwareSource;
@@ -65,10 +67,13 @@ pub struct FirmwareBootInfo {
     /// Guest-physical address of the u64 progress counter the payload bumps as it works
     /// ([`FIRMWARE_PROGRESS_GPA`], 0 at start).
     pub progress_gpa: u64,
+    /// How many vCPUs run the payload; each starts with its index (0..nr_cpus) in `rsi`.
+    pub nr_cpus: u64,
 }
 const _: () = {
-    // The layout `firmware/ebb.h` declares: 13 u64s, no padding.
-    assert!(std::mem::size_of::<FirmwareBootInfo>() == 104);
+    // The layout `firmware/ebb.h` declares: 14 u64s, no padding.
+    assert!(std::mem::size_of::<FirmwareBootInfo>() == 112);
+    assert!(std::mem::offset_of!(FirmwareBootInfo, nr_cpus) == 104);
     assert!(std::mem::offset_of!(FirmwareBootInfo, tsc_khz) == 72);
     assert!(std::mem::offset_of!(FirmwareBootInfo, blob_gpa) == 80);
     assert!(std::mem::offset_of!(FirmwareBootInfo, blob_len) == 88);
@@ -112,8 +117,23 @@ pub fn read_progress(mem: &GuestMemoryMmap) -> Result<u64, GuestMemoryError> {
     mem.load(GuestAddress(FIRMWARE_PROGRESS_GPA), Ordering::Relaxed)
 }
 
-/// Loads a payload, its arguments and the optional data `blob`; returns how the boot vCPU
-/// starts. An empty blob counts as none.
+/// The top of vCPU `cpu`'s stack: the stacks are [`FIRMWARE_STACK_BYTES`] each, vCPU 0's
+/// highest, all within the firmware stack area.
+pub fn stack_top(cpu: u8) -> u64 {
+    FIRMWARE_STACK_TOP_GPA - u64::from(cpu) * FIRMWARE_STACK_BYTES
+}
+
+/// How vCPU `cpu` starts: as the boot vCPU `bsp` does, on its own stack, with its index in
+/// `rsi`.
+pub fn cpu_start(bsp: &BootCpu, cpu: u8) -> BootCpu {
+    let mut start = bsp.clone();
+    start.regs.rsp = stack_top(cpu);
+    start.regs.rsi = u64::from(cpu);
+    start
+}
+
+/// Loads a payload, its arguments and the optional data `blob` for `nr_cpus` vCPUs; returns
+/// how the boot vCPU starts (the others: [`cpu_start`]). An empty blob counts as none.
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
@@ -121,6 +141,7 @@ pub fn load(
     args: &[(String, String)],
     blob: Option<&[u8]>,
     tsc_khz: u32,
+    nr_cpus: u8,
 ) -> Result<BootCpu, BootError> {
     let (image, path): (Cow<'_, [u8]>, _) = match source {
         FirmwareSource::Builtin(name) => {
@@ -148,6 +169,7 @@ pub fn load(
     let blob = blob.unwrap_or_default();
     let mut info = boot_info(mem_bytes, loaded.kernel_end, args_len as u64, blob.len() as u64)?;
     info.tsc_khz = u64::from(tsc_khz);
+    info.nr_cpus = u64::from(nr_cpus.max(1));
     if !blob.is_empty() {
         write_bytes(mem, blob, info.blob_gpa, "firmware blob")?;
     }
@@ -155,7 +177,7 @@ pub fn load(
     write_obj(mem, info, ZERO_PAGE_GPA, "firmware boot info")?;
     let mut cpu = BootCpu { mode: CpuMode::Long64User, regs: Default::default() };
     cpu.regs.rip = loaded.kernel_load.0;
-    cpu.regs.rsp = FIRMWARE_STACK_TOP_GPA;
+    cpu.regs.rsp = stack_top(0);
     cpu.regs.rdi = ZERO_PAGE_GPA;
     cpu.regs.rflags = 0x2;
     Ok(cpu)
@@ -321,7 +343,7 @@ mod tests {
         let mem = guest(32 * MIB);
         let blob: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let touch = FirmwareSource::Builtin("touch".into());
-        load(&mem, 32 * MIB, &touch, &[], Some(&blob), 1000).unwrap();
+        load(&mem, 32 * MIB, &touch, &[], Some(&blob), 1000, 1).unwrap();
         let info = read_info(&mem);
         assert_eq!(info.blob_len, 10_000);
         assert_eq!(info.blob_gpa % PAGE_BYTES, 0);
@@ -338,7 +360,7 @@ mod tests {
         let mem = guest(32 * MIB);
         let touch = FirmwareSource::Builtin("touch".into());
         for blob in [None, Some(&[][..])] {
-            load(&mem, 32 * MIB, &touch, &[], blob, 1000).unwrap();
+            load(&mem, 32 * MIB, &touch, &[], blob, 1000, 1).unwrap();
             let info = read_info(&mem);
             assert_eq!((info.blob_gpa, info.blob_len), (0, 0));
             let [start, len] = info.free_ranges[0];
@@ -351,7 +373,7 @@ mod tests {
         let mem = guest(4 * MIB);
         let touch = FirmwareSource::Builtin("touch".into());
         let blob = vec![1u8; usize::try_from(4 * MIB).unwrap()];
-        let err = load(&mem, 4 * MIB, &touch, &[], Some(&blob), 0).unwrap_err();
+        let err = load(&mem, 4 * MIB, &touch, &[], Some(&blob), 0, 1).unwrap_err();
         assert!(matches!(err, BootError::BlobTooLarge { .. }), "{err:?}");
     }
 
@@ -359,7 +381,7 @@ mod tests {
     fn the_progress_counter_starts_at_zero_and_reads_what_the_guest_stores() {
         let mem = guest(8 * MIB);
         mem.write_obj(0xdead_u64, GuestAddress(FIRMWARE_PROGRESS_GPA)).unwrap();
-        load(&mem, 8 * MIB, &FirmwareSource::Builtin("hello".into()), &[], None, 0).unwrap();
+        load(&mem, 8 * MIB, &FirmwareSource::Builtin("hello".into()), &[], None, 0, 1).unwrap();
         assert_eq!(read_info(&mem).progress_gpa, FIRMWARE_PROGRESS_GPA);
         assert_eq!(read_progress(&mem).unwrap(), 0);
         mem.write_obj(12_345_u64, GuestAddress(FIRMWARE_PROGRESS_GPA)).unwrap();
@@ -370,6 +392,18 @@ mod tests {
     fn a_missing_blob_file_is_a_read_error_naming_it() {
         let err = read_blob(Path::new("/nonexistent/ebb-blob")).unwrap_err();
         assert!(err.to_string().contains("firmware blob /nonexistent/ebb-blob"), "{err}");
+    }
+
+    #[test]
+    fn every_vcpu_gets_its_own_stack_and_its_index() {
+        let mem = guest(8 * MIB);
+        let bsp = load(&mem, 8 * MIB, &FirmwareSource::Builtin("touch".into()), &[], None, 0, 32)
+            .unwrap();
+        assert_eq!(read_info(&mem).nr_cpus, 32);
+        let last = cpu_start(&bsp, 31);
+        assert_eq!((last.regs.rip, last.regs.rdi, last.regs.rsi), (bsp.regs.rip, bsp.regs.rdi, 31));
+        assert_eq!(bsp.regs.rsp - last.regs.rsp, 31 * FIRMWARE_STACK_BYTES);
+        assert!(last.regs.rsp - FIRMWARE_STACK_BYTES >= CMDLINE_GPA + CMDLINE_MAX_BYTES as u64);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! 0x0000_8ff0  Linux boot stack (grows down)
 //! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000.. page directories (2 MiB pages)
 //! 0x0002_0000  kernel command line / firmware arguments
-//! 0x0002_1000  firmware stack (grows down from 0x9f000)
+//! 0x0002_1000  firmware stacks (12 KiB per vCPU, vCPU 0's from 0x9f000 down)
 //! 0x0009_fc00  EBDA (reserved in the e820 map)
 //! 0x0010_0000  kernel or payload image (HIMEM)
 //! 0xc000_0000  MMIO hole: virtio-mmio devices, then LAPIC/IOAPIC (to 4 GiB)
@@ -41,8 +41,11 @@ pub const PD_END_GPA: u64 = 0x2_0000;
 pub const CMDLINE_GPA: u64 = 0x2_0000;
 /// Room for the command line (the page up to the firmware stack area).
 pub const CMDLINE_MAX_BYTES: usize = 0x1000;
-/// Firmware stack top (grows down to `CMDLINE_GPA + CMDLINE_MAX_BYTES`).
+/// Firmware stack top (grows down to `CMDLINE_GPA + CMDLINE_MAX_BYTES`): vCPU 0's stack,
+/// the others' below it, [`FIRMWARE_STACK_BYTES`] each.
 pub const FIRMWARE_STACK_TOP_GPA: u64 = 0x9_f000;
+/// One vCPU's firmware stack: 32 of them fit the area.
+pub const FIRMWARE_STACK_BYTES: u64 = 0x3000;
 /// Start of the Extended BIOS Data Area (reserved, as on PCs).
 pub const EBDA_GPA: u64 = 0x9_fc00;
 /// First byte above the legacy VGA/BIOS area where kernels load.
@@ -68,6 +71,10 @@ const _: () = {
     assert!(FIRMWARE_PROGRESS_GPA % 8 == 0 && ZERO_PAGE_GPA + PAGE_BYTES <= BOOT_STACK_GPA);
     assert!(BOOT_STACK_GPA < PML4_GPA && PD_END_GPA <= CMDLINE_GPA);
     assert!(CMDLINE_GPA + CMDLINE_MAX_BYTES as u64 <= FIRMWARE_STACK_TOP_GPA);
+    assert!(
+        CMDLINE_GPA + CMDLINE_MAX_BYTES as u64 + 32 * FIRMWARE_STACK_BYTES
+            <= FIRMWARE_STACK_TOP_GPA
+    );
     assert!(FIRMWARE_STACK_TOP_GPA <= EBDA_GPA && EBDA_GPA < HIMEM_GPA);
 };
 

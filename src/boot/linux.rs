@@ -91,13 +91,15 @@ pub fn kernel_kind(file: &mut File, path: &Path) -> Result<KernelKind, BootError
     Err(BootError::NotAKernel(path.to_owned()))
 }
 
-/// Loads the kernel, initrd and command line; returns how the boot vCPU starts.
+/// Loads the kernel, initrd and command line, with an MP table listing `nr_cpus` CPUs;
+/// returns how the boot vCPU starts (the others wait for the kernel's INIT/SIPI).
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    nr_cpus: u8,
 ) -> Result<BootCpu, BootError> {
     let mut file = File::open(kernel).map_err(|source| BootError::Read {
         what: "kernel",
@@ -105,7 +107,7 @@ pub fn load(
         source,
     })?;
     gdt::write_tables(mem)?;
-    mptable::write(mem, 1)?;
+    mptable::write(mem, nr_cpus.max(1))?;
     match kernel_kind(&mut file, kernel)? {
         KernelKind::BzImage => load_bzimage(mem, mem_bytes, &mut file, kernel, initrd, cmdline),
         KernelKind::Elf => load_pvh(mem, mem_bytes, &mut file, kernel, initrd, cmdline),

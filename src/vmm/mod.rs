@@ -1,13 +1,14 @@
 //! One VM from config to exit, as a [`Vm`] value: [`Vm::build`] sets up KVM, guest memory,
-//! the memory engine, devices and the boot state; [`Vm::run`] runs the vCPU and the event
-//! loop until the guest ends. A host process can hold several.
+//! the memory engine, devices, the vCPUs and their boot state; [`Vm::run`] runs every vCPU on
+//! its own thread and the event loop on the calling one until the guest ends. A host process
+//! can hold several.
 //!
 //! | file | owns |
 //! |---|---|
 //! | `mod.rs` | the `Vm`, its errors, the exit status |
 //! | `devices.rs` | the devices, their bus ranges, interrupt lines and MMIO slots |
 //! | `memory.rs` | the memory manager, the stores of evicted pages, the engine |
-//! | `event_loop.rs` | the vCPU thread, the event loop, the vCPU stopped first when the fault handler dies |
+//! | `event_loop.rs` | the vCPU threads, the event loop, the vCPUs stopped first when the fault handler dies |
 //! | `signals.rs` | SIGINT and SIGTERM: an orderly stop |
 
 pub mod devices;
@@ -37,7 +38,7 @@ use crate::mm::rss::RssProbe;
 use crate::vstate::cpuid::{self, CpuidError};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{GuestRam, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome, VcpuStopper};
 use crate::vstate::vm::{self, VmError};
 use devices::Devices;
 use event_loop::Subscriber;
@@ -162,7 +163,7 @@ pub struct Vm {
     /// Guest RAM; the mapping must outlive the vCPU and the engine.
     _ram: GuestRam,
     devices: Devices,
-    vcpu: Vcpu,
+    vcpus: Vec<Vcpu>,
     engine: Option<Arc<Engine>>,
     subscribers: Vec<Subscriber>,
     stats: Option<Arc<Mutex<StatsWriter>>>,
@@ -188,19 +189,36 @@ impl Vm {
         let accel = Accelerator::detect();
         log::info!("accelerator: {accel}");
         let kvm = kvm::open(&config.kvm_path)?;
-        let mut cpuid = cpuid::supported(&kvm)?;
+        let cpuid = cpuid::supported(&kvm)?;
         let ram = GuestRam::new(config.mem_bytes, cpuid::phys_bits(cpuid.as_slice()))?;
         let vm_fd = Arc::new(vm::create(&kvm, &ram)?);
         let mm = Arc::new(memory::manager(config, &ram)?);
         let mut devices = Devices::new(config, &vm_fd, &ram, &mm)?;
-        let mem = ram.memory().clone();
-        let mut vcpu = Vcpu::new(&vm_fd, 0, devices.pio.clone(), devices.mmio.clone(), mem)?;
-        // The fault handler gives up first: it frees guest RAM, so that ebb's threads (in the
-        // same memory cgroup) can allocate what reporting the cause takes.
-        vcpu.set_memory_patience(config.memory.oom_wait + VCPU_EXTRA_PATIENCE);
-        let boot = load_boot(config, &ram, accel, &devices.cmdline, vcpu.tsc_khz())?;
-        cpuid::normalize(cpuid.as_mut_slice(), 0, config.vcpus, accel);
-        vcpu.configure(&kvm, &cpuid, &boot)?;
+        let stopper = VcpuStopper::default();
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for id in 0..config.vcpus {
+            let buses = (devices.pio.clone(), devices.mmio.clone());
+            let mut vcpu = Vcpu::new(&vm_fd, id, buses, ram.memory().clone(), stopper.clone())?;
+            // The fault handler gives up first: it frees guest RAM, so that ebb's threads (in
+            // the same memory cgroup) can allocate what reporting the cause takes.
+            vcpu.set_memory_patience(config.memory.oom_wait + VCPU_EXTRA_PATIENCE);
+            vcpus.push(vcpu);
+        }
+        let boot = load_boot(config, &ram, accel, &devices.cmdline, vcpus[0].tsc_khz())?;
+        for vcpu in &vcpus {
+            let mut own = cpuid.clone();
+            cpuid::normalize(own.as_mut_slice(), vcpu.id(), config.vcpus, accel);
+            // A payload starts on every vCPU; Linux starts the others with INIT/SIPI.
+            let start = match (&config.boot, vcpu.id()) {
+                (_, 0) => Some(boot.clone()),
+                (BootSource::Firmware { .. }, id) => Some(firmware::cpu_start(&boot, id)),
+                (BootSource::Linux { .. }, _) => None,
+            };
+            vcpu.configure(&kvm, &own, start.as_ref())?;
+        }
+        if config.vcpus > 1 {
+            log::info!("{} vCPUs", config.vcpus);
+        }
         // Registered after boot loading, so what ebb wrote into the guest starts out Resident.
         let engine = memory::start_engine(config, &mm, &vm_fd, ram.regions())?;
         let memory = match &engine {
@@ -241,7 +259,7 @@ impl Vm {
             ))),
             None => None,
         };
-        Ok(Self { started, vm_fd, _ram: ram, devices, vcpu, engine, subscribers, stats })
+        Ok(Self { started, vm_fd, _ram: ram, devices, vcpus, engine, subscribers, stats })
     }
 
     /// Runs the guest to its end.
@@ -249,9 +267,9 @@ impl Vm {
     /// # Errors
     /// The event loop failed, the vCPU could not run, or the fault handler stopped.
     pub fn run(self) -> Result<RunOutcome, VmmError> {
-        let Self { started, vm_fd, _ram, devices, vcpu, engine, subscribers, stats } = self;
+        let Self { started, vm_fd, _ram, devices, vcpus, engine, subscribers, stats } = self;
         crate::mm::sys::prefault_stack(crate::mm::sys::THREAD_STACK_RESERVE);
-        let outcome = event_loop::run(vcpu, subscribers, stats, engine.as_deref());
+        let outcome = event_loop::run(vcpus, subscribers, stats, engine.as_deref());
         if let Err(e) = devices.serial.lock().unwrap_or_else(PoisonError::into_inner).flush() {
             log::warn!("flushing serial output: {e}");
         }
@@ -297,11 +315,12 @@ fn load_boot(
         BootSource::Linux { kernel, initrd, cmdline } => {
             let full = linux_cmdline(accel, devices, cmdline);
             log::info!("kernel command line: {full}");
-            linux::load(mem, ram.mem_bytes(), kernel, initrd.as_deref(), &full)
+            linux::load(mem, ram.mem_bytes(), kernel, initrd.as_deref(), &full, config.vcpus)
         }
         BootSource::Firmware { source, args, blob } => {
             let blob = blob.as_deref().map(firmware::read_blob).transpose()?;
-            firmware::load(mem, ram.mem_bytes(), source, args, blob.as_deref(), tsc_khz)
+            let blob = blob.as_deref();
+            firmware::load(mem, ram.mem_bytes(), source, args, blob, tsc_khz, config.vcpus)
         }
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! The handlers only note the signal and write to an eventfd the event loop watches
 //! (async-signal-safe: an atomic store and `write(2)`). The event loop then asks the vCPU to
-//! stop and kicks its thread with [`kick_signal`], whose empty handler makes `KVM_RUN`
-//! return `EINTR`.
+//! stop and kicks every vCPU thread with [`kick_signal`], whose handler sets the thread's
+//! `kvm_run.immediate_exit`, so that `KVM_RUN` returns `EINTR` whether the kick lands inside
+//! it or just before it.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -40,7 +41,9 @@ extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
     }
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    crate::vstate::vcpu::kick_current_vcpu();
+}
 
 /// The event-loop side: readable when a stop signal arrived.
 #[derive(Debug)]

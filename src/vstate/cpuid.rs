@@ -36,6 +36,22 @@ const LEAF7_EBX_SMEP: u32 = 1 << 7;
 const LEAF7_EBX_SMAP: u32 = 1 << 20;
 const LEAF7_ECX_UMIP: u32 = 1 << 2;
 const LEAF7_ECX_PKU: u32 = 1 << 3;
+// KVM's paravirtual features (leaf 0x4000_0001 EAX, `KVM_FEATURE_*`) that make hypercalls:
+// `vmcall` never completes on PVM hosts, so a guest must not see them there.
+/// `KVM_FEATURE_PV_UNHALT`: paravirtual spinlocks kick a halted vCPU by hypercall.
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+/// `KVM_FEATURE_PV_TLB_FLUSH`.
+const KVM_FEATURE_PV_TLB_FLUSH: u32 = 1 << 9;
+/// `KVM_FEATURE_PV_SEND_IPI`: IPIs by hypercall.
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+/// `KVM_FEATURE_PV_SCHED_YIELD`: yield to a preempted vCPU by hypercall.
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+const KVM_HYPERCALL_FEATURES: u32 = KVM_FEATURE_PV_UNHALT
+    | KVM_FEATURE_PV_TLB_FLUSH
+    | KVM_FEATURE_PV_SEND_IPI
+    | KVM_FEATURE_PV_SCHED_YIELD;
+/// KVM's feature leaf.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 /// CLFLUSH line size in 8-byte units (64 bytes), leaf 1 EBX[15:8].
 const CLFLUSH_LINE_UNITS: u32 = 8;
 
@@ -127,9 +143,12 @@ fn topology_leaf(e: &mut kvm_cpuid_entry2, apic_id: u32, n: u32, core_bits: u32)
 /// instructions (docs/design.md, "The host") and `lock cmpxchg16b` (a distribution kernel's SLUB
 /// allocator dies on it right after printing `Memory:`); hide them. The guest at CPL0 may
 /// still see the host's bits, which is why ebb also puts `clearcpuid=` on a Linux command line.
+/// KVM's paravirtual features that make hypercalls go too: `vmcall` never completes there
+/// (an SMP Linux guest would otherwise send IPIs and flush TLBs by hypercall).
 fn hide_unemulated(entries: &mut [kvm_cpuid_entry2]) {
     for e in entries.iter_mut() {
         match (e.function, e.index) {
+            (KVM_CPUID_FEATURES, _) => e.eax &= !KVM_HYPERCALL_FEATURES,
             (1, _) => {
                 e.ecx &= !(LEAF1_ECX_POPCNT | LEAF1_ECX_XSAVE | LEAF1_ECX_OSXSAVE | LEAF1_ECX_CX16);
             }
@@ -165,6 +184,22 @@ mod tests {
             ecx: word(8),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn software_hosts_hide_the_hypercall_features_and_keep_the_others() {
+        // What a PVM host's KVM offers: clocksource, async PF, steal time, PV EOI and the four
+        // that make hypercalls among them.
+        let offered = 0x0100_7efb;
+        let leaf =
+            || kvm_cpuid_entry2 { function: KVM_CPUID_FEATURES, eax: offered, ..entry(0, 0) };
+        let mut entries = [leaf()];
+        normalize(&mut entries, 0, 4, Accelerator::Pvm);
+        assert_eq!(entries[0].eax & KVM_HYPERCALL_FEATURES, 0);
+        assert_eq!(entries[0].eax, offered & !(1 << 7 | 1 << 9 | 1 << 11 | 1 << 13));
+        let mut entries = [leaf()];
+        normalize(&mut entries, 0, 4, Accelerator::VtX { ept: true });
+        assert_eq!(entries[0].eax, offered, "hardware hosts keep them");
     }
 
     #[test]

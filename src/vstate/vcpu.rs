@@ -1,11 +1,18 @@
 //! A vCPU: its boot state and the `KVM_RUN` loop that routes exits to the buses.
+//!
+//! Stopping: every vCPU of a VM shares one [`VcpuStopper`]. Whoever stops them sets it and
+//! then kicks each vCPU thread with a signal ([`kick_current_vcpu`] is what the signal
+//! handler calls): the kick sets the thread's `kvm_run.immediate_exit`, so a kick that lands
+//! between the loop's check of the stopper and the next `KVM_RUN` still makes that
+//! `KVM_RUN` return at once (`EINTR`), and one kick is enough.
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, CpuId};
+use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_sregs, CpuId};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -77,7 +84,43 @@ pub enum VcpuOutcome {
     Stopped(i32),
 }
 
-/// Asks a running vCPU to stop: set from another thread, seen by the vCPU after its next
+/// `KVM_MP_STATE_RUNNABLE`: a vCPU that runs without waiting for INIT/SIPI.
+const MP_STATE_RUNNABLE: u32 = 0;
+
+thread_local! {
+    /// The `kvm_run` of the vCPU this thread runs (null when it runs none). Constant-
+    /// initialised and without a destructor, so the kick's signal handler may read it.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Makes the calling thread's vCPU, if it runs one, leave (or not enter) `KVM_RUN`: for the
+/// kick signal's handler. Async-signal-safe: a thread-local read and a volatile store.
+pub fn kick_current_vcpu() {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's vCPU's kvm_run mapping, set by `Vcpu::run`
+        // for as long as it runs (it outlives the call), and cleared before it returns.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Clears the thread's `kvm_run` pointer when `Vcpu::run` returns, however it returns.
+struct RunRegistration;
+
+impl RunRegistration {
+    fn new(run: *mut kvm_run) -> Self {
+        KVM_RUN.with(|c| c.set(run));
+        Self
+    }
+}
+
+impl Drop for RunRegistration {
+    fn drop(&mut self) {
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// Asks running vCPUs to stop: set from another thread, seen by the vCPU after its next
 /// exit (kick its thread with a signal to force one).
 #[derive(Debug, Clone, Default)]
 pub struct VcpuStopper(Arc<AtomicI32>);
@@ -156,6 +199,7 @@ fn unemulated_note(insn: &[u8]) -> Option<String> {
 
 /// One vCPU and what its exits need.
 pub struct Vcpu {
+    id: u8,
     fd: VcpuFd,
     bus_pio: Arc<Bus>,
     bus_mmio: Arc<Bus>,
@@ -177,18 +221,24 @@ fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
 }
 
 impl Vcpu {
-    /// Creates vCPU `id` of `vm`.
+    /// Creates vCPU `id` of `vm` (its APIC ID too; vCPU 0 is the boot CPU), stopped by
+    /// `stopper` with the VM's other vCPUs.
     pub fn new(
         vm: &VmFd,
         id: u8,
-        bus_pio: Arc<Bus>,
-        bus_mmio: Arc<Bus>,
+        buses: (Arc<Bus>, Arc<Bus>),
         mem: Arc<GuestMemoryMmap>,
+        stopper: VcpuStopper,
     ) -> Result<Self, VcpuError> {
         let fd = vm.create_vcpu(u64::from(id)).map_err(ioctl("KVM_CREATE_VCPU"))?;
-        let (stopper, short_of_memory) = (VcpuStopper::default(), None);
-        let memory_patience = DEFAULT_MEMORY_PATIENCE;
-        Ok(Self { fd, bus_pio, bus_mmio, mem, stopper, memory_patience, short_of_memory })
+        let (bus_pio, bus_mmio) = buses;
+        let (short_of_memory, memory_patience) = (None, DEFAULT_MEMORY_PATIENCE);
+        Ok(Self { id, fd, bus_pio, bus_mmio, mem, stopper, memory_patience, short_of_memory })
+    }
+
+    /// The vCPU's index.
+    pub fn id(&self) -> u8 {
+        self.id
     }
 
     /// A handle that asks this vCPU to stop.
@@ -201,13 +251,25 @@ impl Vcpu {
         self.fd.get_tsc_khz().unwrap_or(0)
     }
 
-    /// Sets CPUID, MSRs, FPU, LAPIC and the boot registers.
-    pub fn configure(&self, kvm: &Kvm, cpuid: &CpuId, boot: &BootCpu) -> Result<(), VcpuError> {
+    /// Sets CPUID, MSRs, FPU, LAPIC and, with `start`, the registers it starts with. Without
+    /// one, a vCPU other than 0 waits (in-kernel LAPIC) for the guest's INIT/SIPI; with one, it
+    /// runs from the first `KVM_RUN`.
+    pub fn configure(
+        &self,
+        kvm: &Kvm,
+        cpuid: &CpuId,
+        start: Option<&BootCpu>,
+    ) -> Result<(), VcpuError> {
         self.fd.set_cpuid2(cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         msr::set_boot_msrs(kvm, &self.fd)?;
         let fpu = kvm_fpu { fcw: FPU_FCW_DEFAULT, mxcsr: MXCSR_DEFAULT, ..Default::default() };
         self.fd.set_fpu(&fpu).map_err(ioctl("KVM_SET_FPU"))?;
         self.set_lint()?;
+        let Some(boot) = start else { return Ok(()) };
+        if self.id != 0 {
+            let runnable = kvm_mp_state { mp_state: MP_STATE_RUNNABLE };
+            self.fd.set_mp_state(runnable).map_err(ioctl("KVM_SET_MP_STATE"))?;
+        }
         let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         gdt::apply_sregs(&mut sregs, boot.mode);
         self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
@@ -231,8 +293,9 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))
     }
 
-    /// Runs until the guest exits, resets, powers off or crashes.
+    /// Runs until the guest exits, resets, powers off or crashes, or the stopper asks.
     pub fn run(&mut self) -> Result<VcpuOutcome, VcpuError> {
+        let _registered = RunRegistration::new(std::ptr::from_mut(self.fd.get_kvm_run()));
         loop {
             if let Some(signal) = self.stopper.requested() {
                 return Ok(VcpuOutcome::Stopped(signal));
@@ -273,7 +336,11 @@ impl Vcpu {
                     let what = format!("unexpected exit {other:?}");
                     return Ok(self.crash(&what, vec![]));
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // A kick: the stopper is looked at before the next entry.
+                    self.fd.set_kvm_immediate_exit(0);
+                    None
+                }
                 // KVM could not fault in guest memory: with ebb's own mapping that means the
                 // host (or the memory cgroup) had no page for it or for KVM's page tables.
                 // Wait for memory, as the fault handler does, then run again.
@@ -284,7 +351,11 @@ impl Vcpu {
                 Err(e) => return Err(VcpuError::Ioctl { what: "KVM_RUN", source: e }),
             };
             if let Some(since) = self.short_of_memory.take() {
-                log::warn!("the vCPU waited {:?} for memory the host refused", since.elapsed());
+                log::warn!(
+                    "vCPU {} waited {:?} for memory the host refused",
+                    self.id,
+                    since.elapsed()
+                );
             }
             match request {
                 Some(ExitRequest::Status(code)) => return Ok(VcpuOutcome::Exited(code)),

@@ -94,6 +94,29 @@ pub fn touch_checksum(pattern: &str, pages: u64, passes: u64, seed: u64) -> u64 
     sum
 }
 
+/// The checksum touch reports on `cpus` vCPUs (`--vcpus`) when every page reads back what
+/// was written: each vCPU's share of the pages (`p` in `[pages * s / cpus, pages * (s + 1) /
+/// cpus)`) is checksummed on its own over every pass, and the shares' checksums are then
+/// folded the same way; with one vCPU that is [`touch_checksum`].
+pub fn touch_checksum_smp(pattern: &str, pages: u64, passes: u64, seed: u64, cpus: u64) -> u64 {
+    if cpus == 1 {
+        return touch_checksum(pattern, pages, passes, seed);
+    }
+    let mut sum = FNV_OFFSET;
+    for s in 0..cpus {
+        let mut share = FNV_OFFSET;
+        for n in 0..passes {
+            for p in pages * s / cpus..pages * (s + 1) / cpus {
+                for w in 0..WORDS {
+                    share = (share ^ touch_word(pattern, seed, n, p, w)).wrapping_mul(FNV_PRIME);
+                }
+            }
+        }
+        sum = (sum ^ share).wrapping_mul(FNV_PRIME);
+    }
+    sum
+}
+
 // touch's mix= (see the header of firmware/touch.c): salts are ASCII "kind", "fill",
 // "group", "text" as little-endian numbers; 0xd0d0 is the dup pattern's.
 const KIND_SALT: u64 = 0x646e_696b;

@@ -6,15 +6,21 @@
 //! memory the host backs for no use.
 //!
 //! The adaptive window works as the kernel's readahead does: it follows up to
-//! [`STREAMS`] sequential streams. A fault at the page where a stream's last fill ended
-//! doubles that stream's window (1, 2, 4, ... up to the maximum); any other fault starts a new
-//! stream with no neighbours, replacing the stream least recently used. A strided or random
-//! access pattern never grows a window, so it costs one page per fault.
+//! [`STREAMS`] sequential streams for each faulting thread (each vCPU, on an SMP guest), so
+//! that vCPUs walking memory side by side never look scattered to each other, and one
+//! vCPU's scattered faults never push another's streams out. A fault at the page where one of
+//! its thread's streams' last fill ended doubles that stream's window (1, 2, 4, ... up to the
+//! maximum); any other fault starts a new stream with no neighbours, replacing that thread's
+//! stream least recently used. A strided or random access pattern never grows a window, so it
+//! costs one page per fault. At most [`THREADS`] threads are followed; a new one takes the
+//! place of the one that faulted least recently.
 
 /// Most neighbours one fault may fill: one ioctl maps 1 + 255 pages, 1 MiB.
 pub const MAX_FAULT_AROUND: u64 = 255;
-/// Sequential streams followed at once (one per vCPU walking memory is typical).
+/// Sequential streams followed at once for each thread.
 pub const STREAMS: usize = 4;
+/// Faulting threads followed at once (every vCPU of the largest VM, and then some).
+pub const THREADS: usize = 64;
 
 /// How many neighbours to fill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,11 +66,22 @@ struct Stream {
     used: u64,
 }
 
+/// One faulting thread's streams.
+#[derive(Debug, Clone, Copy, Default)]
+struct Thread {
+    tid: u32,
+    streams: [Stream; STREAMS],
+    /// Fault count when it last faulted (for replacement).
+    used: u64,
+}
+
 /// The fault-around decision of one fault handler.
 #[derive(Debug, Clone)]
 pub struct Window {
     setting: FaultAround,
-    streams: [Stream; STREAMS],
+    threads: Vec<Thread>,
+    /// Index into `threads` of the thread whose fault is being served.
+    current: usize,
     faults: u64,
 }
 
@@ -75,7 +92,27 @@ impl Window {
             FaultAround::Fixed(n) => FaultAround::Fixed(n.min(MAX_FAULT_AROUND)),
             FaultAround::Adaptive(n) => FaultAround::Adaptive(n.min(MAX_FAULT_AROUND)),
         };
-        Self { setting, streams: [Stream::default(); STREAMS], faults: 0 }
+        Self { setting, threads: vec![Thread::default()], current: 0, faults: 0 }
+    }
+
+    /// Says which thread's fault comes next (0: unknown, which is one more thread).
+    pub fn set_thread(&mut self, tid: u32) {
+        if self.threads[self.current].tid == tid {
+            return;
+        }
+        if let Some(i) = self.threads.iter().position(|t| t.tid == tid) {
+            self.current = i;
+            return;
+        }
+        let fresh = Thread { tid, ..Thread::default() };
+        if self.threads.len() < THREADS {
+            self.threads.push(fresh);
+            self.current = self.threads.len() - 1;
+        } else if let Some((i, t)) = self.threads.iter_mut().enumerate().min_by_key(|(_, t)| t.used)
+        {
+            *t = fresh;
+            self.current = i;
+        }
     }
 
     /// Neighbours to try to fill after a fault at page `idx`.
@@ -86,12 +123,14 @@ impl Window {
         };
         self.faults += 1;
         let faults = self.faults;
-        if let Some(s) = self.streams.iter_mut().find(|s| s.next == idx && s.used > 0) {
+        let thread = &mut self.threads[self.current];
+        thread.used = faults;
+        if let Some(s) = thread.streams.iter_mut().find(|s| s.next == idx && s.used > 0) {
             s.window = (s.window * 2).clamp(1, max.max(1)).min(max);
             s.used = faults;
             return s.window;
         }
-        let oldest = self.streams.iter_mut().min_by_key(|s| s.used);
+        let oldest = thread.streams.iter_mut().min_by_key(|s| s.used);
         if let Some(s) = oldest {
             *s = Stream { next: idx, window: 0, used: faults };
         }
@@ -100,7 +139,9 @@ impl Window {
 
     /// Records that a fault at `idx` mapped `pages` pages from `idx` on (at least 1).
     pub fn filled(&mut self, idx: u64, pages: u64) {
-        if let Some(s) = self.streams.iter_mut().find(|s| s.next == idx && s.used == self.faults) {
+        let thread = &mut self.threads[self.current];
+        if let Some(s) = thread.streams.iter_mut().find(|s| s.next == idx && s.used == self.faults)
+        {
             s.next = idx + pages.max(1);
         }
     }
@@ -181,6 +222,56 @@ mod tests {
             last = (na, nb);
         }
         assert_eq!(last, (16, 16));
+    }
+
+    #[test]
+    fn many_threads_walking_side_by_side_each_keep_their_window() {
+        // Eight vCPUs each walk their own region in order, their faults interleaved: with
+        // streams shared by every thread, eight walkers would push each other out of four
+        // streams and every fault would look scattered.
+        let mut w = Window::new(FaultAround::default());
+        let mut next: Vec<u64> = (0..8u64).map(|t| t << 24).collect();
+        let mut last = vec![0; 8];
+        for _ in 0..8 {
+            for (t, idx) in next.iter_mut().enumerate() {
+                w.set_thread(1000 + u32::try_from(t).unwrap());
+                let n = w.neighbours(*idx);
+                w.filled(*idx, n + 1);
+                *idx += n + 1;
+                last[t] = n;
+            }
+        }
+        assert_eq!(last, vec![64; 8]);
+    }
+
+    #[test]
+    fn one_threads_scattered_faults_leave_another_threads_stream_alone() {
+        let mut w = Window::new(FaultAround::default());
+        let mut idx = 0;
+        for round in 0..6u64 {
+            w.set_thread(7);
+            let n = w.neighbours(idx);
+            w.filled(idx, n + 1);
+            idx += n + 1;
+            w.set_thread(8);
+            for k in 0..8 {
+                let scattered = (round * 8 + k) * 7919 + (1 << 30);
+                assert_eq!(w.neighbours(scattered), 0);
+                w.filled(scattered, 1);
+            }
+        }
+        w.set_thread(7);
+        assert_eq!(w.neighbours(idx), 32, "thread 7's stream survived thread 8's faults");
+    }
+
+    #[test]
+    fn the_least_recent_thread_makes_room_for_a_new_one() {
+        let mut w = Window::new(FaultAround::default());
+        for tid in 1..=u32::try_from(THREADS).unwrap() + 10 {
+            w.set_thread(tid);
+            w.neighbours(u64::from(tid) << 20);
+        }
+        assert_eq!(w.threads.len(), THREADS);
     }
 
     #[test]

@@ -293,7 +293,8 @@ impl FaultHandler {
 
     fn handle(&mut self, ev: Event, read_at: Instant) -> Result<(), FaultError> {
         match ev {
-            Event::Fault { addr, write, wp } => {
+            Event::Fault { addr, write, wp, tid } => {
+                self.window.set_thread(tid);
                 match self.fault(addr & !(PAGE_SIZE - 1), write, wp)? {
                     Step::Done => {
                         self.core.stats.latency.record(elapsed_ns(read_at));

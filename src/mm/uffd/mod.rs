@@ -131,6 +131,9 @@ pub enum Event {
         write: bool,
         /// A write to a write-protected page.
         wp: bool,
+        /// The faulting thread's id (0 where the kernel does not say:
+        /// `UFFD_FEATURE_THREAD_ID` missing).
+        tid: u32,
     },
     /// `[start, end)` was removed by `madvise`.
     Remove {
@@ -437,6 +440,7 @@ fn decode(m: &UffdMsg) -> Event {
             addr: m.arg[1],
             write: m.arg[0] & UFFD_PAGEFAULT_FLAG_WRITE != 0,
             wp: m.arg[0] & UFFD_PAGEFAULT_FLAG_WP != 0,
+            tid: u32::try_from(m.arg[2] & u64::from(u32::MAX)).unwrap_or(0),
         },
         UFFD_EVENT_REMOVE => Event::Remove { start: m.arg[0], end: m.arg[1] },
         other => Event::Other(other),
