@@ -184,3 +184,106 @@ fn a_read_during_a_copy_on_write_break_sees_the_shared_contents() {
     assert!(engine.snapshot(0).remove_events > removes, "the page is no longer registered");
     assert_eq!(read_word(&ram, victim, 1), 0);
 }
+
+/// Word `w` of page `pfn` in the swap-in race: even pages random (compressed, they would not
+/// fit the small cache: they go to the swap file), odd pages one repeated word (the cache
+/// keeps them as that word).
+fn swapin_word(pfn: u64, w: usize) -> u64 {
+    if pfn % 2 == 1 {
+        return pfn + 1;
+    }
+    let mut z = (pfn << 20) | w as u64;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Finding: a swap-in from the swap file was a synchronous read on the one fault-handler
+/// thread, so every other vCPU's fault (a first touch, a swap-in from the compression
+/// cache) waited behind a slow disk. Now swap-file reads run on reader threads: with one
+/// read stalled (a slow disk), a first touch, a cache swap-in and another swap-file read
+/// all complete, and the stalled page still reads back right once the disk answers.
+#[test]
+fn a_stalled_swap_file_read_delays_no_other_fault() {
+    use ebb::mm::reclaim::store::Backing;
+    use ebb::mm::swap::SwapFile;
+    use ebb::mm::MemoryManager;
+    use std::sync::Arc;
+    let test = "a_stalled_swap_file_read_delays_no_other_fault";
+    let _serial = serial();
+    let mem = 16 << 20;
+    let dir = std::env::temp_dir().join(format!("ebb-races-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ram = Arc::new(GuestRam::new(mem, 48).unwrap());
+    let swap = SwapFile::create(&dir, mem).unwrap();
+    let backing = Arc::new(Backing::new(mem / PAGE, 64 << 10, Some(swap)));
+    let mm = Arc::new(MemoryManager::new(&ram.regions(), true).with_backing(backing));
+    let engine = match Engine::start(&mm, &EngineConfig::default(), None) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("\n*** SKIPPED {test}: userfaultfd unavailable here ({e}) ***\n");
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+    };
+    let Some(control) = engine.reclaim().cloned() else {
+        eprintln!("\n*** SKIPPED {test}: no UFFDIO_MOVE on this kernel (Linux 6.8+) ***\n");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
+    let touched = 2048u64;
+    for pfn in 0..touched {
+        for w in 0..512 {
+            write_word(&ram, pfn, w, swapin_word(pfn, w));
+        }
+    }
+    control.set_target(Some(256 << 10));
+    let table = engine.table().clone();
+    let deadline = Instant::now() + PATIENCE;
+    while table.count(PageState::Swapped) < 64 || table.count(PageState::Compressed) < 64 {
+        assert!(Instant::now() < deadline, "reclaim did not evict: {:?}", engine.snapshot(0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    control.set_target(None);
+    std::thread::sleep(Duration::from_millis(100)); // the worker's last batch settles
+    let state = |p: u64| table.get(p);
+    let swapped: Vec<u64> =
+        (0..touched).filter(|&p| state(p) == Some(PageState::Swapped)).take(2).collect();
+    let cached = (0..touched).find(|&p| state(p) == Some(PageState::Compressed)).unwrap();
+    assert_eq!(swapped.len(), 2);
+
+    hooks::SWAPIN_BEFORE_READ.arm();
+    let (r, slow_pfn) = (ram.clone(), swapped[0]);
+    let slow = on_thread(move || read_word(&r, slow_pfn, 7));
+    assert!(
+        hooks::SWAPIN_BEFORE_READ.wait_reached(PATIENCE),
+        "the swap-file read never reached a reader"
+    );
+    let (r, other) = (ram.clone(), swapped[1]);
+    let others = on_thread(move || {
+        let t0 = Instant::now();
+        let first_touch = read_word(&r, touched + 5, 0);
+        write_word(&r, touched + 6, 0, 42);
+        let from_cache = read_word(&r, cached, 3);
+        let from_file = read_word(&r, other, 9);
+        (first_touch, from_cache, from_file, t0.elapsed())
+    });
+    let got = others.recv_timeout(PATIENCE);
+    let stalled = slow.try_recv().is_err();
+    hooks::SWAPIN_BEFORE_READ.release();
+    let (first_touch, from_cache, from_file, took) =
+        got.expect("a fault waited behind the stalled swap-file read");
+    eprintln!("{test}: first touch, cache swap-in and a second file swap-in took {took:?}");
+    assert!(stalled, "the stalled read ended before the test released it");
+    assert_eq!(first_touch, 0);
+    assert_eq!(from_cache, swapin_word(cached, 3));
+    assert_eq!(from_file, swapin_word(other, 9));
+    assert_eq!(slow.recv_timeout(PATIENCE).unwrap(), swapin_word(slow_pfn, 7));
+    for pfn in 0..touched {
+        for w in [0, 7, 511] {
+            assert_eq!(read_word(&ram, pfn, w), swapin_word(pfn, w), "page {pfn} word {w}");
+        }
+    }
+    engine.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,7 +1,8 @@
 //! SMP guests (`--vcpus N`): the `touch` payload on every vCPU at once, each writing and
 //! verifying its share of the pages (and, with `cross=1`, the others' shares too), so that
 //! the memory engine serves faults, restores and copy-on-write breaks from several threads
-//! at the same time; a stop signal with every vCPU busy.
+//! at the same time; a stop signal with every vCPU busy. (Linux on 2 and 4 CPUs:
+//! tests/linux.rs.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -143,6 +144,13 @@ fn four_vcpus_fault_restore_and_break_shares_at_once_and_every_page_reads_back()
         assert!(num(&last, "evictions") > 0, "{pattern}: reclaim evicted nothing: {last}");
         let swapins = num(&last, "swapins_zcache") + num(&last, "swapins_swap");
         assert!(swapins > 0, "{pattern}: nothing came back from the stores: {last}");
+        // Each vCPU's faults are counted apart, with the time they waited.
+        let per_vcpu = |k: &str| -> Vec<u64> {
+            last[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+        };
+        let (faults, waits) = (per_vcpu("vcpu_faults"), per_vcpu("vcpu_fault_wait_us"));
+        assert_eq!(faults.len(), 4, "{last}");
+        assert!(faults.iter().all(|&f| f > 0) && waits.iter().all(|&w| w > 0), "{last}");
         if pattern == "dup" {
             assert!(num(&last, "share_merged") > 0, "nothing was shared: {last}");
             assert!(num(&last, "cow_breaks") > 0, "no shared page was broken: {last}");

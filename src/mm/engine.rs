@@ -242,6 +242,12 @@ impl Engine {
         self.sharing.as_ref().map(|s| &s.control)
     }
 
+    /// The fault counters, where a vCPU thread registers itself
+    /// (`stats.vcpus.register_current_thread`) so that its faults are counted apart.
+    pub fn fault_stats(&self) -> &Arc<FaultStats> {
+        &self.core.stats
+    }
+
     /// The allocation gate's lever.
     pub fn gate(&self) -> &Arc<super::gate::AllocGate> {
         &self.core.gate
@@ -344,8 +350,11 @@ impl Engine {
         } else {
             self.core.active.active_bytes.load(Ordering::Relaxed)
         };
+        let (vcpu_faults, vcpu_fault_wait_us) = stats.vcpus.snapshot();
         MemStats {
             t_ms,
+            vcpu_faults,
+            vcpu_fault_wait_us,
             consumed_bytes: resident
                 + reclaim.zcache_bytes
                 + reclaim.held_pages * PAGE_SIZE

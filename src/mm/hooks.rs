@@ -78,6 +78,9 @@ impl PausePoint {
 /// In the fault handler, after a missing fault's pages (the faulting one and its
 /// fault-around neighbours) are claimed and before they are mapped.
 pub static FILL_BEFORE_MAP: PausePoint = PausePoint::new();
+/// In a swap-in reader, after it took a Swapped page's read and before it reads the swap
+/// file: a test pauses it there to play a slow disk.
+pub static SWAPIN_BEFORE_READ: PausePoint = PausePoint::new();
 /// In a copy-on-write break, after the guest page has its fresh private memory and before
 /// the shared contents are copied in.
 pub static UNSHARE_BEFORE_COPY: PausePoint = PausePoint::new();

@@ -2,7 +2,7 @@
 //!
 //! Written by the fault-handler thread, read by the stats writer: all atomics, no locks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Sub-buckets per power of two in the latency histogram (about 3% resolution).
 const SUB_BUCKETS: u64 = 32;
@@ -86,6 +86,57 @@ impl Histogram {
     }
 }
 
+/// vCPUs whose faults are counted apart (the most a VM has).
+pub const VCPU_SLOTS: usize = 32;
+
+/// Faults per vCPU, told apart by the faulting thread's id, and the time each vCPU's faults
+/// waited for the engine (from the handler's read of the fault to the page mapped, on
+/// whichever thread mapped it): the memory pressure of each vCPU, which a host can steer by.
+/// A vCPU thread registers itself when it starts; faults of other threads (devices, ebb's
+/// own) count in the totals only.
+#[derive(Debug, Default)]
+pub struct VcpuFaults {
+    /// Thread id of each vCPU (0: none registered).
+    tids: [AtomicU32; VCPU_SLOTS],
+    faults: [AtomicU64; VCPU_SLOTS],
+    wait_ns: [AtomicU64; VCPU_SLOTS],
+}
+
+impl VcpuFaults {
+    /// Registers the calling thread as vCPU `index` (ignored beyond [`VCPU_SLOTS`]).
+    pub fn register_current_thread(&self, index: usize) {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        if let (Some(slot), Ok(tid)) = (self.tids.get(index), u32::try_from(tid)) {
+            slot.store(tid, Ordering::Relaxed);
+        }
+    }
+
+    /// The vCPU index of thread `tid`, if it is a registered vCPU (0 is no thread).
+    pub fn index_of(&self, tid: u32) -> Option<usize> {
+        if tid == 0 {
+            return None;
+        }
+        self.tids.iter().position(|t| t.load(Ordering::Relaxed) == tid)
+    }
+
+    /// Counts a fault of vCPU `index` that waited `ns`.
+    pub fn record(&self, index: usize, ns: u64) {
+        if let (Some(f), Some(w)) = (self.faults.get(index), self.wait_ns.get(index)) {
+            f.fetch_add(1, Ordering::Relaxed);
+            w.fetch_add(ns, Ordering::Relaxed);
+        }
+    }
+
+    /// Faults and waits (microseconds) of vCPUs 0 up to the highest registered.
+    pub fn snapshot(&self) -> (Vec<u64>, Vec<u64>) {
+        let n = self.tids.iter().rposition(|t| t.load(Ordering::Relaxed) != 0).map_or(0, |i| i + 1);
+        let faults = self.faults[..n].iter().map(|f| f.load(Ordering::Relaxed)).collect();
+        let waits = self.wait_ns[..n].iter().map(|w| w.load(Ordering::Relaxed) / 1000).collect();
+        (faults, waits)
+    }
+}
+
 /// Counters of the fault handler.
 #[derive(Debug)]
 pub struct FaultStats {
@@ -110,6 +161,8 @@ pub struct FaultStats {
     pub removed_pages: AtomicU64,
     /// Handler service time per fault, from reading the event to the resolving ioctl's return.
     pub latency: Histogram,
+    /// The same per vCPU.
+    pub vcpus: VcpuFaults,
     /// The handler thread's CPU-time clock.
     clock: super::thread::ThreadClock,
 }
@@ -127,6 +180,7 @@ impl Default for FaultStats {
             removes: AtomicU64::new(0),
             removed_pages: AtomicU64::new(0),
             latency: Histogram::default(),
+            vcpus: VcpuFaults::default(),
             clock: super::thread::ThreadClock::default(),
         }
     }
@@ -192,6 +246,10 @@ mod tests {
 pub struct MemStats {
     /// Milliseconds since the VM started.
     pub t_ms: u64,
+    /// Faults of each vCPU (index order), counted as the engine resolved them.
+    pub vcpu_faults: Vec<u64>,
+    /// Microseconds each vCPU's faults waited for the engine, in all.
+    pub vcpu_fault_wait_us: Vec<u64>,
     /// Host memory backing the guest: Resident pages, plus the compression cache's slabs
     /// and any pages held uncompressed by a failed eviction.
     pub consumed_bytes: u64,

@@ -17,6 +17,7 @@ use super::{RunOutcome, VmmError};
 use crate::metrics::StatsWriter;
 use crate::mm::engine::{Engine, VcpusStopped};
 use crate::mm::fault::FaultError;
+use crate::mm::stats::FaultStats;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome, VcpuStopper};
 
 /// How often the stopping vCPU threads are kicked until they leave `KVM_RUN` (one kick does
@@ -67,8 +68,13 @@ struct VcpuThreads {
 }
 
 impl VcpuThreads {
-    /// Starts one thread per vCPU; each writes to `ended` when its vCPU is done.
-    fn spawn(vcpus: Vec<Vcpu>, ended: &EventFd) -> Result<Self, VmmError> {
+    /// Starts one thread per vCPU; each registers with the engine's per-vCPU fault counters
+    /// (`faults`) and writes to `ended` when its vCPU is done.
+    fn spawn(
+        vcpus: Vec<Vcpu>,
+        ended: &EventFd,
+        faults: Option<&Arc<FaultStats>>,
+    ) -> Result<Self, VmmError> {
         let first = Arc::new(Mutex::new(None));
         let stopper = vcpus.first().map(Vcpu::stopper).unwrap_or_default();
         let mut handles = Vec::with_capacity(vcpus.len());
@@ -76,10 +82,14 @@ impl VcpuThreads {
             let ended = ended.try_clone().map_err(VmmError::EventLoopSetup)?;
             let first = first.clone();
             let id = vcpu.id();
+            let faults = faults.cloned();
             let handle = thread::Builder::new()
                 .name(format!("ebb-vcpu{id}"))
                 .spawn(move || {
                     crate::mm::sys::prefault_stack(crate::mm::sys::THREAD_STACK_RESERVE);
+                    if let Some(f) = faults {
+                        f.vcpus.register_current_thread(usize::from(id));
+                    }
                     let outcome = vcpu.run();
                     // Said by the thread itself, so that the order against guest RAM's
                     // release shows in the log (tests/handler_failure.rs reads it).
@@ -195,7 +205,7 @@ fn run_until_end(
     }
     let signals = Arc::new(Mutex::new(StopSignals::install().map_err(VmmError::EventLoopSetup)?));
     events.add_subscriber(signals.clone());
-    let threads = VcpuThreads::spawn(vcpus, &threads_ended)?;
+    let threads = VcpuThreads::spawn(vcpus, &threads_ended, engine.map(Engine::fault_stats))?;
     drop(threads_ended);
     let mut stopped_by = None;
     while !FlagWatcher::fired(&watcher) {

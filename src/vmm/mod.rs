@@ -135,6 +135,9 @@ pub enum VmmError {
     Jail(#[from] crate::jail::JailError),
 }
 
+// Every vCPU's faults are counted apart.
+const _: () = assert!(crate::config::MAX_VCPUS as usize <= crate::mm::stats::VCPU_SLOTS);
+
 /// How much longer than the fault handler the vCPU waits for memory (see `Vm::build`).
 const VCPU_EXTRA_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 

@@ -36,6 +36,7 @@ use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::around::{FaultAround, Window, MAX_FAULT_AROUND};
+use super::swapin::{Read, SwapReaders};
 use super::FaultError;
 use crate::mm::claim::{Claim, ClaimRun};
 use crate::mm::fault::active::{ActiveConfig, ActiveStats, Sampler};
@@ -106,6 +107,8 @@ enum Step {
     NoMemory,
     /// Held by the allocation gate.
     Gated,
+    /// Handed to a swap-in reader, whose copy wakes the faulting thread.
+    Queued,
 }
 
 /// The handler, to be moved onto its own thread and [`run`](FaultHandler::run).
@@ -118,6 +121,12 @@ pub struct FaultHandler {
     /// A page brought back from the stores, on its way into guest memory.
     page: Box<Page>,
     sampler: Option<Sampler>,
+    /// Reads from the swap file, off this thread (None: no swap file).
+    swapin: Option<SwapReaders>,
+    /// When the events being handled were read.
+    read_at: Instant,
+    /// The vCPU whose fault is being handled (None: not a registered vCPU thread).
+    vcpu: Option<usize>,
     events: Vec<Event>,
     /// Faults to retry at the next drain.
     retry: Vec<Event>,
@@ -162,6 +171,13 @@ impl FaultHandler {
         let retry = Vec::with_capacity(RETRY_CAPACITY);
         let retrying = Vec::with_capacity(RETRY_CAPACITY);
         let (oom_wait, short_of_memory) = (config.oom_wait, None);
+        let swapin = match core.backing.as_ref().filter(|b| b.has_swap()) {
+            Some(backing) => Some(
+                SwapReaders::start(backing, &core.stats, &uffd, oom_wait)
+                    .map_err(FaultError::Setup)?,
+            ),
+            None => None,
+        };
         Ok(Self {
             uffd,
             core,
@@ -169,6 +185,9 @@ impl FaultHandler {
             zeros,
             page: Box::new([0; PAGE_BYTES]),
             sampler,
+            swapin,
+            read_at: Instant::now(),
+            vcpu: None,
             events,
             retry,
             retrying,
@@ -191,7 +210,9 @@ impl FaultHandler {
         let timer_fd = self.sampler.as_ref().map_or(-1, |s| s.timer().as_raw_fd());
         let unshare_failed =
             self.core.sharing.as_ref().map_or(-1, |s| s.failed_event().as_raw_fd());
-        let fds = [self.uffd.as_raw_fd(), stop.as_raw_fd(), timer_fd, unshare_failed];
+        let swapin_failed = self.swapin.as_ref().map_or(-1, |r| r.failed_event().as_raw_fd());
+        let fds =
+            [self.uffd.as_raw_fd(), stop.as_raw_fd(), timer_fd, unshare_failed, swapin_failed];
         loop {
             let idle = self.retry.is_empty() && self.pending_protect.is_empty();
             let pressed = self.short_of_memory.is_some() || self.gated_since.is_some();
@@ -200,7 +221,7 @@ impl FaultHandler {
                 (false, false) => RETRY_POLL_MS,
                 (false, true) => PRESSURE_POLL_MS,
             };
-            let [_, stopped, tick, unshare_failed] =
+            let [_, stopped, tick, unshare_failed, swapin_failed] =
                 poll_readable(fds, timeout).map_err(FaultError::Poll)?;
             if stopped {
                 return Ok(());
@@ -208,6 +229,11 @@ impl FaultHandler {
             if unshare_failed {
                 if let Some(e) = self.core.sharing.as_ref().and_then(|s| s.take_failure()) {
                     return Err(FaultError::Sharing(e));
+                }
+            }
+            if swapin_failed {
+                if let Some(e) = self.swapin.as_ref().and_then(SwapReaders::take_failure) {
+                    return Err(e);
                 }
             }
             if tick {
@@ -295,15 +321,22 @@ impl FaultHandler {
         match ev {
             Event::Fault { addr, write, wp, tid } => {
                 self.window.set_thread(tid);
+                self.read_at = read_at;
+                self.vcpu = self.core.stats.vcpus.index_of(tid);
                 match self.fault(addr & !(PAGE_SIZE - 1), write, wp)? {
                     Step::Done => {
-                        self.core.stats.latency.record(elapsed_ns(read_at));
+                        let waited = elapsed_ns(read_at);
+                        self.core.stats.latency.record(waited);
+                        if let Some(vcpu) = self.vcpu {
+                            self.core.stats.vcpus.record(vcpu, waited);
+                        }
                         self.memory_is_back();
                     }
                     Step::Retry => {
                         self.core.stats.retries.fetch_add(1, Ordering::Relaxed);
                         self.retry.push(ev);
                     }
+                    Step::Queued => {}
                     Step::Gated => {
                         self.core.gate.waits.fetch_add(1, Ordering::Relaxed);
                         self.retry.push(ev);
@@ -530,6 +563,18 @@ impl FaultHandler {
             return Err(FaultError::Unrestorable { idx, state });
         };
         let table = Arc::clone(&self.core.table);
+        if state == Swapped {
+            if let Some(readers) = &self.swapin {
+                // A disk read: off this thread, so that no other fault waits behind it.
+                let swapped = StateSet::of(&[Swapped]);
+                let Ok(claim) = Claim::new(Arc::clone(&table), idx, swapped, Resident) else {
+                    return Ok(Step::Retry); // a mover took it meanwhile
+                };
+                let read = Read { claim, hva: page, read_at: self.read_at, vcpu: self.vcpu };
+                // A full queue gives the read back; dropped, its claim puts the page back.
+                return Ok(if readers.queue(read).is_ok() { Step::Queued } else { Step::Retry });
+            }
+        }
         // Dropped on every early return: the page goes back to its stored state.
         let Ok(claim) = Claim::new(&*table, idx, StateSet::of(&[state]), Resident) else {
             return Ok(Step::Retry); // a mover took it meanwhile (written back to swap)
@@ -638,6 +683,6 @@ fn to_usize(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
 }
 
-fn elapsed_ns(since: Instant) -> u64 {
+pub(super) fn elapsed_ns(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }

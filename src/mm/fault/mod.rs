@@ -8,16 +8,19 @@
 //! | `handler.rs` | the handler thread: reads events, resolves each fault by the page's state |
 //! | `around.rs` | the fault-around window: how many untouched neighbours a fault maps |
 //! | `active.rs` | Active memory: the write-protect sampler and its averages |
+//! | `swapin.rs` | the swap-in readers: swap-file reads and their copies, off the handler's thread |
 //! | `inject.rs` | test-only failures of the handler (debug builds) |
 //!
 //! Invariant: the handler thread never touches guest memory through its mapping and never
-//! calls `madvise` or `mremap` on it (each would wait for an event only this thread reads).
+//! calls `madvise` or `mremap` on it (each would wait for an event only this thread reads),
+//! and never waits on a disk: swap-file reads go to the readers.
 
 pub mod active;
 pub mod around;
 pub mod handler;
 #[cfg(debug_assertions)]
 pub mod inject;
+pub mod swapin;
 
 use crate::mm::pages::PageState;
 use crate::mm::reclaim::store::StoreError;

@@ -226,6 +226,11 @@ impl Backing {
         Self { locs, cache, swap, held, staging, swap_dir, logged, stats: StoreStats::default() }
     }
 
+    /// True if evicted pages can go to a swap file (whose reads take a disk's time).
+    pub fn has_swap(&self) -> bool {
+        self.swap.is_some()
+    }
+
     /// Where page `idx`'s copy is, if one is stored.
     pub fn loc(&self, idx: u64) -> Option<Loc> {
         let slot = self.locs.get(usize::try_from(idx).ok()?)?;
