@@ -5,7 +5,10 @@
 //!            fault-around off, and fixed windows of 63 and 255
 //! for a sequential walk, then for a scattered one (every 8th page, in a multiplicative
 //! permutation order), where it also reports Consumed against the pages touched.
-//! Medians over rounds, alternating the order; ratios against the baselines.
+//! Medians over rounds, alternating the order; ratios against the baselines. Then 1, 2, 4
+//! and 8 threads faulting at once, each over its share of a sequential walk: the kernel's
+//! fault against ebb's engine without fault-around (every page one fault, all served by the
+//! one handler thread), as faults per second of wall time.
 //!
 //!   cargo bench --bench faults [-- PAGES ROUNDS]
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -65,10 +68,36 @@ fn touch(base: *mut u8, pages: usize, walk: Walk) -> f64 {
     t.elapsed().as_nanos() as f64 / pages as f64
 }
 
+/// Writes one byte in each of `pages` pages of the walk from `threads` threads at once, each
+/// over its own share; returns nanoseconds of wall time per page.
+fn touch_threads(base: *mut u8, pages: usize, walk: Walk, threads: usize) -> f64 {
+    if threads == 1 {
+        return touch(base, pages, walk);
+    }
+    let base = base as usize;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for k in 0..threads {
+            s.spawn(move || {
+                for i in pages * k / threads..pages * (k + 1) / threads {
+                    let at = base + walk.page(i, pages) * PAGE;
+                    // SAFETY: base is a mapping of walk.span(pages) pages.
+                    unsafe { (at as *mut u8).write_volatile(1) };
+                }
+            });
+        }
+    });
+    t.elapsed().as_nanos() as f64 / pages as f64
+}
+
 fn kernel(pages: usize, walk: Walk) -> (f64, f64) {
+    kernel_threads(pages, walk, 1)
+}
+
+fn kernel_threads(pages: usize, walk: Walk, threads: usize) -> (f64, f64) {
     let len = walk.span(pages) * PAGE;
     let base = mmap_anon(len);
-    let ns = touch(base, pages, walk);
+    let ns = touch_threads(base, pages, walk, threads);
     // SAFETY: unmapping what we mapped.
     unsafe { libc::munmap(base.cast(), len) };
     (ns, 1.0)
@@ -151,6 +180,10 @@ fn minimal(pages: usize, walk: Walk) -> (f64, f64) {
 
 /// ebb's engine: ns per page, and Consumed over the pages touched.
 fn ebb(pages: usize, walk: Walk, fault_around: FaultAround) -> (f64, f64) {
+    ebb_threads(pages, walk, fault_around, 1)
+}
+
+fn ebb_threads(pages: usize, walk: Walk, fault_around: FaultAround, threads: usize) -> (f64, f64) {
     let ram = GuestRam::new((walk.span(pages) * PAGE) as u64, 48).unwrap();
     let mm = MemoryManager::new(&ram.regions(), true);
     let config = EngineConfig {
@@ -158,7 +191,7 @@ fn ebb(pages: usize, walk: Walk, fault_around: FaultAround) -> (f64, f64) {
         ..Default::default()
     };
     let engine = Engine::start(&mm, &config, None).unwrap();
-    let ns = touch(ram.regions()[0].hva as *mut u8, pages, walk);
+    let ns = touch_threads(ram.regions()[0].hva as *mut u8, pages, walk, threads);
     let consumed = engine.snapshot(0).consumed_bytes as f64 / (pages * PAGE) as f64;
     engine.stop().unwrap();
     (ns, consumed)
@@ -215,5 +248,21 @@ fn main() {
             med[3].0 / m,
             med[2].1
         );
+    }
+    println!(
+        "concurrent first touch of {pages} pages x {rounds} rounds, sequential shares, median:"
+    );
+    println!("  threads  kernel faults/s  ebb around=0 faults/s  ebb/kernel");
+    for threads in [1, 2, 4, 8] {
+        let cases: Vec<Case> = vec![
+            ("kernel", Box::new(move |p, w| kernel_threads(p, w, threads))),
+            (
+                "ebb around=0",
+                Box::new(move |p, w| ebb_threads(p, w, FaultAround::Fixed(0), threads)),
+            ),
+        ];
+        let med = measure(&cases, pages, rounds, Walk::Sequential);
+        let (k, e) = (1e9 / med[0].0, 1e9 / med[1].0);
+        println!("  {threads:7} {k:16.0} {e:22.0} {:11.2}", e / k);
     }
 }

@@ -33,6 +33,15 @@
  *                 order): the first write to each page after the idle phase, which breaks
  *                 page sharing copy-on-write
  *   The pages are verified once more after these phases (bad= counts that too).
+ *   cross=1       on several vCPUs: in pass n, vCPU c writes share (c + n) mod N and
+ *                 verifies share (c + n + 1) mod N, so the vCPUs write each other's pages
+ *                 (default 0: each writes and verifies its own share)
+ *
+ * Many vCPUs (ebb --vcpus N): vCPU c of N owns logical pages [pages*c/N, pages*(c+1)/N),
+ * visited in order= within the share; the phases are separated by barriers; the loop sweeps
+ * the vCPU's share of the hot set (sweep) or draws from the whole hot set with a random
+ * stream of its own (uniform, zipf), and progress counts every vCPU's work. On N > 1 the
+ * checksum is FNV-1a (same offset and prime) over the N shares' checksums in share order.
  *
  * The word at index w (0..511) of page p in pass n is, for seed s:
  *   seq:    ((p << 32) | (n << 16) | w) ^ s
@@ -72,8 +81,9 @@
  * and no division per access: a binary search of at most 10 steps. Every write is the value
  * the last pass wrote there, so the final verification is exact. Each page rewritten
  * (sweep) or access (uniform, zipf) adds one to the progress counter at
- * boot_info->progress_gpa, which ebb can read while the loop runs; touch stores it after
- * every page (sweep) or every 256 accesses (uniform, zipf), and once at the end.
+ * boot_info->progress_gpa, which ebb can read while the loop runs; each vCPU adds to it
+ * (atomically) after every page (sweep) or every 256 accesses (uniform, zipf). rounds= is
+ * vCPU 0's.
  *
  * The checksum is FNV-1a over every 64-bit word read back, all passes in order, starting
  * from 0xcbf29ce484222325 with prime 0x100000001b3. tests/common/mod.rs recomputes it.
@@ -82,7 +92,8 @@
  *
  * Output: "touch: start ...", "touch: loop rounds=R" (sweep) or "touch: loop accesses=A
  * rank1=K" (uniform, zipf: K accesses went to rank 0), "touch: done ... checksum=
- * bad= high= write_cycles= verify_cycles= hot= dist= progress=" (progress: the counter as
+ * bad= high= write_cycles= verify_cycles= hot= dist= cpus= cross= tsc_khz= progress=" (progress: the
+ * counter as
  * the guest last stored it).
  *
  * Exit status: 0 all pages good, 3 bad pages found, 4 bad arguments or too little RAM. */
@@ -675,6 +686,8 @@ static int work(u64 cpu)
 	put_u64(ncpu);
 	put_str(" cross=");
 	put_u64(job.cross);
+	put_str(" tsc_khz=");
+	put_u64(job.bi->tsc_khz);
 	put_str(" progress=");
 	put_u64(*progress);
 	put_char('\n');

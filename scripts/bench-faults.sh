@@ -6,7 +6,11 @@
 #  2. a real guest: the touch payload's write phase over PAGES pages, under --no-uffd (the
 #     kernel's fault behind KVM), ebb's default, and ebb with --fault-around 0; then a
 #     scattered walk (every 8th page, random order) with ebb's default, where Consumed is
-#     compared with the pages touched.
+#     compared with the pages touched;
+#  3. SMP: touch on 1, 2, 4 and 8 vCPUs (each writing its share), under --no-uffd (the
+#     kernel's fault, for the same number of threads) and ebb with --fault-around 0 (every
+#     page one fault to the one handler thread): faults per second of the write phase's wall
+#     time, and the ratio. Host threads do the same in part 1's last table.
 # Prints medians and ratios. Timings are never asserted; the machines are noisy.
 #
 #   scripts/bench-faults.sh [PAGES] [RUNS]     (default 16384 pages = 64 MiB, 5 runs)
@@ -56,4 +60,21 @@ for r in range(runs):
     ratios.append(last["consumed_bytes"] / (scattered * 4096))
 print(f"  Consumed / pages touched: median {statistics.median(ratios):.3f} "
       f"(max {max(ratios):.3f}; ebb's own boot data is part of Consumed)")
+
+print()
+print(f"== guest SMP: touch pages={pages} on N vCPUs, write phase, faults per second")
+print("  vCPUs  kernel (--no-uffd)  ebb --fault-around 0  ebb/kernel")
+for n in [1, 2, 4, 8]:
+    rates = {}
+    for m, extra in [("kernel", ["--no-uffd"]), ("ebb", ["--fault-around", "0"])]:
+        per = []
+        for r in range(runs):
+            out = subprocess.run(["./target/release/ebb", "run", "--mem", "1G", "--vcpus", str(n),
+                                  "--firmware", "touch", *extra, "--firmware-arg", f"pages={pages}"],
+                                 capture_output=True, text=True, check=True).stdout
+            cycles = int(re.search(r"write_cycles=(\d+)", out).group(1))
+            khz = int(re.search(r"tsc_khz=(\d+)", out).group(1))
+            per.append(pages / (cycles / (khz * 1000.0)))
+        rates[m] = statistics.median(per)
+    print(f"  {n:5}  {rates['kernel']:18.0f}  {rates['ebb']:20.0f}  {rates['ebb'] / rates['kernel']:10.2f}")
 PY

@@ -3,8 +3,9 @@
  *
  *   memfill MIB [HOLD_SECONDS]
  *
- * Maps MIB MiB of anonymous memory, writes every 4 KiB page (so the guest
- * really backs it), prints "memfill: touched MIB MiB", optionally sleeps
+ * Maps MIB MiB of anonymous memory, writes the first and last byte of every
+ * 4 KiB page (so the guest really backs it) with values of the page's index,
+ * reads every one back exactly, prints "memfill: touched MIB MiB", optionally sleeps
  * HOLD_SECONDS with the memory still mapped ("memfill: holding for S s"),
  * then unmaps it (the pages go back to the guest kernel's free lists, where
  * free page reporting or the balloon can hand them to the host), prints
@@ -110,12 +111,19 @@ int main(int argc, char **argv)
 		return fail("mmap failed");
 	p = m;
 
-	/* One non-zero byte per page forces a real, private page each. */
-	for (off = 0; off < len; off += PAGE)
+	/* Non-zero bytes per page force a real, private page each; both ends of
+	 * the page, so a page mixed up with its neighbour shows. */
+	for (off = 0; off < len; off += PAGE) {
 		p[off] = (unsigned char)((off / PAGE) | 1);
-	for (off = 0; off < len; off += PAGE)
-		sum += p[off];
-	if (sum < len / PAGE)
+		p[off + PAGE - 1] = (unsigned char)((off / PAGE) * 7 + 3);
+	}
+	for (off = 0; off < len; off += PAGE) {
+		if (p[off] != (unsigned char)((off / PAGE) | 1) ||
+		    p[off + PAGE - 1] != (unsigned char)((off / PAGE) * 7 + 3))
+			return fail("readback mismatch");
+		sum++;
+	}
+	if (sum != len / PAGE)
 		return fail("readback mismatch");
 	say(1, "touched ", (unsigned long)mib, " MiB");
 
