@@ -112,6 +112,13 @@ fn boot_smp(
         "{test}: the kernel did not bring up {vcpus} CPUs:\n{}",
         vm.seen.iter().filter(|l| l.contains("smp")).cloned().collect::<Vec<_>>().join("\n")
     );
+    // One socket of N cores, as CPUID says: not N packages of one core each.
+    let packages = vm.seen.iter().find(|l| l.contains("Max logical packages:")).cloned();
+    assert_eq!(
+        packages.as_deref().map(str::trim),
+        Some("smpboot: Max logical packages: 1"),
+        "{test}: the CPUs' topology"
+    );
     eprintln!("{test}: {vcpus} CPUs up, user space after {:.1} s", start.elapsed().as_secs_f64());
     vm
 }

@@ -11,7 +11,17 @@ pub enum CpuidError {
     /// `KVM_GET_SUPPORTED_CPUID` failed.
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     Supported(kvm_ioctls::Error),
+    /// No room for the topology leaf's levels in the CPUID list.
+    #[error("the CPUID list has no room for the topology levels: {0:?}")]
+    Full(vmm_sys_util::fam::Error),
 }
+
+/// The extended topology leaf, and the levels a guest reads from it: SMT, core, and the
+/// invalid level that ends the list.
+const LEAF_TOPOLOGY: u32 = 0xb;
+const TOPOLOGY_LEVELS: u32 = 3;
+/// `KVM_CPUID_FLAG_SIGNIFCANT_INDEX`: the entry depends on ECX (the subleaf).
+const FLAG_SIGNIFICANT_INDEX: u32 = 1;
 
 /// CPU vendor from leaf 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,9 +89,34 @@ pub fn phys_bits(entries: &[kvm_cpuid_entry2]) -> u8 {
         .unwrap_or(36)
 }
 
-/// Fetches what KVM supports.
+/// Fetches what KVM supports, with every level of the topology leaf (see
+/// [`complete_topology`]).
 pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(CpuidError::Supported)
+    let mut cpuid =
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(CpuidError::Supported)?;
+    complete_topology(&mut cpuid)?;
+    Ok(cpuid)
+}
+
+/// Adds the levels of leaf 0xB that KVM left out, for [`normalize`] to fill in. KVM on AMD
+/// hosts offers subleaf 0 alone: a guest then reads zeros for the core level, takes one core
+/// per package, and counts every vCPU as a socket of its own (Linux: "Max logical packages:
+/// 4" for four vCPUs, each with its own physical id).
+pub fn complete_topology(cpuid: &mut CpuId) -> Result<(), CpuidError> {
+    if !cpuid.as_slice().iter().any(|e| e.function == LEAF_TOPOLOGY) {
+        return Ok(());
+    }
+    for index in 0..TOPOLOGY_LEVELS {
+        let present =
+            cpuid.as_slice().iter().any(|e| e.function == LEAF_TOPOLOGY && e.index == index);
+        if !present {
+            let flags = FLAG_SIGNIFICANT_INDEX;
+            let level =
+                kvm_cpuid_entry2 { function: LEAF_TOPOLOGY, index, flags, ..Default::default() };
+            cpuid.push(level).map_err(CpuidError::Full)?;
+        }
+    }
+    Ok(())
 }
 
 /// Fixes up `entries` for vCPU `cpu_id` of `num_cpus`, one thread per core, one socket.
@@ -200,6 +235,26 @@ mod tests {
         let mut entries = [leaf()];
         normalize(&mut entries, 0, 4, Accelerator::VtX { ept: true });
         assert_eq!(entries[0].eax, offered, "hardware hosts keep them");
+    }
+
+    #[test]
+    fn a_topology_leaf_with_its_first_level_alone_gets_the_core_level() {
+        // What KVM offers on an AMD host: leaf 0xB subleaf 0 only.
+        let only_smt = kvm_cpuid_entry2 { function: 0xb, flags: 1, ..entry(0, 0) };
+        let mut cpuid = CpuId::from_entries(&[leaf0(b"AuthenticAMD"), only_smt]).unwrap();
+        complete_topology(&mut cpuid).unwrap();
+        normalize(cpuid.as_mut_slice(), 3, 4, Accelerator::VtX { ept: true });
+        let level =
+            |i| *cpuid.as_slice().iter().find(|e| e.function == 0xb && e.index == i).unwrap();
+        // SMT: one thread; core: 4 cores, shift 2, type 2; then the invalid level.
+        assert_eq!((level(0).ebx, level(0).ecx >> 8 & 0xff), (1, 1));
+        assert_eq!((level(1).eax, level(1).ebx, level(1).ecx >> 8 & 0xff), (2, 4, 2));
+        assert_eq!(level(2).ecx >> 8 & 0xff, 0);
+        assert!((0..3).all(|i| level(i).edx == 3), "x2APIC ID on every level");
+        // A list without the leaf stays as it is.
+        let mut none = CpuId::from_entries(&[leaf0(b"AuthenticAMD")]).unwrap();
+        complete_topology(&mut none).unwrap();
+        assert_eq!(none.as_slice().len(), 1);
     }
 
     #[test]
