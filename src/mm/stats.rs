@@ -86,6 +86,11 @@ impl Histogram {
     }
 }
 
+/// Nanoseconds since `since`, saturated: what the latency histograms record.
+pub fn elapsed_ns(since: std::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// vCPUs whose faults are counted apart (the most a VM has).
 pub const VCPU_SLOTS: usize = 32;
 

@@ -45,7 +45,7 @@ use crate::mm::layout::RamMap;
 use crate::mm::pages::{PageState, PageTable, StateSet, FLAG_IN_FLIGHT};
 use crate::mm::reclaim::store::Backing;
 use crate::mm::sharing::{Queued, SharedPages};
-use crate::mm::stats::FaultStats;
+use crate::mm::stats::{elapsed_ns, FaultStats};
 use crate::mm::sys::poll_readable;
 use crate::mm::uffd::{Event, Resolved, Uffd, READ_BATCH};
 use crate::mm::zcache::{Page, PAGE_BYTES};
@@ -681,8 +681,4 @@ fn retry_unless_done(r: Resolved) -> Step {
 
 fn to_usize(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
-}
-
-pub(super) fn elapsed_ns(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }

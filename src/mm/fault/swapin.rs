@@ -21,12 +21,11 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::handler::elapsed_ns;
 use super::FaultError;
 use crate::mm::claim::Claim;
 use crate::mm::pages::PageTable;
 use crate::mm::reclaim::store::Backing;
-use crate::mm::stats::FaultStats;
+use crate::mm::stats::{elapsed_ns, FaultStats};
 use crate::mm::uffd::{Resolved, Uffd};
 use crate::mm::zcache::{Page, PAGE_BYTES};
 
