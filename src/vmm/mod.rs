@@ -222,6 +222,17 @@ impl Vm {
         if config.vcpus > 1 {
             log::info!("{} vCPUs", config.vcpus);
         }
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let kernel = matches!(config.boot, BootSource::Linux { .. });
+        if kernel && accel.is_software() && usize::from(config.vcpus) > cores {
+            // Measured: 8 vCPUs on 2 cores reach user space 4.7x later than 2 (README).
+            log::warn!(
+                "{} vCPUs on {cores} host cores: on this software-virtualized host the guest \
+                 kernel's emulated code slows down when vCPUs outnumber cores; use --vcpus {cores} \
+                 or fewer",
+                config.vcpus
+            );
+        }
         // Registered after boot loading, so what ebb wrote into the guest starts out Resident.
         let engine = memory::start_engine(config, &mm, &vm_fd, ram.regions())?;
         let memory = match &engine {
