@@ -88,7 +88,6 @@ int main(int argc, char **argv)
 	long mib, hold = 0;
 	size_t len, off;
 	volatile unsigned char *p;
-	unsigned long sum = 0;
 	void *m;
 
 	if (argc < 2 || argc > 3) {
@@ -121,10 +120,7 @@ int main(int argc, char **argv)
 		if (p[off] != (unsigned char)((off / PAGE) | 1) ||
 		    p[off + PAGE - 1] != (unsigned char)((off / PAGE) * 7 + 3))
 			return fail("readback mismatch");
-		sum++;
 	}
-	if (sum != len / PAGE)
-		return fail("readback mismatch");
 	say(1, "touched ", (unsigned long)mib, " MiB");
 
 	if (hold > 0) {
