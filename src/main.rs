@@ -58,12 +58,34 @@ enum LabCommand {
         /// Scenario files.
         #[arg(required = true, value_name = "SCENARIO")]
         scenarios: Vec<PathBuf>,
-        /// A policy to run (repeatable) [default: every shipped policy].
-        #[arg(long = "policy", value_name = "NAME")]
+        /// A policy spec to run (repeatable; NAME or NAME:tax=N,share=N) [default: every
+        /// shipped policy].
+        #[arg(long = "policy", value_name = "SPEC")]
         policies: Vec<String>,
         /// Write PNG charts into this directory.
         #[arg(long, value_name = "DIR")]
         plot: Option<PathBuf>,
+        /// Run each policy (and the unconstrained baseline) this many times; each row shows
+        /// the median run, with the least and most progress beside it.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
+        repeat: u16,
+        /// Multiply the scenarios' sizes and times by this (0.5: half as big and long).
+        #[arg(long, value_name = "FACTOR", default_value_t = 1.0)]
+        scale: f64,
+    },
+    /// Find the overcommit each policy reaches before the guests' hot loops slow down by
+    /// more than 5% and 10%: runs each scenario at shrinking budgets.
+    Sweep {
+        /// Scenario files.
+        #[arg(required = true, value_name = "SCENARIO")]
+        scenarios: Vec<PathBuf>,
+        /// A policy spec to sweep (repeatable; NAME or NAME:tax=N,share=N) [default: every
+        /// shipped policy].
+        #[arg(long = "policy", value_name = "SPEC")]
+        policies: Vec<String>,
+        /// Budgets to try, as fractions of the unconstrained runs' peak consumption.
+        #[arg(long, value_name = "F,F,...", default_value = "1.2,1.0,0.9,0.8,0.7,0.6,0.5")]
+        budgets: String,
         /// Multiply the scenarios' sizes and times by this (0.5: half as big and long).
         #[arg(long, value_name = "FACTOR", default_value_t = 1.0)]
         scale: f64,
@@ -641,18 +663,44 @@ fn top(args: &TopArgs) -> ExitCode {
     }
 }
 
-/// `ebb lab run`: the tables on stdout (progress on stderr when it is a terminal); exit 1 if
-/// a run failed or a guest found a bad page.
+/// `ebb lab run` and `ebb lab sweep`: the tables on stdout (progress on stderr when it is a
+/// terminal); exit 1 if a run failed or a guest found a bad page.
 fn lab(args: LabArgs) -> ExitCode {
-    let LabCommand::Run { scenarios, policies, plot, scale } = args.command;
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => return report_error(&anyhow::anyhow!("cannot find the ebb executable: {e}")),
     };
     // SAFETY: isatty only inspects descriptor 2.
     let progress = unsafe { libc::isatty(2) } == 1;
-    let opts = ebb::lab::LabOptions { scenarios, policies, plot, scale, exe, progress };
     let mut stdout = std::io::stdout();
+    let (scenarios, policies, plot, scale, repeat, budgets) = match args.command {
+        LabCommand::Run { scenarios, policies, plot, scale, repeat } => {
+            (scenarios, policies, plot, scale, repeat, None)
+        }
+        LabCommand::Sweep { scenarios, policies, budgets, scale } => {
+            (scenarios, policies, None, scale, 1, Some(budgets))
+        }
+    };
+    let opts = ebb::lab::LabOptions {
+        scenarios,
+        policies,
+        plot,
+        scale,
+        exe,
+        progress,
+        repeat: usize::from(repeat),
+    };
+    if let Some(budgets) = budgets {
+        let fractions = match ebb::lab::sweep::parse_fractions(&budgets) {
+            Ok(f) => f,
+            Err(e) => return report_error(&anyhow::anyhow!("--budgets {budgets:?}: {e}")),
+        };
+        let opts = ebb::lab::sweep::SweepOptions { lab: opts, fractions };
+        return match ebb::lab::sweep::sweep(&opts, &mut stdout) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => report_error(&e.into()),
+        };
+    }
     match ebb::lab::run(&opts, &mut stdout) {
         Ok(outcome) => {
             for chart in &outcome.charts {

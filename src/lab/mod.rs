@@ -3,8 +3,10 @@
 //! | file | owns |
 //! |---|---|
 //! | `scenario.rs` | scenario files: parsing, checks, scaling, the host description they become |
+//! | `spec.rs` | policy specs: a policy and its knobs (`esx:tax=0`) |
 //! | `runner.rs` | one run: a real `ebb host`, the scenario's events on time, the reports back |
-//! | `summary.rs` | a run's figures and the table comparing policies |
+//! | `summary.rs` | a run's figures, whether it kept its budget, and the table comparing policies |
+//! | `sweep.rs` | the overcommit a policy reaches within a slowdown: runs at shrinking budgets |
 //! | `chart.rs` | the PNG charts |
 //!
 //! Every scenario also runs once unconstrained (twice the VMs' memory as budget, no events),
@@ -14,7 +16,9 @@
 pub mod chart;
 pub mod runner;
 pub mod scenario;
+pub mod spec;
 pub mod summary;
+pub mod sweep;
 pub mod timeline;
 
 use std::io::Write;
@@ -22,7 +26,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::host::rundir::PrivateDir;
+use runner::{file_tag, RunBudget};
 use scenario::Scenario;
+use spec::PolicySpec;
 use summary::Summary;
 
 /// Errors of the lab.
@@ -44,9 +50,9 @@ pub enum LabError {
     /// A chart could not be drawn.
     #[error(transparent)]
     Chart(#[from] chart::ChartError),
-    /// An unknown policy.
-    #[error("unknown policy {0:?}: use {1}")]
-    Policy(String, String),
+    /// An unknown policy or knob.
+    #[error(transparent)]
+    Policy(#[from] spec::SpecError),
     /// The work or chart directory.
     #[error("{path}: {source}")]
     Dir {
@@ -62,7 +68,7 @@ pub enum LabError {
 pub struct LabOptions {
     /// Scenario files.
     pub scenarios: Vec<PathBuf>,
-    /// Policies (none: every shipped policy).
+    /// Policy specs (none: every shipped policy).
     pub policies: Vec<String>,
     /// Where to write charts.
     pub plot: Option<PathBuf>,
@@ -72,6 +78,8 @@ pub struct LabOptions {
     pub exe: PathBuf,
     /// Show progress on stderr.
     pub progress: bool,
+    /// Runs of each policy (and of the baseline); the row shows the median's.
+    pub repeat: usize,
 }
 
 /// How the runs went.
@@ -99,29 +107,44 @@ fn work_dir() -> Result<PrivateDir, LabError> {
     PrivateDir::new("ebb-lab-").map_err(dir_error(&std::env::temp_dir()))
 }
 
+/// The run of `tries` (at least one) whose guests progressed the median amount, and the
+/// least and most progress of them all (None for one try).
+fn median_run(mut tries: Vec<runner::Run>) -> (runner::Run, Option<(u64, u64)>) {
+    let mut progress: Vec<(u64, usize)> =
+        tries.iter().enumerate().map(|(i, r)| (Summary::of(r).progress, i)).collect();
+    progress.sort_unstable();
+    let spread = (tries.len() > 1).then(|| (progress[0].0, progress[progress.len() - 1].0));
+    let (_, median) = progress[progress.len() / 2];
+    (tries.swap_remove(median), spread)
+}
+
+/// The policy specs (every shipped policy if none) and the scenarios of `opts`.
+fn load(opts: &LabOptions) -> Result<(Vec<PolicySpec>, Vec<Scenario>), LabError> {
+    let names = crate::host::policy::POLICY_NAMES;
+    let policies: Vec<PolicySpec> = if opts.policies.is_empty() {
+        names.iter().map(|n| PolicySpec::plain(n)).collect()
+    } else {
+        opts.policies.iter().map(|p| PolicySpec::parse(p)).collect::<Result<_, _>>()?
+    };
+    let scenarios =
+        opts.scenarios.iter().map(|p| Scenario::load(p, opts.scale)).collect::<Result<_, _>>()?;
+    Ok((policies, scenarios))
+}
+
 /// Runs every scenario of `opts` under every policy, writing each scenario's table to
 /// `out` as soon as it is done.
 ///
 /// # Errors
 /// A scenario is bad, a policy unknown, a run or a chart fails.
 pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<LabOutcome, LabError> {
-    let names = crate::host::policy::POLICY_NAMES;
-    let policies: Vec<String> = if opts.policies.is_empty() {
-        names.iter().map(|s| (*s).to_owned()).collect()
-    } else {
-        opts.policies.clone()
-    };
-    if let Some(p) = policies.iter().find(|p| !names.contains(&p.as_str())) {
-        return Err(LabError::Policy(p.clone(), names.join(", ")));
-    }
-    let scenarios: Vec<Scenario> =
-        opts.scenarios.iter().map(|p| Scenario::load(p, opts.scale)).collect::<Result<_, _>>()?;
+    let (policies, scenarios) = load(opts)?;
     let work_dir = work_dir()?;
     let work = work_dir.path();
     if let Some(dir) = &opts.plot {
         std::fs::create_dir_all(dir).map_err(dir_error(dir))?;
     }
-    let runs_each = policies.len() + 1;
+    let repeat = opts.repeat.max(1);
+    let runs_each = (policies.len() + 1) * repeat;
     let total_ms: u64 =
         scenarios.iter().map(|s| s.duration_ms.saturating_mul(runs_each as u64)).sum();
     let mut done_ms = 0u64;
@@ -129,37 +152,53 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<LabOutcome, LabErro
     let result = (|| {
         for s in &scenarios {
             let mut runs = Vec::new();
-            for (i, policy) in
-                std::iter::once("esx").chain(policies.iter().map(String::as_str)).enumerate()
-            {
+            let baseline = PolicySpec::plain("esx");
+            for (i, spec) in std::iter::once(&baseline).chain(&policies).enumerate() {
                 let unconstrained = i == 0;
-                let label = if unconstrained { "unconstrained" } else { policy };
-                let show = |elapsed: Duration| {
-                    if opts.progress {
-                        let e = done_ms + u64::try_from(elapsed.as_millis()).unwrap_or(0);
-                        eprint!(
-                            "\r\x1b[K{} / {label}: {:.1} s of about {:.0} s",
-                            s.name,
-                            e as f64 / 1000.0,
-                            total_ms as f64 / 1000.0
-                        );
-                    }
-                };
-                let run = runner::run(&opts.exe, s, policy, unconstrained, work, show).map_err(
-                    |source| LabError::Run {
-                        scenario: s.name.clone(),
-                        policy: label.to_owned(),
-                        source,
-                    },
-                )?;
-                done_ms += s.duration_ms;
-                runs.push(run);
+                let label = if unconstrained { "unconstrained" } else { spec.label.as_str() };
+                let budget =
+                    if unconstrained { RunBudget::Unconstrained } else { RunBudget::Times(1.0) };
+                let mut tries = Vec::new();
+                for k in 1..=repeat {
+                    let done = done_ms;
+                    let show = |elapsed: Duration| {
+                        if opts.progress {
+                            let e = done + u64::try_from(elapsed.as_millis()).unwrap_or(0);
+                            eprint!(
+                                "\r\x1b[K{} / {label}: {:.1} s of about {:.0} s",
+                                s.name,
+                                e as f64 / 1000.0,
+                                total_ms as f64 / 1000.0
+                            );
+                        }
+                    };
+
+                    let tag = if repeat > 1 {
+                        file_tag(&format!("{label}-{k}"))
+                    } else {
+                        file_tag(label)
+                    };
+                    let run = runner::run(&opts.exe, s, spec, budget, work, &tag, show).map_err(
+                        |source| LabError::Run {
+                            scenario: s.name.clone(),
+                            policy: label.to_owned(),
+                            source,
+                        },
+                    )?;
+                    done_ms += s.duration_ms;
+                    tries.push(run);
+                }
+                runs.push(median_run(tries));
             }
             if opts.progress {
                 eprint!("\r\x1b[K");
             }
-            let summaries: Vec<Summary> = runs.iter().map(Summary::of).collect();
-            let baseline = summaries.first().map(|b| b.progress);
+            let summaries: Vec<Summary> = runs
+                .iter()
+                .map(|(r, spread)| Summary { progress_spread: *spread, ..Summary::of(r) })
+                .collect();
+            let runs: Vec<runner::Run> = runs.into_iter().map(|(r, _)| r).collect();
+            let baseline = summaries.first();
             let _ = writeln!(
                 out,
                 "## {}: {}\n\n{}",
@@ -170,12 +209,12 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<LabOutcome, LabErro
             if let Some(dir) = &opts.plot {
                 for run in &runs {
                     // The raw reports, one JSON line per tick, beside the charts.
-                    let from = work.join(format!("{}-{}.jsonl", s.name, run.policy));
-                    let to = dir.join(format!("{}-{}.jsonl", s.name, run.policy));
+                    let from = work.join(format!("{}-{}.jsonl", s.name, run.file_tag));
+                    let to = dir.join(format!("{}-{}.jsonl", s.name, file_tag(&run.policy)));
                     std::fs::copy(&from, &to).map_err(dir_error(&to))?;
                 }
                 for run in runs.iter().skip(1) {
-                    let path = dir.join(format!("{}-{}.png", s.name, run.policy));
+                    let path = dir.join(format!("{}-{}.png", s.name, file_tag(&run.policy)));
                     chart::run_chart(&path, &s.name, run)?;
                     outcome.charts.push(path);
                 }

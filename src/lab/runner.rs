@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::scenario::Scenario;
+use super::spec::PolicySpec;
 use crate::host::child::request_with_timeout;
 use crate::host::report::HostReport;
 
@@ -36,11 +37,24 @@ pub enum RunError {
     },
 }
 
+/// The budget of a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RunBudget {
+    /// Twice the VMs' memory, no events: what the guests do with all they want.
+    Unconstrained,
+    /// The scenario's budget and events' budgets times this.
+    Times(f64),
+}
+
 /// What one run produced.
 #[derive(Debug, Clone)]
 pub struct Run {
-    /// The policy.
+    /// The policy spec, or `unconstrained`.
     pub policy: String,
+    /// The host's tick.
+    pub tick: Duration,
+    /// The tag its files in the work directory are named after.
+    pub file_tag: String,
     /// Every tick's report.
     pub reports: Vec<HostReport>,
     /// The host's exit status (0: every guest verified every page).
@@ -66,27 +80,41 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     move |source| RunError::Io { what, source }
 }
 
-/// Runs `scenario` under `policy` (`unconstrained`: the baseline budget) with `exe host`,
-/// its files in `dir`; `progress` is called with the elapsed time every poll.
+/// A file name's part for `label`: letters, digits, `.` and `-` kept, the rest `_`.
+pub fn file_tag(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .collect()
+}
+
+/// Runs `scenario` under `spec` with `budget` with `exe host`, its files in `dir` named
+/// after `tag`; `progress` is called with the elapsed time every poll.
 ///
 /// # Errors
 /// The host cannot be started or refuses the scenario, or its report cannot be read.
 pub fn run(
     exe: &Path,
     scenario: &Scenario,
-    policy: &str,
-    unconstrained: bool,
+    spec: &PolicySpec,
+    budget: RunBudget,
     dir: &Path,
+    tag: &str,
     mut progress: impl FnMut(Duration),
 ) -> Result<Run, RunError> {
-    let tag = if unconstrained { "unconstrained".to_owned() } else { policy.to_owned() };
     let file = |ext: &str| -> PathBuf { dir.join(format!("{}-{tag}.{ext}", scenario.name)) };
     let (config, sock, stats, log) = (file("toml"), file("sock"), file("jsonl"), file("log"));
-    std::fs::write(&config, scenario.host_toml(unconstrained))
+    let (budget_bytes, factor) = match budget {
+        RunBudget::Unconstrained => (scenario.unconstrained_budget(), None),
+        RunBudget::Times(f) => {
+            (crate::mm::stats::round_u64(scenario.budget_bytes as f64 * f), Some(f))
+        }
+    };
+    std::fs::write(&config, scenario.host_toml(budget_bytes, spec))
         .map_err(io("writing the host description"))?;
     let log_file = std::fs::File::create(&log).map_err(io("creating the host log"))?;
     let mut host = Command::new(exe)
-        .args(["host", "--policy", policy, "--config"])
+        .args(["host", "--policy", &spec.policy, "--config"])
         .arg(&config)
         .arg("--api-sock")
         .arg(&sock)
@@ -108,9 +136,10 @@ pub fn run(
         let elapsed = start.elapsed();
         progress(elapsed);
         while let Some(e) =
-            events.next_if(|e| !unconstrained && Duration::from_millis(e.at_ms) <= elapsed)
+            events.next_if(|e| factor.is_some() && Duration::from_millis(e.at_ms) <= elapsed)
         {
-            let req = serde_json::json!({ "budget": { "mib": e.budget_bytes >> 20 } });
+            let bytes = e.budget_bytes as f64 * factor.unwrap_or(1.0);
+            let req = serde_json::json!({ "budget": { "mib": crate::mm::stats::round_u64(bytes) >> 20 } });
             if let Err(err) = request_with_timeout(&sock, &req, Duration::from_secs(2)) {
                 log::warn!("{}: budget event at {} ms: {err}", scenario.name, e.at_ms);
             }
@@ -135,5 +164,18 @@ pub fn run(
             stderr: stderr.trim().to_owned(),
         });
     }
-    Ok(Run { policy: tag, reports, exit_code: status.code(), timed_out, wall })
+    let policy = match budget {
+        RunBudget::Unconstrained => "unconstrained".to_owned(),
+        RunBudget::Times(_) => spec.label.clone(),
+    };
+    let tick = Duration::from_millis(scenario.tick_ms);
+    Ok(Run {
+        policy,
+        tick,
+        file_tag: tag.to_owned(),
+        reports,
+        exit_code: status.code(),
+        timed_out,
+        wall,
+    })
 }

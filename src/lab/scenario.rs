@@ -6,6 +6,8 @@
 //! budget = "192M"
 //! duration_ms = 4000     # how long the run should take; the lab stops it at 3x + 20 s
 //! tick_ms = 100          # the host's policy tick (default 100)
+//! active_interval_ms = 250   # how often VMs sample Active memory (default 250)
+//! idle_tax_percent = 75  # the host's idle memory tax (default ESX's 75)
 //! overcommit = true      # false: refuse VMs that do not fit in the budget
 //!
 //! [[vm]]
@@ -26,14 +28,18 @@
 //! ```
 //!
 //! The workload's phases are touch's, in its order: write, loop over the hot set, idle,
-//! burst; each VM then verifies every page (a bad one fails the run). VMs sample Active
-//! memory every 250 ms (scaled), as runs last seconds. Unknown keys,
+//! burst; each VM then verifies every page (a bad one fails the run). `--scale` multiplies
+//! sizes, times, the tick and the Active interval alike (the tick no lower than 50 ms, the
+//! interval than 100 ms). VMs sample Active memory every 250 ms by default, four times as
+//! often as `ebb run`'s default, as short runs last seconds; scenarios on a realistic time
+//! scale set 1000. Unknown keys,
 //! impossible sizes and VMs that cannot fit are refused with the key named.
 
 use std::path::Path;
 
 use serde::Deserialize;
 
+use super::spec::PolicySpec;
 use crate::units::{human_bytes, parse_size, PAGE_SIZE};
 
 /// Default host tick of a scenario, ms.
@@ -80,6 +86,8 @@ struct File {
     budget: String,
     duration_ms: u64,
     tick_ms: Option<u64>,
+    active_interval_ms: Option<u64>,
+    idle_tax_percent: Option<u8>,
     overcommit: Option<bool>,
     vm: Vec<VmFile>,
     #[serde(default)]
@@ -167,6 +175,10 @@ pub struct Scenario {
     pub duration_ms: u64,
     /// The host's tick, ms.
     pub tick_ms: u64,
+    /// Active-memory sampling interval of every VM, ms (scaled).
+    pub active_interval_ms: u64,
+    /// The host's idle memory tax, percent (None: the host's default).
+    pub idle_tax_percent: Option<u8>,
     /// The VMs.
     pub vms: Vec<LabVm>,
     /// Budget changes, in time order.
@@ -257,6 +269,9 @@ impl Scenario {
                 ));
             }
         }
+        if f.idle_tax_percent.is_some_and(|t| t >= 100) {
+            return Err(invalid("idle_tax_percent", "must be below 100".into()));
+        }
         let mut events = Vec::new();
         for (i, e) in f.event.iter().enumerate() {
             let key = format!("event[{i}].budget");
@@ -272,23 +287,35 @@ impl Scenario {
             description: f.description,
             budget_bytes,
             duration_ms: scaled(f.duration_ms, scale).max(1),
-            tick_ms: f.tick_ms.unwrap_or(DEFAULT_TICK_MS).max(50),
+            tick_ms: scaled(f.tick_ms.unwrap_or(DEFAULT_TICK_MS), scale).max(50),
+            active_interval_ms: scaled(f.active_interval_ms.unwrap_or(ACTIVE_INTERVAL_MS), scale)
+                .max(100),
+            idle_tax_percent: f.idle_tax_percent,
             vms,
             events,
         })
     }
 
-    /// The `ebb host` description of the scenario; `unconstrained` gives a budget twice
-    /// the VMs' memory, for the baseline run (events then change nothing).
-    pub fn host_toml(&self, unconstrained: bool) -> String {
-        let budget = if unconstrained {
-            2 * self.vms.iter().map(|v| v.memory_bytes).sum::<u64>()
-        } else {
-            self.budget_bytes
-        };
-        let mut out = format!("budget = \"{}M\"\ntick_ms = {}\n", budget >> 20, self.tick_ms);
+    /// The budget of the run that shows what the guests do with all the memory they want:
+    /// twice the VMs' memory.
+    pub fn unconstrained_budget(&self) -> u64 {
+        2 * self.vms.iter().map(|v| v.memory_bytes).sum::<u64>()
+    }
+
+    /// The VMs' configured memory together, bytes.
+    pub fn configured_bytes(&self) -> u64 {
+        self.vms.iter().map(|v| v.memory_bytes).sum()
+    }
+
+    /// The `ebb host` description of a run with `budget_bytes` under `spec`'s knobs (the
+    /// scenario's where the spec gives none).
+    pub fn host_toml(&self, budget_bytes: u64, spec: &PolicySpec) -> String {
+        let mut out = format!("budget = \"{}K\"\ntick_ms = {}\n", budget_bytes >> 10, self.tick_ms);
+        let spec =
+            PolicySpec { tax_percent: spec.tax_percent.or(self.idle_tax_percent), ..spec.clone() };
+        out += &spec.host_lines();
         for v in &self.vms {
-            out += &v.host_table();
+            out += &v.host_table(self.active_interval_ms);
         }
         out
     }
@@ -340,10 +367,6 @@ fn check_vm(
     if let Some(g) = &v.sharing_group {
         controls.push(format!("sharing_group = {g:?}"));
     }
-    // Runs last seconds, not minutes: Active memory is sampled 4x as often as by default,
-    // so that idle and busy VMs tell apart within the run.
-    let active_ms = scaled(ACTIVE_INTERVAL_MS, scale).max(100);
-    controls.push(format!("args = [\"--active-interval-ms\", \"{active_ms}\"]"));
     Ok(LabVm {
         name: v.name.clone(),
         memory_bytes,
@@ -383,7 +406,7 @@ impl LabVm {
         a
     }
 
-    fn host_table(&self) -> String {
+    fn host_table(&self, active_interval_ms: u64) -> String {
         let args: Vec<String> = self.touch_args().iter().map(|a| format!("{a:?}")).collect();
         let mut t = format!(
             "[[vm]]\nname = {:?}\nmemory = \"{}M\"\nfirmware = \"touch\"\nfirmware_args = [{}]\nstart_after_ms = {}\n",
@@ -396,6 +419,7 @@ impl LabVm {
             t += c;
             t.push('\n');
         }
+        t += &format!("args = [\"--active-interval-ms\", \"{active_interval_ms}\"]\n");
         t
     }
 }
@@ -428,11 +452,19 @@ mod tests {
         let s = Scenario::parse("good", GOOD, 1.0).unwrap();
         assert_eq!((s.budget_bytes, s.tick_ms), (128 << 20, DEFAULT_TICK_MS));
         assert_eq!(s.events, [LabEvent { at_ms: 1000, budget_bytes: 64 << 20 }]);
-        let toml = s.host_toml(false);
-        assert!(toml.contains("budget = \"128M\""), "{toml}");
+        let toml = s.host_toml(s.budget_bytes, &PolicySpec::plain("esx"));
+        assert!(toml.contains("budget = \"131072K\""), "{toml}");
+        assert!(toml.contains("args = [\"--active-interval-ms\", \"250\"]"), "{toml}");
+        assert!(!toml.contains("idle_tax_percent"), "{toml}");
         assert!(toml.contains("\"pages=8000\", \"seed=0\", \"mix=zero:50,random:50\", \"dup_groups=64\", \"loop_ms=1000\", \"hot=2000\", \"dist=zipf\", \"rewrite=1\""), "{toml}");
         assert!(toml.contains("reservation = \"32M\""));
-        assert!(s.host_toml(true).contains("budget = \"256M\""));
+        assert_eq!(s.unconstrained_budget(), 256 << 20);
+        let taxed = Scenario::parse("good", &format!("idle_tax_percent = 0\n{GOOD}"), 1.0).unwrap();
+        let spec = PolicySpec::parse("esx:tax=50").unwrap();
+        assert!(taxed
+            .host_toml(1 << 30, &PolicySpec::plain("esx"))
+            .contains("idle_tax_percent = 0\n"));
+        assert!(taxed.host_toml(1 << 30, &spec).contains("idle_tax_percent = 50\n"));
         // The host takes what the lab writes.
         let over = crate::host::config::HostOverrides::default();
         let dir = std::env::temp_dir().join(format!("ebb-lab-unit-{}", std::process::id()));
@@ -445,6 +477,7 @@ mod tests {
     fn scale_shrinks_sizes_and_times_together() {
         let s = Scenario::parse("good", GOOD, 0.5).unwrap();
         assert_eq!((s.budget_bytes, s.duration_ms), (64 << 20, 1500));
+        assert_eq!((s.tick_ms, s.active_interval_ms), (50, 125));
         assert_eq!(
             (s.vms[0].memory_bytes, s.vms[0].pages, s.vms[0].hot),
             (64 << 20, 4000, Some(1000))
@@ -475,5 +508,7 @@ mod tests {
         let e = err(&GOOD.replace("\"zipf\"", "\"pareto\""));
         assert!(e.contains("not sweep, uniform or zipf"), "{e}");
         assert!(err("description = \"x\"").contains("missing field"));
+        let e = err(&format!("idle_tax_percent = 100\n{GOOD}"));
+        assert_eq!(e, "bad: idle_tax_percent: must be below 100");
     }
 }
