@@ -85,6 +85,8 @@ pub fn read(spec: &VmSpec, stats: &Value, balloon_ready: bool) -> Figures {
     let bytes = |key: &str| count(stats, key).min(mem);
     let pages = |key: &str| count(stats, key).saturating_mul(PAGE_SIZE).min(mem);
     let consumed = count(stats, "consumed_bytes").saturating_add(count(stats, "metadata_bytes"));
+    let saved =
+        count(stats, "sharing_saved_bytes").saturating_add(pages("zero_pages_shared")).min(mem);
     let cpu_ms = ["handler_cpu_ms", "reclaim_cpu_ms", "sharing_cpu_ms"]
         .iter()
         .map(|k| millis(stats, k))
@@ -95,6 +97,8 @@ pub fn read(spec: &VmSpec, stats: &Value, balloon_ready: bool) -> Figures {
             resident_bytes: bytes("resident_bytes"),
             active_bytes: bytes("active_bytes"),
             shared_bytes: bytes("shared_bytes"),
+            sharing_saved_bytes: saved,
+            share_scanned_pages: count(stats, "share_scanned"),
             ballooned_bytes: bytes("ballooned_bytes"),
             compressed_bytes: pages("zcache_pages"),
             swapped_bytes: bytes("swapped_bytes"),
@@ -107,9 +111,7 @@ pub fn read(spec: &VmSpec, stats: &Value, balloon_ready: bool) -> Figures {
         // Three finite sums can still be infinite.
         cpu_ms: if cpu_ms.is_finite() { cpu_ms } else { f64::MAX },
         progress: stats.get("guest_progress").and_then(Value::as_u64),
-        saved: count(stats, "sharing_saved_bytes")
-            .saturating_add(pages("zero_pages_shared"))
-            .min(mem),
+        saved,
     }
 }
 

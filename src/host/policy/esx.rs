@@ -18,15 +18,59 @@
 //! wants. Targets aim to leave [`GOAL_FREE_PERCENT`] of minFree free, which is past Soft's
 //! exit, so that reclaim that meets its targets lifts the host out of Soft. A VM above its
 //! limit is reclaimed to it in every state.
+//!
+//! Sharing scans at the busy rate (Clear and below) only while it pays: once the scanner has
+//! hashed a quarter of a VM's memory (at least [`YIELD_WINDOW_PAGES`]) since the last look,
+//! the policy compares what sharing saved meanwhile with what it scanned, and below
+//! [`MIN_YIELD_PERCENT`] the VM goes back to the idle rate until a window at that rate pays
+//! again. A scanner that finds nothing (random memory, or a guest whose duplicates are all
+//! merged) then stops taking the guests' CPU: on busy guests that CPU was what the busy rate
+//! cost (see lab/README.md).
 
 use std::collections::HashMap;
 
 use super::shares::{self, Claim};
 use super::{Policy, PolicyParams, Snapshot, VmAction, VmView};
 use crate::host::pressure::MemState;
+use crate::units::PAGE_SIZE;
 
 /// Free memory the targets leave, in percent of minFree.
 pub const GOAL_FREE_PERCENT: u64 = 125;
+/// Least pages a window of the sharing yield covers.
+pub const YIELD_WINDOW_PAGES: u64 = 4096;
+/// Pages saved per hundred scanned below which the busy rate is not worth it.
+pub const MIN_YIELD_PERCENT: u64 = 1;
+
+/// Whether sharing pays in one VM: what the scanner had hashed and sharing had saved at the
+/// start of the window, and what the last window found.
+#[derive(Debug, Clone, Copy)]
+struct ShareYield {
+    scanned: u64,
+    saved_pages: u64,
+    pays: bool,
+}
+
+impl ShareYield {
+    fn new(vm: &VmView) -> Self {
+        Self { scanned: vm.share_scanned_pages, saved_pages: saved_pages(vm), pays: true }
+    }
+
+    /// Looks at `vm`'s counters: closes the window once it covers enough pages.
+    fn update(&mut self, vm: &VmView) {
+        let window = (vm.configured_bytes / PAGE_SIZE / 4).max(YIELD_WINDOW_PAGES);
+        let scanned = vm.share_scanned_pages.saturating_sub(self.scanned);
+        if vm.share_scanned_pages < self.scanned {
+            *self = Self::new(vm); // the VM restarted its counters
+        } else if scanned >= window {
+            let gained = saved_pages(vm).saturating_sub(self.saved_pages);
+            *self = Self { pays: gained * 100 >= scanned * MIN_YIELD_PERCENT, ..Self::new(vm) };
+        }
+    }
+}
+
+fn saved_pages(vm: &VmView) -> u64 {
+    vm.sharing_saved_bytes / PAGE_SIZE
+}
 
 /// What `vm` would hold unconstrained: what it consumes, plus what was compressed or
 /// swapped from it (plus its balloon, which it would take back).
@@ -39,17 +83,19 @@ fn demand(vm: &VmView) -> u64 {
 pub struct Esx {
     params: PolicyParams,
     last: HashMap<String, VmAction>,
+    yields: HashMap<String, ShareYield>,
 }
 
 impl Esx {
     /// The policy with `params` (the tax is capped at 99%).
     pub fn new(mut params: PolicyParams) -> Self {
         params.tax_percent = params.tax_percent.min(99);
-        Self { params, last: HashMap::new() }
+        Self { params, last: HashMap::new(), yields: HashMap::new() }
     }
 
     /// `short`: free memory is below the goal (Clear then reclaims too).
     fn act(&self, vm: &VmView, target: u64, state: MemState, short: bool) -> VmAction {
+        let pays = self.yields.get(&vm.name).is_none_or(|y| y.pays);
         let held = self.last.get(&vm.name).cloned().unwrap_or_default();
         let over = vm.consumed_bytes.saturating_sub(target);
         // What is not resident (cache slabs, pool pages) counts against the target too.
@@ -60,7 +106,7 @@ impl Esx {
         let mut action = VmAction {
             target_bytes: target,
             alloc_wait_above_bytes: None,
-            share_scan_rate: if state == MemState::High {
+            share_scan_rate: if state == MemState::High || !pays {
                 self.params.share_rate_idle
             } else {
                 self.params.share_rate_busy
@@ -132,6 +178,16 @@ impl Policy for Esx {
             })
             .collect();
         let targets = shares::targets(&claims, available, self.params.tax_percent);
+        let mut yields = std::mem::take(&mut self.yields);
+        self.yields = snap
+            .vms
+            .iter()
+            .map(|v| {
+                let mut y = yields.remove(&v.name).unwrap_or_else(|| ShareYield::new(v));
+                y.update(v);
+                (v.name.clone(), y)
+            })
+            .collect();
         let actions: Vec<VmAction> = (snap.vms.iter().zip(targets))
             .map(|(vm, target)| self.act(vm, target, snap.host.state, short))
             .collect();
@@ -262,6 +318,39 @@ mod tests {
         assert_eq!(held[0].reclaim_target_bytes, Some(900 * MIB));
         let released = p.decide(&snap(MemState::High, vec![b]));
         assert_eq!(released[0].reclaim_target_bytes, None);
+    }
+
+    #[test]
+    fn sharing_that_saves_nothing_goes_back_to_the_idle_rate_until_it_pays_again() {
+        let (idle, busy) =
+            (PolicyParams::default().share_rate_idle, PolicyParams::default().share_rate_busy);
+        let mut p = Esx::new(PolicyParams::default());
+        let mut v = vm("a", 500, false);
+        let rate = |p: &mut Esx, v: &VmView| {
+            p.decide(&snap(MemState::Clear, vec![v.clone()]))[0].share_scan_rate
+        };
+        assert_eq!(rate(&mut p, &v), busy, "first the scanner looks");
+        // A quarter of 1 GiB is 65,536 pages: not a window yet.
+        v.share_scanned_pages = 60_000;
+        assert_eq!(rate(&mut p, &v), busy);
+        // A window that saved 0.5%: not worth the busy rate.
+        v.share_scanned_pages = 70_000;
+        v.sharing_saved_bytes = 350 * PAGE_SIZE;
+        assert_eq!(rate(&mut p, &v), idle);
+        // The next window, at the idle rate, saves 2%: the busy rate again.
+        v.share_scanned_pages = 140_000;
+        v.sharing_saved_bytes = (350 + 1400) * PAGE_SIZE;
+        assert_eq!(rate(&mut p, &v), busy);
+        // Pages unshared (copy-on-write) count as nothing saved, not as a wrap-around.
+        v.share_scanned_pages = 210_000;
+        v.sharing_saved_bytes = 0;
+        assert_eq!(rate(&mut p, &v), idle);
+        // High scans at the idle rate whatever it pays.
+        let mut fresh = Esx::new(PolicyParams::default());
+        assert_eq!(
+            fresh.decide(&snap(MemState::High, vec![vm("b", 1, false)]))[0].share_scan_rate,
+            idle
+        );
     }
 
     #[test]

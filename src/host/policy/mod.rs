@@ -54,6 +54,11 @@ pub struct VmView {
     pub active_bytes: u64,
     /// Guest memory backed by shared pages.
     pub shared_bytes: u64,
+    /// Host memory sharing saves the VM (its pages that map a shared or the zero page,
+    /// less the shared copies it holds).
+    pub sharing_saved_bytes: u64,
+    /// Pages the sharing scanner has hashed so far.
+    pub share_scanned_pages: u64,
     /// Guest memory the balloon holds.
     pub ballooned_bytes: u64,
     /// Guest memory in the compression cache.
