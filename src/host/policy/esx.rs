@@ -19,6 +19,12 @@
 //! exit, so that reclaim that meets its targets lifts the host out of Soft. A VM above its
 //! limit is reclaimed to it in every state.
 //!
+//! A VM that refaults at more than [`THRASH_PERCENT`] of its pages per second (at least
+//! [`THRASH_MIN_REFAULTS`]) counts as wholly active for the tax, whatever its Active
+//! estimate says: a vCPU that waits for its faults touches fewer pages, so a thrashing VM's
+//! estimate collapses (a busy VM 6 MiB short of its 59 MiB set read 10 to 24 MiB active)
+//! and the tax then took memory from the VM that needed it most.
+//!
 //! Sharing scans at the busy rate (Clear and below) only while it pays: once the scanner has
 //! hashed a quarter of a VM's memory (at least [`YIELD_WINDOW_PAGES`]) since the last look,
 //! the policy compares what sharing saved meanwhile with what it scanned, and below
@@ -36,6 +42,10 @@ use crate::units::PAGE_SIZE;
 
 /// Free memory the targets leave, in percent of minFree.
 pub const GOAL_FREE_PERCENT: u64 = 125;
+/// Refaults per second, in percent of a VM's pages, from which it counts as wholly active.
+pub const THRASH_PERCENT: u64 = 1;
+/// Refaults per second from which a VM may count as wholly active, however small.
+pub const THRASH_MIN_REFAULTS: u64 = 64;
 /// Least pages a window of the sharing yield covers.
 pub const YIELD_WINDOW_PAGES: u64 = 4096;
 /// Pages saved per hundred scanned below which the busy rate is not worth it.
@@ -76,6 +86,18 @@ fn saved_pages(vm: &VmView) -> u64 {
 /// swapped from it (plus its balloon, which it would take back).
 fn demand(vm: &VmView) -> u64 {
     vm.consumed_bytes + vm.compressed_bytes + vm.swapped_bytes + vm.ballooned_bytes
+}
+
+/// What the tax counts as `vm`'s active memory: its Active estimate, or all it wants while
+/// it thrashes.
+fn active(vm: &VmView) -> u64 {
+    let pages = demand(vm) / PAGE_SIZE;
+    let thrashing = (pages * THRASH_PERCENT / 100).max(THRASH_MIN_REFAULTS);
+    if vm.refault_rate >= thrashing as f64 {
+        demand(vm)
+    } else {
+        vm.active_bytes
+    }
 }
 
 /// ESX's policy, remembering what it last asked of each VM (Clear holds it).
@@ -171,7 +193,7 @@ impl Policy for Esx {
             .iter()
             .map(|v| Claim {
                 consumed: demand(v),
-                active: v.active_bytes,
+                active: active(v),
                 reservation: v.reservation_bytes,
                 limit: v.limit_bytes,
                 shares: v.shares,
@@ -318,6 +340,32 @@ mod tests {
         assert_eq!(held[0].reclaim_target_bytes, Some(900 * MIB));
         let released = p.decide(&snap(MemState::High, vec![b]));
         assert_eq!(released[0].reclaim_target_bytes, None);
+    }
+
+    #[test]
+    fn a_thrashing_vm_counts_as_active_whatever_its_estimate() {
+        // 500 MiB each, 900 available. The busy VM thrashes: its Active estimate has
+        // collapsed to 100 MiB, as in the lab's idle-tax scenario.
+        let idle = vm("idle", 500, false);
+        let mut busy = vm("busy", 500, false);
+        busy.active_bytes = 100 * MIB;
+        let mut p = Esx::new(PolicyParams::default());
+        let fooled = p.decide(&snap(MemState::Hard, vec![idle.clone(), busy.clone()]));
+        // The tax sees 400 MiB of the busy VM as idle and takes from it too: 488 of 500.
+        assert_eq!((fooled[0].target_bytes, fooled[1].target_bytes), (412 * MIB, 488 * MIB));
+        // 1% of its 128,000 pages per second: 1,280 refaults/s. Just below: still fooled.
+        busy.refault_rate = 1279.0;
+        let still = p.decide(&snap(MemState::Hard, vec![idle.clone(), busy.clone()]));
+        assert_eq!(still[1].target_bytes, 488 * MIB);
+        busy.refault_rate = 1280.0;
+        let seen = p.decide(&snap(MemState::Hard, vec![idle.clone(), busy.clone()]));
+        assert_eq!((seen[0].target_bytes, seen[1].target_bytes), (400 * MIB, 500 * MIB));
+        // A small VM needs 64 refaults/s to count.
+        let mut tiny = vm("tiny", 4, false);
+        tiny.refault_rate = 63.0;
+        assert_eq!(active(&tiny), 0);
+        tiny.refault_rate = 64.0;
+        assert_eq!(active(&tiny), 4 * MIB);
     }
 
     #[test]
