@@ -6,6 +6,7 @@
 //! tick_ms = 1000           # policy tick
 //! policy = "esx"
 //! idle_tax_percent = 75
+//! goal_free_percent = 125   # free memory ESX's targets leave, percent of minFree
 //! sharing_rate_idle = 1000  # pages/s per VM the policy scans for sharing in High
 //! sharing_rate_busy = 10000 # and from Clear down, while sharing saves 1% of what it scans
 //!
@@ -37,6 +38,8 @@ use crate::units::{human_bytes, parse_size};
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
 /// Shortest policy tick accepted.
 pub const MIN_TICK: Duration = Duration::from_millis(50);
+/// Most free memory, in percent of minFree, ESX's targets may be asked to leave.
+pub const MAX_GOAL_FREE_PERCENT: u64 = 1000;
 /// ESX's default idle memory tax, percent.
 pub const DEFAULT_TAX_PERCENT: u8 = 75;
 /// Default shares per MiB of configured memory (ESX's "normal": 10 per MB).
@@ -145,6 +148,7 @@ struct HostFile {
     tick_ms: Option<u64>,
     policy: Option<String>,
     idle_tax_percent: Option<u8>,
+    goal_free_percent: Option<u64>,
     sharing_rate_idle: Option<u64>,
     sharing_rate_busy: Option<u64>,
     #[serde(default)]
@@ -256,7 +260,14 @@ impl HostConfig {
             tax_percent,
             share_rate_idle: file.sharing_rate_idle.unwrap_or(defaults.share_rate_idle),
             share_rate_busy: file.sharing_rate_busy.unwrap_or(defaults.share_rate_busy),
+            goal_free_percent: file.goal_free_percent.unwrap_or(defaults.goal_free_percent),
         };
+        if params.goal_free_percent > MAX_GOAL_FREE_PERCENT {
+            return Err(invalid(
+                "goal_free_percent",
+                format!("at most {MAX_GOAL_FREE_PERCENT} (percent of minFree)"),
+            ));
+        }
         for (key, rate) in [
             ("sharing_rate_idle", params.share_rate_idle),
             ("sharing_rate_busy", params.share_rate_busy),
@@ -453,6 +464,7 @@ mod tests {
         assert!(err("budget = \"1G\"\n[[vm]]\nname = \"a/b\"\nmemory = \"1M\"\n").contains(".name"));
         assert!(err("budget = \"1G\"\n").starts_with("vm: no VMs"));
         assert!(err("budget = \"1G\"\nidle_tax_percent = 100\n").starts_with("idle_tax_percent"));
+        assert!(err("budget = \"1G\"\ngoal_free_percent = 1001\n").starts_with("goal_free_percent"));
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //! |---|---|
 //! | `tax` | `idle_tax_percent` (0 to 99) |
 //! | `share` | `sharing_rate_idle` and `sharing_rate_busy` (pages per second per VM; 0: off) |
+//! | `goal` | `goal_free_percent`: the free memory ESX's targets leave, percent of minFree |
 //!
 //! so that `--policy esx --policy esx:tax=0` compares ESX's policy with and without its idle
 //! memory tax in one table. A knob a spec does not give is the scenario's, then the host's.
 
+use crate::host::config::MAX_GOAL_FREE_PERCENT;
 use crate::host::policy::POLICY_NAMES;
 
 /// Largest sharing rate a spec may ask for, pages per second.
@@ -25,6 +27,8 @@ pub struct PolicySpec {
     pub tax_percent: Option<u8>,
     /// Both sharing scan rates, pages per second.
     pub share_rate: Option<u64>,
+    /// ESX's goal of free memory, percent of minFree.
+    pub goal_percent: Option<u64>,
     /// How the table names it: the spec as given.
     pub label: String,
 }
@@ -36,7 +40,9 @@ pub enum SpecError {
     #[error("unknown policy {0:?}: use {1}")]
     Policy(String, String),
     /// A knob that does not exist or a value out of range.
-    #[error("policy {spec:?}: {msg} (knobs: tax=0..99, share=PAGES_PER_S)")]
+    #[error(
+        "policy {spec:?}: {msg} (knobs: tax=0..99, share=PAGES_PER_S, goal=PERCENT_OF_MINFREE)"
+    )]
     Knob {
         /// The spec.
         spec: String,
@@ -48,7 +54,13 @@ pub enum SpecError {
 impl PolicySpec {
     /// `name` with no knobs.
     pub fn plain(name: &str) -> Self {
-        Self { policy: name.into(), tax_percent: None, share_rate: None, label: name.into() }
+        Self {
+            policy: name.into(),
+            tax_percent: None,
+            share_rate: None,
+            goal_percent: None,
+            label: name.into(),
+        }
     }
 
     /// Parses `NAME[:KEY=VALUE,...]`.
@@ -72,6 +84,10 @@ impl PolicySpec {
                 "tax" => return Err(bad(format!("tax: {number} is not below 100"))),
                 "share" if number <= MAX_SHARE_RATE => out.share_rate = Some(number),
                 "share" => return Err(bad(format!("share: {number} is over {MAX_SHARE_RATE}"))),
+                "goal" if number <= MAX_GOAL_FREE_PERCENT => out.goal_percent = Some(number),
+                "goal" => {
+                    return Err(bad(format!("goal: {number} is over {MAX_GOAL_FREE_PERCENT}")))
+                }
                 _ => return Err(bad(format!("unknown knob {key:?}"))),
             }
         }
@@ -86,6 +102,9 @@ impl PolicySpec {
         }
         if let Some(r) = self.share_rate {
             out += &format!("sharing_rate_idle = {r}\nsharing_rate_busy = {r}\n");
+        }
+        if let Some(g) = self.goal_percent {
+            out += &format!("goal_free_percent = {g}\n");
         }
         out
     }
@@ -116,5 +135,10 @@ mod tests {
         assert!(e("esx:speed=3").contains("unknown knob \"speed\""));
         assert!(e("esx:tax").contains("\"tax\" is not KEY=VALUE"));
         assert!(e("esx:share=99999999").contains("is over"));
+        assert!(e("esx:goal=1001").contains("goal: 1001 is over 1000"));
+        assert_eq!(
+            PolicySpec::parse("esx:goal=64").unwrap().host_lines(),
+            "goal_free_percent = 64\n"
+        );
     }
 }

@@ -19,11 +19,17 @@
 //! exit, so that reclaim that meets its targets lifts the host out of Soft. A VM above its
 //! limit is reclaimed to it in every state.
 //!
-//! A VM that refaults at more than [`THRASH_PERCENT`] of its pages per second (at least
-//! [`THRASH_MIN_REFAULTS`]) counts as wholly active for the tax, whatever its Active
-//! estimate says: a vCPU that waits for its faults touches fewer pages, so a thrashing VM's
-//! estimate collapses (a busy VM 6 MiB short of its 59 MiB set read 10 to 24 MiB active)
-//! and the tax then took memory from the VM that needed it most.
+//! A VM that has refaulted at more than [`THRASH_PERCENT`] of its pages per second (at least
+//! [`THRASH_MIN_REFAULTS`]) for [`THRASH_TICKS`] ticks in a row counts as wholly active for
+//! the tax, whatever its Active estimate says: a vCPU that waits for its faults touches
+//! fewer pages, so a thrashing VM's estimate collapses (a busy VM 6 MiB short of its 59 MiB
+//! set read 10 to 24 MiB active) and the tax then took memory from the VM that needed it
+//! most. The ticks in a row tell a working set that does not fit from a one-off pass over
+//! evicted memory (a guest rewriting everything once), which gains nothing from more
+//! memory and would take it from a neighbour's loop.
+//!
+//! Targets leave the policy's goal of free memory, [`GOAL_FREE_PERCENT`] of minFree by
+//! default (`goal_free_percent` in the host's description).
 //!
 //! Sharing scans at the busy rate (Clear and below) only while it pays: once the scanner has
 //! hashed a quarter of a VM's memory (at least [`YIELD_WINDOW_PAGES`]) since the last look,
@@ -46,6 +52,8 @@ pub const GOAL_FREE_PERCENT: u64 = 125;
 pub const THRASH_PERCENT: u64 = 1;
 /// Refaults per second from which a VM may count as wholly active, however small.
 pub const THRASH_MIN_REFAULTS: u64 = 64;
+/// Ticks in a row of such refaults before a VM counts as thrashing.
+pub const THRASH_TICKS: u32 = 5;
 /// Least pages a window of the sharing yield covers.
 pub const YIELD_WINDOW_PAGES: u64 = 4096;
 /// Pages saved per hundred scanned below which the busy rate is not worth it.
@@ -88,16 +96,29 @@ fn demand(vm: &VmView) -> u64 {
     vm.consumed_bytes + vm.compressed_bytes + vm.swapped_bytes + vm.ballooned_bytes
 }
 
-/// What the tax counts as `vm`'s active memory: its Active estimate, or all it wants while
-/// it thrashes.
-fn active(vm: &VmView) -> u64 {
+/// True if `vm` refaulted fast enough this tick to be thrashing (if it goes on).
+fn refaulting(vm: &VmView) -> bool {
     let pages = demand(vm) / PAGE_SIZE;
-    let thrashing = (pages * THRASH_PERCENT / 100).max(THRASH_MIN_REFAULTS);
-    if vm.refault_rate >= thrashing as f64 {
+    let rate = (pages * THRASH_PERCENT / 100).max(THRASH_MIN_REFAULTS);
+    vm.refault_rate >= rate as f64
+}
+
+/// What the tax counts as `vm`'s active memory: its Active estimate, or all it wants once
+/// it has thrashed for `ticks` ticks in a row.
+fn active(vm: &VmView, ticks: u32) -> u64 {
+    if ticks >= THRASH_TICKS {
         demand(vm)
     } else {
         vm.active_bytes
     }
+}
+
+/// What the policy remembers of one VM between ticks.
+#[derive(Debug, Clone, Copy)]
+struct Track {
+    share: ShareYield,
+    /// Ticks in a row the VM refaulted fast enough to be thrashing.
+    thrash_ticks: u32,
 }
 
 /// ESX's policy, remembering what it last asked of each VM (Clear holds it).
@@ -105,19 +126,19 @@ fn active(vm: &VmView) -> u64 {
 pub struct Esx {
     params: PolicyParams,
     last: HashMap<String, VmAction>,
-    yields: HashMap<String, ShareYield>,
+    tracks: HashMap<String, Track>,
 }
 
 impl Esx {
     /// The policy with `params` (the tax is capped at 99%).
     pub fn new(mut params: PolicyParams) -> Self {
         params.tax_percent = params.tax_percent.min(99);
-        Self { params, last: HashMap::new(), yields: HashMap::new() }
+        Self { params, last: HashMap::new(), tracks: HashMap::new() }
     }
 
     /// `short`: free memory is below the goal (Clear then reclaims too).
     fn act(&self, vm: &VmView, target: u64, state: MemState, short: bool) -> VmAction {
-        let pays = self.yields.get(&vm.name).is_none_or(|y| y.pays);
+        let pays = self.tracks.get(&vm.name).is_none_or(|t| t.share.pays);
         let held = self.last.get(&vm.name).cloned().unwrap_or_default();
         let over = vm.consumed_bytes.saturating_sub(target);
         // What is not resident (cache slabs, pool pages) counts against the target too.
@@ -185,7 +206,21 @@ impl Policy for Esx {
     }
 
     fn decide(&mut self, snap: &Snapshot) -> Vec<VmAction> {
-        let goal_free = snap.host.min_free_bytes.saturating_mul(GOAL_FREE_PERCENT) / 100;
+        let mut tracks = std::mem::take(&mut self.tracks);
+        self.tracks = snap
+            .vms
+            .iter()
+            .map(|v| {
+                let mut t = tracks
+                    .remove(&v.name)
+                    .unwrap_or(Track { share: ShareYield::new(v), thrash_ticks: 0 });
+                t.share.update(v);
+                t.thrash_ticks = if refaulting(v) { t.thrash_ticks.saturating_add(1) } else { 0 };
+                (v.name.clone(), t)
+            })
+            .collect();
+        let goal_free =
+            snap.host.min_free_bytes.saturating_mul(self.params.goal_free_percent) / 100;
         let short = snap.host.free_bytes < i64::try_from(goal_free).unwrap_or(i64::MAX);
         let available = snap.host.budget_bytes.saturating_sub(goal_free);
         let claims: Vec<Claim> = snap
@@ -193,23 +228,13 @@ impl Policy for Esx {
             .iter()
             .map(|v| Claim {
                 consumed: demand(v),
-                active: active(v),
+                active: active(v, self.tracks.get(&v.name).map_or(0, |t| t.thrash_ticks)),
                 reservation: v.reservation_bytes,
                 limit: v.limit_bytes,
                 shares: v.shares,
             })
             .collect();
         let targets = shares::targets(&claims, available, self.params.tax_percent);
-        let mut yields = std::mem::take(&mut self.yields);
-        self.yields = snap
-            .vms
-            .iter()
-            .map(|v| {
-                let mut y = yields.remove(&v.name).unwrap_or_else(|| ShareYield::new(v));
-                y.update(v);
-                (v.name.clone(), y)
-            })
-            .collect();
         let actions: Vec<VmAction> = (snap.vms.iter().zip(targets))
             .map(|(vm, target)| self.act(vm, target, snap.host.state, short))
             .collect();
@@ -355,17 +380,31 @@ mod tests {
         assert_eq!((fooled[0].target_bytes, fooled[1].target_bytes), (412 * MIB, 488 * MIB));
         // 1% of its 128,000 pages per second: 1,280 refaults/s. Just below: still fooled.
         busy.refault_rate = 1279.0;
-        let still = p.decide(&snap(MemState::Hard, vec![idle.clone(), busy.clone()]));
-        assert_eq!(still[1].target_bytes, 488 * MIB);
+        for _ in 0..THRASH_TICKS {
+            let still = p.decide(&snap(MemState::Hard, vec![idle.clone(), busy.clone()]));
+            assert_eq!(still[1].target_bytes, 488 * MIB);
+        }
+        // At the rate, for fewer ticks in a row than THRASH_TICKS (a one-off pass): fooled.
         busy.refault_rate = 1280.0;
+        for _ in 1..THRASH_TICKS {
+            let once = p.decide(&snap(MemState::Hard, vec![idle.clone(), busy.clone()]));
+            assert_eq!(once[1].target_bytes, 488 * MIB);
+        }
         let seen = p.decide(&snap(MemState::Hard, vec![idle.clone(), busy.clone()]));
         assert_eq!((seen[0].target_bytes, seen[1].target_bytes), (400 * MIB, 500 * MIB));
+        // A tick without: the count starts again.
+        busy.refault_rate = 0.0;
+        p.decide(&snap(MemState::Hard, vec![idle.clone(), busy.clone()]));
+        busy.refault_rate = 1280.0;
+        let again = p.decide(&snap(MemState::Hard, vec![idle, busy]));
+        assert_eq!(again[1].target_bytes, 488 * MIB);
         // A small VM needs 64 refaults/s to count.
         let mut tiny = vm("tiny", 4, false);
         tiny.refault_rate = 63.0;
-        assert_eq!(active(&tiny), 0);
+        assert!(!refaulting(&tiny));
         tiny.refault_rate = 64.0;
-        assert_eq!(active(&tiny), 4 * MIB);
+        assert!(refaulting(&tiny));
+        assert_eq!((active(&tiny, THRASH_TICKS - 1), active(&tiny, THRASH_TICKS)), (0, 4 * MIB));
     }
 
     #[test]

@@ -163,11 +163,18 @@ pub struct PolicyParams {
     pub share_rate_idle: u64,
     /// Sharing scan rate under pressure (Clear and below).
     pub share_rate_busy: u64,
+    /// Free memory ESX's targets leave, percent of minFree.
+    pub goal_free_percent: u64,
 }
 
 impl Default for PolicyParams {
     fn default() -> Self {
-        Self { tax_percent: 75, share_rate_idle: 1000, share_rate_busy: 10_000 }
+        Self {
+            tax_percent: 75,
+            share_rate_idle: 1000,
+            share_rate_busy: 10_000,
+            goal_free_percent: esx::GOAL_FREE_PERCENT,
+        }
     }
 }
 
