@@ -32,7 +32,8 @@
 //! default (`goal_free_percent` in the host's description).
 //!
 //! Sharing scans at the busy rate (Clear and below) only while it pays: once the scanner has
-//! hashed a quarter of a VM's memory (at least [`YIELD_WINDOW_PAGES`]) since the last look,
+//! hashed twice what the VM holds resident (two passes: a page is merged only once its hash
+//! held from one pass to the next; at least [`YIELD_WINDOW_PAGES`]) since the last look,
 //! the policy compares what sharing saved meanwhile with what it scanned, and below
 //! [`MIN_YIELD_PERCENT`] the VM goes back to the idle rate until a window at that rate pays
 //! again. A scanner that finds nothing (random memory, or a guest whose duplicates are all
@@ -75,7 +76,9 @@ impl ShareYield {
 
     /// Looks at `vm`'s counters: closes the window once it covers enough pages.
     fn update(&mut self, vm: &VmView) {
-        let window = (vm.configured_bytes / PAGE_SIZE / 4).max(YIELD_WINDOW_PAGES);
+        // Two passes over what is resident: the scanner merges a page only once its hash
+        // held from one pass to the next, so a first pass saves nothing whatever it finds.
+        let window = (vm.resident_bytes / PAGE_SIZE * 2).max(YIELD_WINDOW_PAGES);
         let scanned = vm.share_scanned_pages.saturating_sub(self.scanned);
         if vm.share_scanned_pages < self.scanned {
             *self = Self::new(vm); // the VM restarted its counters
@@ -417,19 +420,20 @@ mod tests {
             p.decide(&snap(MemState::Clear, vec![v.clone()]))[0].share_scan_rate
         };
         assert_eq!(rate(&mut p, &v), busy, "first the scanner looks");
-        // A quarter of 1 GiB is 65,536 pages: not a window yet.
-        v.share_scanned_pages = 60_000;
+        // Two passes over its 500 MiB resident are 256,000 pages: the first pass alone
+        // (which merges nothing: hashes must hold from one pass to the next) is no window.
+        v.share_scanned_pages = 250_000;
         assert_eq!(rate(&mut p, &v), busy);
         // A window that saved 0.5%: not worth the busy rate.
-        v.share_scanned_pages = 70_000;
-        v.sharing_saved_bytes = 350 * PAGE_SIZE;
+        v.share_scanned_pages = 260_000;
+        v.sharing_saved_bytes = 1300 * PAGE_SIZE;
         assert_eq!(rate(&mut p, &v), idle);
         // The next window, at the idle rate, saves 2%: the busy rate again.
-        v.share_scanned_pages = 140_000;
-        v.sharing_saved_bytes = (350 + 1400) * PAGE_SIZE;
+        v.share_scanned_pages = 520_000;
+        v.sharing_saved_bytes = (1300 + 5200) * PAGE_SIZE;
         assert_eq!(rate(&mut p, &v), busy);
         // Pages unshared (copy-on-write) count as nothing saved, not as a wrap-around.
-        v.share_scanned_pages = 210_000;
+        v.share_scanned_pages = 780_000;
         v.sharing_saved_bytes = 0;
         assert_eq!(rate(&mut p, &v), idle);
         // High scans at the idle rate whatever it pays.
