@@ -49,30 +49,14 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-EBB=${EBB:-$PWD/target/release/ebb}
-if [[ ! -x $EBB ]]; then
-    echo "paper-balloon: no ebb binary at $EBB: run 'cargo build --release' (or set EBB=)" >&2
-    exit 1
-fi
-command -v python3 >/dev/null || { echo "paper-balloon: needs python3" >&2; exit 1; }
-[[ -w /dev/kvm ]] || { echo "paper-balloon: needs /dev/kvm (read-write)" >&2; exit 1; }
+# shellcheck source=scripts/lib/paper-guest.sh
+source scripts/lib/paper-guest.sh
 FILL=${1:-20}
 REPS=${2:-3}
 [[ $FILL =~ ^[0-9]+$ && $FILL -ge 1 && $FILL -le 44 ]] || { echo "paper-balloon: FILL_MIB must be 1 to 44" >&2; exit 2; }
 [[ $REPS =~ ^[0-9]+$ && $REPS -ge 1 && $REPS -le 20 ]] || { echo "paper-balloon: REPS must be 1 to 20" >&2; exit 2; }
 
-rc=0
-guest=$(scripts/build-guest.sh --print-only 2>/dev/null) || rc=$?
-if [[ $rc -eq 3 ]]; then
-    echo "paper-balloon: the guest is not built: building it (scripts/build-guest.sh)" >&2
-    guest=$(scripts/build-guest.sh)
-elif [[ $rc -ne 0 ]]; then
-    echo "paper-balloon: scripts/build-guest.sh --print-only failed ($rc)" >&2
-    exit 1
-fi
-vmlinux=$(sed -n 's/^vmlinux=//p' <<<"$guest")
-initramfs=$(sed -n 's/^initramfs=//p' <<<"$guest")
-[[ -r $vmlinux && -r $initramfs ]] || { echo "paper-balloon: no guest files in: $guest" >&2; exit 1; }
+paper_setup paper-balloon
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/paper-balloon.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT

@@ -49,31 +49,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-EBB=${EBB:-$PWD/target/release/ebb}
-if [[ ! -x $EBB ]]; then
-    echo "paper-sharing: no ebb binary at $EBB: run 'cargo build --release' (or set EBB=)" >&2
-    exit 1
-fi
-command -v python3 >/dev/null || { echo "paper-sharing: needs python3" >&2; exit 1; }
-[[ -w /dev/kvm ]] || { echo "paper-sharing: needs /dev/kvm (read-write)" >&2; exit 1; }
+# shellcheck source=scripts/lib/paper-guest.sh
+source scripts/lib/paper-guest.sh
 Ns=("$@")
 [[ ${#Ns[@]} -gt 0 ]] || Ns=(1 2 4 6 8 10)
 for n in "${Ns[@]}"; do
     [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le 64 ]] || { echo "paper-sharing: N must be 1 to 64, not '$n'" >&2; exit 2; }
 done
 
-rc=0
-guest=$(scripts/build-guest.sh --print-only 2>/dev/null) || rc=$?
-if [[ $rc -eq 3 ]]; then
-    echo "paper-sharing: the guest is not built: building it (scripts/build-guest.sh)" >&2
-    guest=$(scripts/build-guest.sh)
-elif [[ $rc -ne 0 ]]; then
-    echo "paper-sharing: scripts/build-guest.sh --print-only failed ($rc)" >&2
-    exit 1
-fi
-vmlinux=$(sed -n 's/^vmlinux=//p' <<<"$guest")
-initramfs=$(sed -n 's/^initramfs=//p' <<<"$guest")
-[[ -r $vmlinux && -r $initramfs ]] || { echo "paper-sharing: no guest files in: $guest" >&2; exit 1; }
+paper_setup paper-sharing
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/paper-sharing.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT

@@ -172,7 +172,6 @@ pub fn run(opts: &LabOptions, out: &mut dyn Write) -> Result<LabOutcome, LabErro
                             );
                         }
                     };
-
                     let tag = if repeat > 1 {
                         file_tag(&format!("{label}-{k}"))
                     } else {
