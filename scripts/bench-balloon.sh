@@ -69,8 +69,8 @@ p = subprocess.Popen(["./target/release/ebb", "run", "--kernel", kernel, "--mem"
 def ebb_ready():
     try: return ebb_req({"balloon_stats": {}})["driver_ready"]
     except OSError: return False
-e = measure("ebb", p, ebb_ready, lambda: ebb_req({"balloon": {"target_mib": target}}),
-            lambda: ebb_req({"balloon_stats": {}})["actual_mib"])
+e = measure("ebb", p, ebb_ready, lambda: ebb_req({"balloon": {"target_bytes": target << 20}}),
+            lambda: ebb_req({"balloon_stats": {}})["actual_bytes"] >> 20)
 
 # QEMU: QMP `balloon` takes the guest's memory size, not the balloon size.
 qmp_path = os.path.join(tmp, "qmp.sock")

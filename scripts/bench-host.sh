@@ -4,7 +4,7 @@
 #  1. tick cost: 8 VMs of 64 MiB rewriting their memory, budget roomy then tight; the
 #     host's CPU per tick (reading 8 VMs' statistics, the policy, the levers);
 #  2. budget drop: 3 VMs of 128 MiB in their rewrite loops under a roomy budget, then
-#     {"budget": {"mib": N}} on the host socket; the time until free memory is back above
+#     {"budget": {"bytes": N}} on the host socket; the time until free memory is back above
 #     minFree;
 #  3. overcommit: 3 VMs of 256 MiB, each writing 195 MiB (content: 20% zero, 20% fill,
 #     30% duplicates, 30% random) then rewriting a hot fifth for LOOP_MS, under budgets
@@ -89,7 +89,7 @@ for new_mib in [256, 192, 160]:
             break
         time.sleep(0.05)
     held = sum(v["consumed_bytes"] for v in r["vms"]) // MIB
-    ask(h.sock, {"budget": {"mib": new_mib}})
+    ask(h.sock, {"budget": {"bytes": new_mib * MIB}})
     t0 = time.time()
     worst = "high"
     order = ["high", "clear", "soft", "hard", "low"]

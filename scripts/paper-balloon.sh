@@ -9,8 +9,8 @@
 # vmlinux), both with a virtio-balloon (stats every second) and a control socket:
 #   configured  --mem 64M, balloon left empty;
 #   ballooned   --mem 128M; once its balloon driver is up the script inflates the balloon
-#               to 64 MiB through the control socket ({"balloon": {"target_mib": 64}}) and
-#               waits until balloon_stats says actual_mib = 64.
+#               to 64 MiB through the control socket ({"balloon": {"target_bytes": 67108864}}) and
+#               waits until balloon_stats says actual_bytes = 64 MiB.
 # Each guest's /init runs `waitfree:W` (wait until MemFree <= W MiB: in the ballooned guest,
 # until the balloon has its pages), `meminfo`, `idle:2`, then the workload, `fill:FILL` REPS
 # times (memfill maps FILL MiB, writes and checks every page, frees them), then sleeps. A
@@ -194,18 +194,18 @@ def inflate(vm, deadline):
             raise RuntimeError(f"{vm.name}: the balloon driver never came up")
         time.sleep(0.5)
     t = time.monotonic()
-    reply = ask(vm.sock, {"balloon": {"target_mib": target}})
+    reply = ask(vm.sock, {"balloon": {"target_bytes": target << 20}})
     if reply != {"ok": True}:
         raise RuntimeError(f"{vm.name}: balloon target refused: {reply}")
     log(f"{vm.name}: balloon driver up after {t - vm.t0:.0f} s; inflating to {target} MiB")
     while True:
         s = ask(vm.sock, {"balloon_stats": {}})
-        if s.get("actual_mib") == target:
+        if s.get("actual_bytes") == target << 20:
             vm.t_inflated = time.monotonic()
             log(f"{vm.name}: balloon at {target} MiB after {vm.t_inflated - t:.1f} s")
             return
         if time.monotonic() > deadline or vm.proc.poll() is not None:
-            raise RuntimeError(f"{vm.name}: the balloon stayed at {s.get('actual_mib')} MiB")
+            raise RuntimeError(f"{vm.name}: the balloon stayed at {(s.get('actual_bytes') or 0) >> 20} MiB")
         time.sleep(0.2)
 
 

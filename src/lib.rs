@@ -13,12 +13,14 @@
 //! | [`mm`] | the overcommit engine: page states, faults, Active memory, reclaim, sharing |
 //! | [`host`] | `ebb host`: many VM processes under one budget, the memory states, policies, `ebb top` |
 //! | [`lab`] | `ebb lab`: scenarios run under several policies, tables and charts |
-//! | [`api`] | the control socket and its client |
+//! | [`api`] | the control socket, its typed protocol and its client |
+//! | [`service`] | HTTP metrics and health, systemd notifications |
 //! | [`metrics`] | the `--stats-json` writer |
 //! | [`accel`] | which accelerator backs `/dev/kvm` |
 //! | [`units`] | page size, sizes and their display |
 //!
-//! How the pieces fit, and the host facts they rest on, are in `docs/design.md`.
+//! How the pieces fit, the one map of the tree, and the host facts they rest on are in
+//! `docs/design.md`.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod accel;
@@ -31,6 +33,7 @@ pub mod jail;
 pub mod lab;
 pub mod metrics;
 pub mod mm;
+pub mod service;
 pub mod units;
 pub mod vmm;
 pub mod vstate;

@@ -7,9 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 
 use ebb::config::{
-    balloon_mib, parse_balloon, parse_cache_size, parse_disk, parse_fault_around,
-    parse_firmware_arg, BootSource, FirmwareSource, MemoryConfig, ReclaimOptions, VmConfig,
-    DEFAULT_KVM_DEV, DEFAULT_MEM, DEFAULT_STATS_INTERVAL,
+    parse_balloon, parse_cache_size, parse_disk, parse_fault_around, parse_firmware_arg,
+    BootSource, FirmwareSource, MemoryConfig, ReclaimOptions, VmConfig, DEFAULT_KVM_DEV,
+    DEFAULT_MEM, DEFAULT_STATS_INTERVAL,
 };
 use ebb::mm::fault::active::{ActiveConfig, DEFAULT_INTERVAL_MS, DEFAULT_SAMPLE_PAGES};
 use ebb::mm::fault::around::FaultAround;
@@ -119,6 +119,10 @@ struct HostArgs {
     /// Directory for the VMs' control sockets [default: a fresh one in $TMPDIR, mode 0700].
     #[arg(long, value_name = "DIR")]
     run_dir: Option<PathBuf>,
+    /// Serve /metrics (Prometheus's text format) and /healthz over HTTP on ADDR:PORT
+    /// (port 0: any free one; the address is printed).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Started as root, the host runs VM number N (from 0, in start order) as uid and gid
     /// BASE + N.
     #[arg(long, value_name = "BASE", default_value_t = ebb::jail::DEFAULT_VM_UID_BASE)]
@@ -144,12 +148,40 @@ struct CtlArgs {
     request: CtlRequest,
 }
 
+/// A size on the command line (`128M`, `2G`, `4096`), in bytes.
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// A lever on the command line: a size, or `off` (None).
+#[derive(Debug, Clone, Copy)]
+struct Lever(Option<u64>);
+
+/// Parses a [`Lever`].
+fn lever_arg(s: &str) -> Result<Lever, String> {
+    if s == "off" {
+        return Ok(Lever(None));
+    }
+    size_arg(s).map(|b| Lever(Some(b)))
+}
+
+/// A scan rate on the command line: pages per second, or `off` (0).
+fn rate_arg(s: &str) -> Result<u64, String> {
+    if s == "off" {
+        return Ok(0);
+    }
+    s.parse().map_err(|_| format!("{s:?} is not a number of pages per second, nor off"))
+}
+
 #[derive(Subcommand)]
 enum CtlRequest {
-    /// Set the balloon size: the memory the guest gives back (e.g. 128M).
+    /// The protocol version the socket speaks, and ebb's.
+    Version,
+    /// Set the balloon size: the memory the guest gives back (e.g. 128M; 4 KiB pages).
     Balloon {
         /// Size, e.g. 128M or 1G.
-        size: String,
+        #[arg(value_parser = size_arg)]
+        size: u64,
     },
     /// The balloon's target, actual size and the guest's memory statistics.
     BalloonStats,
@@ -158,17 +190,20 @@ enum CtlRequest {
     /// Keep at most SIZE of the guest's memory resident (e.g. 64M), or `off`.
     Reclaim {
         /// Size, e.g. 64M, or off.
-        size: String,
+        #[arg(value_parser = lever_arg)]
+        size: Lever,
     },
     /// Scan RATE pages per second for identical pages to share, or `off`.
     Sharing {
         /// Pages per second, or off.
-        rate: String,
+        #[arg(value_parser = rate_arg)]
+        rate: u64,
     },
     /// Make the guest's new memory wait while SIZE or more is resident (e.g. 64M), or `off`.
     Alloc {
         /// Size, e.g. 64M, or off.
-        size: String,
+        #[arg(value_parser = lever_arg)]
+        size: Lever,
     },
     /// A host's VMs: name, pid, running or how it ended, control socket.
     Vms,
@@ -179,13 +214,14 @@ enum CtlRequest {
     /// Set a host's memory budget (e.g. 512M).
     Budget {
         /// Size, e.g. 512M or 2G.
-        size: String,
+        #[arg(value_parser = size_arg)]
+        size: u64,
     },
     /// Send a request to one of a host's VMs, e.g. `vm a '{"stats":{}}'`.
     Vm {
         /// The VM's name.
         name: String,
-        /// The request, as JSON.
+        /// The request, as JSON (one of a VM's requests, not a lever the host owns).
         request: String,
     },
 }
@@ -493,101 +529,47 @@ fn advice(e: &anyhow::Error) -> Option<&'static str> {
     }
 }
 
-/// `{verb: {"target_mib": N}}` for `size`, which `mib` turns into whole MiB.
-fn target_request(
-    verb: &str,
-    size: &str,
-    mib: impl Fn(u64) -> Result<u64, String>,
-) -> Result<serde_json::Value, String> {
-    let bytes = parse_size(size).map_err(|e| e.to_string())?;
-    Ok(serde_json::json!({ verb: { "target_mib": mib(bytes)? } }))
-}
-
 /// Says `e` and gives the status of a refused request.
 fn usage_error(e: &str) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(1)
 }
 
-/// `ebb ctl`: one request, the reply pretty-printed; exit 1 if the VM answered with an error.
+/// `ebb ctl`: one request, the reply pretty-printed; exit 1 if it was refused.
 fn ctl(args: CtlArgs) -> ExitCode {
-    let request = match &args.request {
-        CtlRequest::Balloon { size } => {
-            match target_request("balloon", size, |b| balloon_mib(b).map_err(|e| e.to_string())) {
-                Ok(request) => request,
-                Err(e) => return usage_error(&e),
+    use ebb::api::client::Client;
+    use ebb::api::protocol::{to_reply, Ack, VmRequest};
+    let client = Client::new(&args.api_sock);
+    let ok = |r: Result<(), _>| r.map(|()| to_reply(&Ack::OK));
+    let reply = match args.request {
+        CtlRequest::Version => client.version().map(|r| to_reply(&r)),
+        CtlRequest::Balloon { size } => ok(client.set_balloon(size)),
+        CtlRequest::BalloonStats => client.balloon_stats().map(|r| to_reply(&r)),
+        CtlRequest::Stats => client.stats().map(|r| to_reply(&r)),
+        CtlRequest::Reclaim { size } => ok(client.set_reclaim(size.0)),
+        CtlRequest::Sharing { rate } => ok(client.set_sharing(rate)),
+        CtlRequest::Alloc { size } => ok(client.set_alloc(size.0)),
+        CtlRequest::Vms => client.vms().map(|r| to_reply(&r)),
+        CtlRequest::HostStats => client.host_stats().map(|r| to_reply(&r)),
+        CtlRequest::Metrics => match client.metrics() {
+            Ok(text) => {
+                print!("{text}");
+                return ExitCode::SUCCESS;
             }
-        }
-        CtlRequest::BalloonStats => serde_json::json!({ "balloon_stats": {} }),
-        CtlRequest::Stats => serde_json::json!({ "stats": {} }),
-        CtlRequest::Reclaim { size } if size == "off" => {
-            serde_json::json!({ "reclaim": { "off": true } })
-        }
-        CtlRequest::Reclaim { size } => {
-            let mib = |b| {
-                ebb::units::exact_mib(b).ok_or_else(|| {
-                    format!("reclaim target {size} is not a whole number of MiB (the lever moves in MiB)")
-                })
-            };
-            match target_request("reclaim", size, mib) {
-                Ok(request) => request,
-                Err(e) => return usage_error(&e),
-            }
-        }
-        CtlRequest::Sharing { rate } if rate == "off" => {
-            serde_json::json!({ "sharing": { "off": true } })
-        }
-        CtlRequest::Alloc { size } if size == "off" => {
-            serde_json::json!({ "alloc": { "off": true } })
-        }
-        CtlRequest::Alloc { size } => {
-            let mib = |b| {
-                ebb::units::exact_mib(b)
-                    .ok_or_else(|| format!("{size} is not a whole number of MiB"))
-            };
-            match target_request("alloc", size, mib) {
-                Ok(r) => {
-                    serde_json::json!({ "alloc": { "wait_above_mib": r["alloc"]["target_mib"] } })
-                }
-                Err(e) => return usage_error(&e),
-            }
-        }
-        CtlRequest::Vms => serde_json::json!({ "vms": {} }),
-        CtlRequest::HostStats => serde_json::json!({ "host_stats": {} }),
-        CtlRequest::Metrics => serde_json::json!({ "metrics": {} }),
-        CtlRequest::Budget { size } => {
-            let mib = |b| {
-                ebb::units::exact_mib(b)
-                    .filter(|&m| m > 0)
-                    .ok_or_else(|| format!("budget {size} is not a whole number of MiB above 0"))
-            };
-            match target_request("budget", size, mib) {
-                Ok(r) => serde_json::json!({ "budget": { "mib": r["budget"]["target_mib"] } }),
-                Err(e) => return usage_error(&e),
-            }
-        }
-        CtlRequest::Vm { name, request } => {
-            match serde_json::from_str::<serde_json::Value>(request) {
-                Ok(r) => serde_json::json!({ "vm": { "name": name, "request": r } }),
-                Err(e) => return usage_error(&format!("the request is not JSON: {e}")),
-            }
-        }
-        CtlRequest::Sharing { rate } => match rate.parse::<u64>() {
-            Ok(n) => serde_json::json!({ "sharing": { "scan_rate": n } }),
-            Err(_) => {
-                return usage_error(&format!(
-                    "sharing rate {rate} is not a number of pages per second, nor off"
-                ))
-            }
+            Err(e) => Err(e),
         },
-    };
-    let metrics = matches!(args.request, CtlRequest::Metrics);
-    match ebb::api::client::request(&args.api_sock, &request) {
-        Ok(reply) => {
-            match reply.get("text").and_then(serde_json::Value::as_str) {
-                Some(text) if metrics => print!("{text}"),
-                _ => println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default()),
+        CtlRequest::Budget { size } => ok(client.set_budget(size)),
+        CtlRequest::Vm { name, request } => {
+            match ebb::api::protocol::parse_line::<VmRequest>(&request) {
+                Ok(r) => client.vm(&name, r),
+                Err(e) => return usage_error(&format!("the request: {e}")),
             }
+        }
+    };
+    match reply {
+        Ok(reply) => {
+            println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+            // A passed-through request's refusal is the VM's reply.
             if let Some(e) = reply.get("error") {
                 eprintln!("error: {}", e.as_str().unwrap_or_default());
                 return ExitCode::from(1);
@@ -631,6 +613,7 @@ fn host(args: HostArgs) -> ExitCode {
             api_sock: args.api_sock,
             stats_json: args.stats_json,
             run_dir: args.run_dir,
+            metrics_addr: args.metrics_addr,
         };
         Ok(ebb::host::run(&opts)?)
     };
@@ -714,5 +697,16 @@ fn lab(args: LabArgs) -> ExitCode {
             }
         }
         Err(e) => report_error(&e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -58,29 +58,29 @@ fn requests_get_replies_and_bad_ones_get_reasons() {
     };
     let stats = ask(&sock, r#"{"stats": {}}"#);
     assert!(stats["consumed_bytes"].as_u64().unwrap() >= 256 * 4096, "{stats}");
-    let no_balloon = ask(&sock, r#"{"balloon": {"target_mib": 8}}"#);
+    let no_balloon = ask(&sock, r#"{"balloon": {"target_bytes": 8388608}}"#);
     assert!(no_balloon["error"].as_str().unwrap().contains("no balloon"), "{no_balloon}");
     assert!(ask(&sock, "not json")["error"].as_str().unwrap().contains("invalid JSON"));
     assert!(ask(&sock, r#"{"reboot": {}}"#)["error"].as_str().unwrap().contains("unknown request"));
     assert!(ask(&sock, r#"{"stats": {}, "balloon": {}}"#)["error"].is_string());
-    assert!(ask(&sock, r#"{"balloon": {"target_mib": "lots"}}"#)["error"].is_string());
+    assert!(ask(&sock, r#"{"balloon": {"target_bytes": "lots"}}"#)["error"].is_string());
     // The sharing lever: a rate, off, or a reason (unavailable on kernels that cannot share).
     let rate = ask(&sock, r#"{"sharing": {"scan_rate": 5000}}"#);
     if rate["ok"] == true {
         assert_eq!(ask(&sock, r#"{"stats": {}}"#)["share_scan_rate"], 5000);
-        assert_eq!(ask(&sock, r#"{"sharing": {"off": true}}"#)["ok"], true);
+        assert_eq!(ask(&sock, r#"{"sharing": {"scan_rate": 0}}"#)["ok"], true);
         assert_eq!(ask(&sock, r#"{"stats": {}}"#)["share_scan_rate"], 0);
         let bad = ask(&sock, r#"{"sharing": {"scan_rate": 99999999}}"#);
         assert!(bad["error"].as_str().unwrap().contains("pages per second"), "{bad}");
         let bad = ask(&sock, r#"{"sharing": {"rate": 5}}"#);
-        assert!(bad["error"].as_str().unwrap().contains("sharing needs"), "{bad}");
+        assert!(bad["error"].as_str().unwrap().contains("scan_rate"), "the field it wants: {bad}");
         let ctl =
             |arg: &str| run_ebb(&["ctl", "--api-sock", sock.to_str().unwrap(), "sharing", arg]);
         assert_eq!(ctl("2000").status.code(), Some(0));
         assert_eq!(ask(&sock, r#"{"stats": {}}"#)["share_scan_rate"], 2000);
         assert_eq!(ctl("off").status.code(), Some(0));
         let out = ctl("lots");
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(2), "a usage error, refused before it is sent");
         assert!(text(&out).1.contains("not a number of pages per second"), "{:?}", text(&out));
     } else {
         assert!(rate["error"].as_str().unwrap().contains("unavailable"), "{rate}");

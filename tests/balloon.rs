@@ -14,7 +14,9 @@ use common::*;
 use serde_json::{json, Value};
 
 fn ctl(sock: &Path, req: Value) -> Value {
-    ebb::api::client::request(sock, &req).unwrap_or_else(|e| panic!("{req}: {e}"))
+    ebb::api::client::Client::new(sock)
+        .raw(&req.to_string())
+        .unwrap_or_else(|e| panic!("{req}: {e}"))
 }
 
 /// Polls `f` every 500 ms until it returns Some, or panics after `timeout` with `what`.
@@ -75,10 +77,10 @@ fn linux_driver_inflates_deflates_and_sends_stats() {
     assert!(stats["stats"]["free_memory"].is_u64(), "{stats}");
     let before = ctl(&sock, json!({"stats": {}}));
     // Inflate to 32 MiB.
-    assert_eq!(ctl(&sock, json!({"balloon": {"target_mib": 32}})), json!({"ok": true}));
+    assert_eq!(ctl(&sock, json!({"balloon": {"target_bytes": 32 << 20}})), json!({"ok": true}));
     let t0 = Instant::now();
     wait("actual to reach 32 MiB", Duration::from_secs(180), || {
-        (u(&ctl(&sock, json!({"balloon_stats": {}})), "actual_mib") == 32).then_some(())
+        (u(&ctl(&sock, json!({"balloon_stats": {}})), "actual_bytes") == 32 << 20).then_some(())
     });
     let inflated = ctl(&sock, json!({"stats": {}}));
     eprintln!(
@@ -93,13 +95,13 @@ fn linux_driver_inflates_deflates_and_sends_stats() {
     let dropped = u(&before, "rss_bytes").saturating_sub(u(&inflated, "rss_bytes"));
     assert!(dropped >= 28 << 20, "host RSS dropped by about the balloon: {dropped} bytes");
     // Deflate back.
-    assert_eq!(ctl(&sock, json!({"balloon": {"target_mib": 0}})), json!({"ok": true}));
+    assert_eq!(ctl(&sock, json!({"balloon": {"target_bytes": 0}})), json!({"ok": true}));
     wait("actual to return to 0", Duration::from_secs(180), || {
-        (u(&ctl(&sock, json!({"balloon_stats": {}})), "actual_mib") == 0).then_some(())
+        (u(&ctl(&sock, json!({"balloon_stats": {}})), "actual_bytes") == 0).then_some(())
     });
     assert_eq!(u(&ctl(&sock, json!({"stats": {}})), "ballooned_bytes"), 0);
     // A target beyond guest RAM is refused with a reason; the guest made no mistakes.
-    let err = ctl(&sock, json!({"balloon": {"target_mib": 1024}}));
+    let err = ctl(&sock, json!({"balloon": {"target_bytes": 1u64 << 30}}));
     assert!(err["error"].as_str().unwrap().contains("more than the guest's 128 MiB"), "{err}");
     let stats = ctl(&sock, json!({"balloon_stats": {}}));
     for kind in ["guest_errors", "transport_errors"] {

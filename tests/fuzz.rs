@@ -276,15 +276,15 @@ fn control_requests_always_get_one_reply_object() {
         start: Instant::now(),
     };
     const CORPUS: [&str; 10] = [
-        r#"{"balloon": {"target_mib": 8}}"#,
-        r#"{"alloc": {"wait_above_mib": 64}}"#,
-        r#"{"alloc": {"off": true}}"#,
+        r#"{"balloon": {"target_bytes": 8388608}}"#,
+        r#"{"alloc": {"wait_above_bytes": 67108864}, "v": 2}"#,
+        r#"{"alloc": {"wait_above_bytes": null}}"#,
         r#"{"sharing": {"scan_rate": 1000}}"#,
-        r#"{"sharing": {"off": true}}"#,
+        r#"{"reclaim": {"target_bytes": null}}"#,
         r#"{"balloon_stats": {}}"#,
         r#"{"stats": {}}"#,
-        r#"{"balloon": {"target_mib": 18446744073709551615}}"#,
-        r#"{"balloon": {"target_mib": -1.5e308}}"#,
+        r#"{"balloon": {"target_bytes": 18446744073709551615}}"#,
+        r#"{"balloon": {"target_bytes": -1.5e308}}"#,
         "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
     ];
     drive("control requests", 4 << 10, |u| {

@@ -369,7 +369,8 @@ fn the_host_socket_lists_reports_passes_through_and_takes_a_budget_drop() {
     // Per-VM pass-through.
     let stats = host.ask("{\"vm\":{\"name\":\"a\",\"request\":{\"stats\":{}}}}");
     assert!(stats["consumed_bytes"].is_u64(), "{stats}");
-    let lever = host.ask("{\"vm\":{\"name\":\"a\",\"request\":{\"reclaim\":{\"target_mib\":8}}}}");
+    let lever =
+        host.ask("{\"vm\":{\"name\":\"a\",\"request\":{\"reclaim\":{\"target_bytes\":8388608}}}}");
     assert!(lever["error"].as_str().unwrap().contains("the host's lever"), "{lever}");
     let nope = host.ask("{\"vm\":{\"name\":\"zz\",\"request\":{\"stats\":{}}}}");
     assert_eq!(nope["error"], "no VM named \"zz\"");
@@ -383,13 +384,18 @@ fn the_host_socket_lists_reports_passes_through_and_takes_a_budget_drop() {
     assert!(text(&out).0.starts_with("# HELP ebb_host_budget_bytes"), "{:?}", text(&out));
     let out = run_ebb(&["ctl", "--api-sock", sock, "host-stats"]);
     assert!(text(&out).0.contains("\"min_free_bytes\""), "{:?}", text(&out));
+    // Sizes travel in bytes: 1000k is a budget, refused by the host for what it is.
     let out = run_ebb(&["ctl", "--api-sock", sock, "budget", "1000k"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).1.contains("not a whole number of MiB"), "{:?}", text(&out));
+    assert!(text(&out).1.contains("below the VMs' reservations"), "{:?}", text(&out));
+    let out = run_ebb(&["ctl", "--api-sock", sock, "budget", "lots"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {:?}", text(&out));
     let out = run_ebb(&["ctl", "--api-sock", sock, "vm", "b", "{nope"]);
-    assert!(text(&out).1.contains("the request is not JSON"), "{:?}", text(&out));
+    assert!(text(&out).1.contains("invalid JSON"), "{:?}", text(&out));
+    let out = run_ebb(&["ctl", "--api-sock", sock, "vm", "b", "{\"reclaim\":{\"target_mib\":8}}"]);
+    assert!(text(&out).1.contains("unknown field `target_mib`"), "{:?}", text(&out));
     // A budget below the reservations is refused.
-    let low = host.ask("{\"budget\":{\"mib\":8}}");
+    let low = host.ask(&format!("{{\"budget\":{{\"bytes\":{}}}}}", 8 * MIB));
     assert!(
         low["error"].as_str().unwrap().contains("below the VMs' reservations (16 MiB)"),
         "{low}"
@@ -411,7 +417,7 @@ fn the_host_socket_lists_reports_passes_through_and_takes_a_budget_drop() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Drop the budget under what they hold: the host must get back above minFree.
-    assert_eq!(host.ask("{\"budget\":{\"mib\":160}}")["ok"], true);
+    assert_eq!(host.ask(&format!("{{\"budget\":{{\"bytes\":{}}}}}", 160 * MIB))["ok"], true);
     let dropped = Instant::now();
     let mut went_down = false;
     let recovered = loop {
@@ -521,7 +527,7 @@ fn run_gated(name: &str, pages: u64, gate_mib: u64, extra: &[&str]) -> Value {
         assert!(start.elapsed() < Duration::from_secs(20), "no socket");
         std::thread::sleep(Duration::from_millis(1));
     }
-    let req = format!("{{\"alloc\":{{\"wait_above_mib\":{gate_mib}}}}}");
+    let req = format!("{{\"alloc\":{{\"wait_above_bytes\":{}}}}}", gate_mib << 20);
     assert_eq!(ask(&sock, &req)["ok"], true);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "touch found a bad page, or ebb failed");
@@ -708,7 +714,7 @@ fn under_pressure_the_esx_policy_balloons_a_linux_guest_whose_driver_is_up() {
     let asked = Instant::now();
     loop {
         let b = host.ask("{\"vm\":{\"name\":\"linux\",\"request\":{\"balloon_stats\":{}}}}");
-        if b["actual_mib"].as_u64() > Some(0) {
+        if b["actual_bytes"].as_u64() > Some(0) {
             break;
         }
         assert!(asked.elapsed() < Duration::from_secs(120), "the driver never said: {b}");

@@ -59,8 +59,10 @@ enum Fake {
     Trickle,
     /// Reads, never answers.
     Silent,
-    /// u64::MAX, negative and huge figures.
+    /// u64::MAX figures, and times at the ends of f64.
     Absurd,
+    /// Statistics of the wrong types: negative and fractional counts, a field missing.
+    Malformed,
     /// A 100 MB reply line to `stats`.
     Huge,
     /// Reports nothing held (its process holds 64 MiB).
@@ -70,19 +72,36 @@ enum Fake {
 /// The requests a fake VM received, each with when.
 type Log = Arc<Mutex<Vec<(Instant, Value)>>>;
 
+/// A whole `stats` reply with `figures` set.
+fn stats_with(figures: &Value) -> String {
+    let mut stats = serde_json::to_value(ebb::mm::stats::MemStats::default()).unwrap();
+    for (k, v) in figures.as_object().unwrap() {
+        stats[k] = v.clone();
+    }
+    stats.to_string()
+}
+
 fn stats_reply(kind: Fake) -> String {
     match kind {
-        Fake::Absurd => json!({
+        Fake::Absurd => stats_with(&json!({
             "consumed_bytes": u64::MAX, "metadata_bytes": u64::MAX, "resident_bytes": u64::MAX,
-            "active_bytes": u64::MAX, "shared_bytes": -5, "ballooned_bytes": 1e300,
+            "active_bytes": u64::MAX, "shared_bytes": u64::MAX, "ballooned_bytes": u64::MAX,
             "zcache_pages": u64::MAX, "swapped_bytes": u64::MAX, "faults": u64::MAX,
             "refaults": u64::MAX, "alloc_waits": u64::MAX, "handler_cpu_ms": 1e308,
             "reclaim_cpu_ms": 1e308, "sharing_cpu_ms": -1e308, "sharing_saved_bytes": u64::MAX,
             "zero_pages_shared": u64::MAX, "guest_progress": u64::MAX,
-        })
-        .to_string(),
-        Fake::Under => json!({ "consumed_bytes": 0, "resident_bytes": 0 }).to_string(),
-        _ => json!({ "consumed_bytes": 10 * MIB, "resident_bytes": 10 * MIB }).to_string(),
+        })),
+        Fake::Malformed => {
+            let mut v: Value = serde_json::from_str(&stats_with(&json!({
+                "consumed_bytes": 10 * MIB, "shared_bytes": -5, "ballooned_bytes": 1e300,
+                "active_bytes": 1.5,
+            })))
+            .unwrap();
+            v.as_object_mut().unwrap().remove("resident_bytes");
+            v.to_string()
+        }
+        Fake::Under => stats_with(&json!({ "consumed_bytes": 0, "resident_bytes": 0 })),
+        _ => stats_with(&json!({ "consumed_bytes": 10 * MIB, "resident_bytes": 10 * MIB })),
     }
 }
 
@@ -279,11 +298,12 @@ fn a_trickling_a_silent_and_a_late_vm_leave_the_others_their_levers_within_the_t
 #[test]
 fn absurd_figures_and_a_huge_reply_are_clamped_and_refused_and_nothing_panics() {
     let _serial = serial();
-    let s = setup(&[("good", ""), ("absurd", ""), ("huge", "")]);
+    let s = setup(&[("good", ""), ("absurd", ""), ("huge", ""), ("malformed", "")]);
     let sock = |n: &str| s.dir.path().join(format!("{n}.sock"));
     let good = fake_vm(&sock("good"), Fake::Good);
     let _absurd = fake_vm(&sock("absurd"), Fake::Absurd);
     let _huge = fake_vm(&sock("huge"), Fake::Huge);
+    let _malformed = fake_vm(&sock("malformed"), Fake::Malformed);
     let rx = run_host(&s, 2);
     let t0 = next_tick_start(&rx);
     assert_levers_arrive(&[("good", &good)], t0);
@@ -299,8 +319,12 @@ fn absurd_figures_and_a_huge_reply_are_clamped_and_refused_and_nothing_panics() 
     }
     assert!(a["memory_cpu_ms"].as_f64().unwrap().is_finite(), "{r}");
     assert_eq!(h["stale"], true, "a 100 MB reply was taken: {r}");
+    // Negative or fractional counts and a missing field are not statistics: not read as 0.
+    let m = vm(&r, "malformed");
+    assert_eq!(m["stale"], true, "malformed statistics were taken: {r}");
+    assert!(u(m, "consumed_bytes") < 10 * MIB, "its report was read: {r}");
     assert!(u(h, "consumed_bytes") < 64 * MIB, "{r}");
-    let used: u64 = [g, a, h].iter().map(|v| u(v, "consumed_bytes")).sum();
+    let used: u64 = [g, a, h, m].iter().map(|v| u(v, "consumed_bytes")).sum();
     let free = r["free_bytes"].as_i64().unwrap();
     assert!(free <= i64::try_from(u(&r, "budget_bytes") - used).unwrap(), "miscounted: {r}");
 }
@@ -341,6 +365,7 @@ fn vms_inherit_no_eventfd_of_the_host() {
         api_sock: Some(s.dir.path().join("host.sock")),
         stats_json: None,
         run_dir: Some(s.dir.path().to_owned()),
+        metrics_addr: None,
     };
     let outcome = ebb::host::run(&opts).unwrap();
     assert_eq!(outcome.exit_status(), 0, "{outcome:?}");

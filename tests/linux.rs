@@ -154,17 +154,19 @@ fn linux_brings_up_two_and_four_cpus_and_the_balloon_still_works() {
         v.get(key).and_then(Value::as_u64).unwrap_or_else(|| panic!("no {key} in {v}"))
     };
     let ctl = |req: Value| {
-        ebb::api::client::request(&sock, &req).unwrap_or_else(|e| panic!("{req}: {e}"))
+        ebb::api::client::Client::new(&sock)
+            .raw(&req.to_string())
+            .unwrap_or_else(|e| panic!("{req}: {e}"))
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while ctl(serde_json::json!({"balloon_stats": {}}))["driver_ready"] != Value::Bool(true) {
         assert!(std::time::Instant::now() < deadline, "the balloon driver never came up");
         std::thread::sleep(Duration::from_millis(500));
     }
-    let target = serde_json::json!({"balloon": {"target_mib": 32}});
+    let target = serde_json::json!({"balloon": {"target_bytes": 32 << 20}});
     assert_eq!(ctl(target), serde_json::json!({"ok": true}));
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    while num(&ctl(serde_json::json!({"balloon_stats": {}})), "actual_mib") != 32 {
+    while num(&ctl(serde_json::json!({"balloon_stats": {}})), "actual_bytes") != 32 << 20 {
         assert!(std::time::Instant::now() < deadline, "the balloon never reached 32 MiB");
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -491,10 +491,13 @@ fn the_reclaim_lever_works_on_the_socket_and_through_ebb_ctl() {
     let before = wait_stats(&mut vm, &stats, "resident", |v| num(v, "resident_bytes") > 24 << 20);
     assert!(before["reclaim_target_bytes"].is_null(), "off by default: {before}");
 
-    let refused = ask(&sock, r#"{"reclaim": {"target_mib": 65}}"#);
+    let refused = ask(&sock, r#"{"reclaim": {"target_bytes": 68157440}}"#);
     let reason = refused["error"].as_str().unwrap_or_default().to_owned();
     assert!(reason.contains("64"), "a target above RAM is refused with the RAM size: {refused}");
-    assert_eq!(ask(&sock, r#"{"reclaim": {"target_mib": 8}}"#), serde_json::json!({"ok": true}));
+    assert_eq!(
+        ask(&sock, r#"{"reclaim": {"target_bytes": 8388608}}"#),
+        serde_json::json!({"ok": true})
+    );
     wait_stats(&mut vm, &stats, "down to 8 MiB", |v| num(v, "resident_bytes") <= 8 << 20);
 
     let ctl = |arg: &str| {
@@ -507,9 +510,13 @@ fn the_reclaim_lever_works_on_the_socket_and_through_ebb_ctl() {
     assert_eq!(num(&s, "reclaim_target_bytes"), 4 << 20);
     ctl("off");
     wait_stats(&mut vm, &stats, "off", |v| v["reclaim_target_bytes"].is_null());
-    assert_eq!(ask(&sock, r#"{"reclaim": {"target_mib": 0}}"#), serde_json::json!({"ok": true}));
+    assert_eq!(ask(&sock, r#"{"reclaim": {"target_bytes": 0}}"#), serde_json::json!({"ok": true}));
     let out = run_ebb(&["ctl", "--api-sock", sock.to_str().unwrap(), "reclaim", "lots"]);
-    assert_eq!(out.status.code(), Some(1), "a bad size is refused before it is sent");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad size is a usage error, refused before it is sent"
+    );
     vm.kill();
 }
 

@@ -1,28 +1,17 @@
-//! The control socket: one JSON request per line in, one JSON reply per line out.
-//!
-//! | request | reply |
-//! |---|---|
-//! | `{"balloon": {"target_mib": N}}` | `{"ok": true}` |
-//! | `{"balloon_stats": {}}` | `{"target_mib": T, "actual_mib": A, "stats": {"free_memory": ...}, "stats_age_ms": M}` |
-//! | `{"stats": {}}` | the `--stats-json` object |
-//! | `{"reclaim": {"target_mib": N}}` | `{"ok": true}`: keep at most N MiB resident (0: off) |
-//! | `{"reclaim": {"off": true}}` | `{"ok": true}`: stop reclaiming |
-//! | `{"sharing": {"scan_rate": N}}` | `{"ok": true}`: hash N pages per second looking for identical pages (0: off) |
-//! | `{"sharing": {"off": true}}` | `{"ok": true}`: stop scanning (shared pages stay shared) |
-//! | `{"alloc": {"wait_above_mib": N}}` | `{"ok": true}`: new guest memory waits while N MiB or more are resident (`mm::gate`) |
-//! | `{"alloc": {"off": true}}` | `{"ok": true}`: new memory never waits |
-//!
-//! Errors come back as `{"error": "..."}`. The device never sees JSON: this module turns
-//! requests into calls on it.
+//! The control socket: one JSON request per line in, one JSON reply per line out. The
+//! requests and replies are the types of [`protocol`] (every one is listed in
+//! `docs/api.md`); this module turns a VM's requests into calls on its devices and engine,
+//! which never see JSON.
 
 pub mod client;
+pub mod protocol;
 pub mod server;
 mod sys;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::config::MAX_SHARE_SCAN_RATE;
 use crate::devices::virtio::balloon::{Balloon, STAT_NAMES};
@@ -31,6 +20,11 @@ use crate::metrics::StatsSource;
 use crate::mm::gate::AllocGate;
 use crate::mm::reclaim::ReclaimControl;
 use crate::mm::sharing::SharingControl;
+use crate::units::human_bytes;
+use protocol::{
+    error_value, parse_line, to_reply, Ack, AllocArgs, BalloonArgs, BalloonGuestErrors,
+    BalloonStatsReply, ReclaimArgs, SharingArgs, TransportErrors, VersionReply, VmRequest,
+};
 
 /// Answers one request line of a control socket.
 pub trait Handler: std::fmt::Debug {
@@ -68,196 +62,135 @@ pub const MAX_REQUEST_BYTES: usize = 4096;
 
 /// The error reply `{"error": msg}`.
 pub(crate) fn error(msg: impl std::fmt::Display) -> Value {
-    json!({ "error": msg.to_string() })
+    error_value(msg)
 }
 
-/// The verb and arguments of request `line` (an object with one key), or the error reply
-/// that names `verbs`, the requests the socket knows.
-///
-/// # Errors
-/// The reply to send: the line is not JSON, or not an object with one key.
-pub fn parse_request(line: &str, verbs: &str) -> Result<(String, Value), Value> {
-    let request: Value =
-        serde_json::from_str(line).map_err(|e| error(format!("invalid JSON: {e}")))?;
-    match request {
-        Value::Object(o) if o.len() == 1 => {
-            o.into_iter().next().ok_or_else(|| error("empty request"))
-        }
-        _ => Err(error(format!("a request is an object with one key: {verbs}"))),
-    }
-}
-
-/// The requests a VM's socket knows.
-const VERBS: &str = "alloc, balloon, balloon_stats, reclaim, sharing or stats";
+/// The reply for a request the VM could not carry out.
+type Refused = String;
 
 impl ApiContext {
     /// Handles one request line; always returns one reply object.
     pub fn handle(&self, line: &str) -> Value {
-        let (verb, args) = match parse_request(line, VERBS) {
+        let request = match parse_line::<VmRequest>(line) {
             Ok(r) => r,
-            Err(reply) => return reply,
+            Err(e) => return error(e),
         };
-        let args = &args;
-        match verb.as_str() {
-            "balloon" => self.balloon_target(args),
-            "balloon_stats" => self.balloon_stats(),
-            "reclaim" => self.reclaim_target(args),
-            "sharing" => self.sharing_rate(args),
-            "alloc" => self.alloc_gate(args),
-            "stats" => {
+        let reply = match request {
+            VmRequest::Version(_) => Ok(to_reply(&VersionReply::current())),
+            VmRequest::Stats(_) => {
                 let t_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-                serde_json::to_value(self.stats.snapshot(t_ms)).unwrap_or_else(error)
+                Ok(to_reply(&self.stats.snapshot(t_ms)))
             }
-            other => error(format!("unknown request {other:?}: use {VERBS}")),
-        }
+            VmRequest::BalloonStats(_) => self.balloon_stats().map(|r| to_reply(&r)),
+            VmRequest::Balloon(args) => self.balloon_target(args).map(|()| to_reply(&Ack::OK)),
+            VmRequest::Reclaim(args) => self.reclaim_target(args).map(|()| to_reply(&Ack::OK)),
+            VmRequest::Sharing(args) => self.sharing_rate(args).map(|()| to_reply(&Ack::OK)),
+            VmRequest::Alloc(args) => self.alloc_gate(args).map(|()| to_reply(&Ack::OK)),
+        };
+        reply.unwrap_or_else(error)
     }
 
-    fn balloon(&self) -> Result<std::sync::MutexGuard<'_, Balloon>, Value> {
-        let b = self
-            .balloon
-            .as_ref()
-            .ok_or_else(|| error("this VM has no balloon: start it with --balloon"))?;
+    fn balloon(&self) -> Result<std::sync::MutexGuard<'_, Balloon>, Refused> {
+        let b = self.balloon.as_ref().ok_or("this VM has no balloon: start it with --balloon")?;
         Ok(b.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    fn balloon_target(&self, args: &Value) -> Value {
-        let Some(target) = args.get("target_mib").and_then(Value::as_u64) else {
-            return error("balloon needs {\"target_mib\": N} with N a whole number of MiB");
-        };
-        let mut balloon = match self.balloon() {
-            Ok(b) => b,
-            Err(e) => return e,
-        };
-        match balloon.set_target_mib(target) {
-            Ok(()) => json!({ "ok": true }),
-            Err(e) => error(e),
-        }
+    fn balloon_target(&self, args: BalloonArgs) -> Result<(), Refused> {
+        self.balloon()?.set_target_bytes(args.target_bytes).map_err(|e| e.to_string())
     }
 
-    fn reclaim_target(&self, args: &Value) -> Value {
+    fn reclaim_target(&self, args: ReclaimArgs) -> Result<(), Refused> {
         let Some((control, mem_bytes)) = &self.reclaim else {
-            return error(
-                "reclaim is unavailable in this VM (--no-uffd, or a kernel without UFFDIO_MOVE)",
+            return Err(
+                "reclaim is unavailable in this VM (--no-uffd, or a kernel without UFFDIO_MOVE)"
+                    .into(),
             );
         };
-        if args.get("off").and_then(Value::as_bool) == Some(true) {
-            control.set_target(None);
-            return json!({ "ok": true });
-        }
-        let Some(mib) = args.get("target_mib").and_then(Value::as_u64) else {
-            return error(
-                "reclaim needs {\"target_mib\": N} (a whole number of MiB) or {\"off\": true}",
-            );
-        };
-        match mib.checked_mul(1 << 20).filter(|b| b <= mem_bytes) {
-            Some(0) => {
-                control.set_target(None); // 0: off, as on the command line
-                json!({ "ok": true })
-            }
+        match args.target_bytes {
+            // 0: off, as on the command line.
+            None | Some(0) => control.set_target(None),
+            Some(bytes) if bytes <= *mem_bytes => control.set_target(Some(bytes)),
             Some(bytes) => {
-                control.set_target(Some(bytes));
-                json!({ "ok": true })
+                return Err(format!(
+                    "reclaim target of {} is more than the guest's {}",
+                    human_bytes(bytes),
+                    human_bytes(*mem_bytes)
+                ))
             }
-            None => error(format!(
-                "reclaim target of {mib} MiB is more than the guest's {} MiB",
-                mem_bytes >> 20
-            )),
         }
+        Ok(())
     }
 
-    fn alloc_gate(&self, args: &Value) -> Value {
+    fn alloc_gate(&self, args: AllocArgs) -> Result<(), Refused> {
         let Some(gate) = &self.gate else {
-            return error(
-                "the allocation gate needs guest RAM served through userfaultfd (not --no-uffd)",
+            return Err(
+                "the allocation gate needs guest RAM served through userfaultfd (not --no-uffd)"
+                    .into(),
             );
         };
-        if args.get("off").and_then(Value::as_bool) == Some(true) {
-            gate.set(None);
-            return json!({ "ok": true });
-        }
-        match args
-            .get("wait_above_mib")
-            .and_then(Value::as_u64)
-            .and_then(|m| m.checked_mul(1 << 20))
-        {
-            Some(bytes) => {
-                gate.set(Some(bytes));
-                json!({ "ok": true })
-            }
-            None => error(
-                "alloc needs {\"wait_above_mib\": N} (a whole number of MiB) or {\"off\": true}",
-            ),
-        }
+        gate.set(args.wait_above_bytes);
+        Ok(())
     }
 
-    fn sharing_rate(&self, args: &Value) -> Value {
+    fn sharing_rate(&self, args: SharingArgs) -> Result<(), Refused> {
         let Some(control) = &self.sharing else {
-            return error(
-                "page sharing is unavailable in this VM (--no-uffd, or a kernel without UFFDIO_MOVE and memfd write protection)",
+            return Err(
+                "page sharing is unavailable in this VM (--no-uffd, or a kernel without UFFDIO_MOVE and memfd write protection)"
+                    .into(),
             );
         };
-        if args.get("off").and_then(Value::as_bool) == Some(true) {
-            control.set_scan_rate(0);
-            return json!({ "ok": true });
+        if args.scan_rate > MAX_SHARE_SCAN_RATE {
+            return Err(format!(
+                "sharing scan rate {} is more than {MAX_SHARE_SCAN_RATE} pages per second",
+                args.scan_rate
+            ));
         }
-        match args.get("scan_rate").and_then(Value::as_u64) {
-            Some(rate) if rate <= MAX_SHARE_SCAN_RATE => {
-                control.set_scan_rate(rate);
-                json!({ "ok": true })
-            }
-            Some(rate) => error(format!(
-                "sharing scan rate {rate} is more than {MAX_SHARE_SCAN_RATE} pages per second"
-            )),
-            None => error(
-                "sharing needs {\"scan_rate\": N} (pages per second, 0: off) or {\"off\": true}",
-            ),
-        }
+        control.set_scan_rate(args.scan_rate);
+        Ok(())
     }
 
-    fn balloon_stats(&self) -> Value {
-        let balloon = match self.balloon() {
-            Ok(b) => b,
-            Err(e) => return e,
-        };
+    fn balloon_stats(&self) -> Result<BalloonStatsReply, Refused> {
+        let balloon = self.balloon()?;
         let gs = balloon.guest_stats();
-        let mut stats = serde_json::Map::new();
-        for &(tag, value) in &gs.values {
-            let name = STAT_NAMES
-                .iter()
-                .find(|(t, _)| *t == tag)
-                .map_or_else(|| format!("tag_{tag}"), |(_, n)| (*n).to_owned());
-            stats.insert(name, json!(value));
-        }
+        let stats = (gs.values.iter())
+            .map(|&(tag, value)| {
+                let name = STAT_NAMES
+                    .iter()
+                    .find(|(t, _)| *t == tag)
+                    .map_or_else(|| format!("tag_{tag}"), |(_, n)| (*n).to_owned());
+                (name, value)
+            })
+            .collect();
         let age = gs.updated.map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
         let m = balloon.metrics();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        json!({
-            "target_mib": balloon.target_mib(),
-            "actual_mib": balloon.actual_mib(),
-            "driver_ready": balloon.is_running(),
-            "stats": stats,
-            "stats_age_ms": age,
-            "inflated_pages": load(&m.inflated_pages),
-            "deflated_pages": load(&m.deflated_pages),
-            "reported_pages": load(&m.reported_pages),
-            "early_notifies": load(&m.early_notifies),
-            "activations": load(&m.activations),
-            "reports_kept": load(&m.reports_kept),
-            "madvise_errors": load(&m.madvise_errors),
-            "guest_errors": {
-                "bad_pfns": m.bad_pfns.get(),
-                "bad_descriptors": m.bad_descriptors.get(),
-                "bad_stats": m.bad_stats.get(),
-                "bad_notifies": m.bad_notifies.get(),
-                "bad_config_writes": m.bad_config_writes.get(),
+        Ok(BalloonStatsReply {
+            target_bytes: balloon.target_bytes(),
+            actual_bytes: balloon.actual_bytes(),
+            driver_ready: balloon.is_running(),
+            stats,
+            stats_age_ms: age,
+            inflated_pages: load(&m.inflated_pages),
+            deflated_pages: load(&m.deflated_pages),
+            reported_pages: load(&m.reported_pages),
+            early_notifies: load(&m.early_notifies),
+            activations: load(&m.activations),
+            reports_kept: load(&m.reports_kept),
+            madvise_errors: load(&m.madvise_errors),
+            guest_errors: BalloonGuestErrors {
+                bad_pfns: m.bad_pfns.get(),
+                bad_descriptors: m.bad_descriptors.get(),
+                bad_stats: m.bad_stats.get(),
+                bad_notifies: m.bad_notifies.get(),
+                bad_config_writes: m.bad_config_writes.get(),
             },
-            "transport_errors": self.transport.as_deref().map(|t| json!({
-                "bad_accesses": t.bad_accesses.get(),
-                "bad_state_writes": t.bad_state_writes.get(),
-                "bad_queue_config": t.bad_queue_config.get(),
-                "bad_notifies": t.bad_notifies.get(),
-                "activate_failures": t.activate_failures.get(),
-            })),
+            transport_errors: self.transport.as_deref().map(|t| TransportErrors {
+                bad_accesses: t.bad_accesses.get(),
+                bad_state_writes: t.bad_state_writes.get(),
+                bad_queue_config: t.bad_queue_config.get(),
+                bad_notifies: t.bad_notifies.get(),
+                activate_failures: t.activate_failures.get(),
+            }),
         })
     }
 }

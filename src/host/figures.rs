@@ -23,10 +23,9 @@
 
 use std::path::Path;
 
-use serde_json::Value;
-
 use super::config::VmSpec;
 use super::policy::VmView;
+use crate::mm::stats::MemStats;
 use crate::units::{MIB, PAGE_SIZE};
 
 /// What a VM may consume beyond its memory, fixed part: the process itself (code, heap,
@@ -47,16 +46,12 @@ pub fn most_consumed_bytes(memory_bytes: u64) -> u64 {
         .saturating_add(OVERHEAD_FIXED_BYTES)
 }
 
-/// `key` of `stats` as a count: 0 unless a whole number from 0 to `u64::MAX`.
-fn count(stats: &Value, key: &str) -> u64 {
-    stats.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-/// `key` of `stats` as milliseconds: 0 unless finite and not negative.
-fn millis(stats: &Value, key: &str) -> f64 {
-    match stats.get(key).and_then(Value::as_f64) {
-        Some(ms) if ms.is_finite() && ms >= 0.0 => ms,
-        _ => 0.0,
+/// Milliseconds as a VM reported them: 0 unless finite and not negative.
+fn millis(ms: f64) -> f64 {
+    if ms.is_finite() && ms >= 0.0 {
+        ms
+    } else {
+        0.0
     }
 }
 
@@ -80,37 +75,37 @@ pub struct Figures {
 }
 
 /// The figures of `stats`, a `stats` reply of VM `spec`, with `balloon_ready` as found.
-pub fn read(spec: &VmSpec, stats: &Value, balloon_ready: bool) -> Figures {
+pub fn read(spec: &VmSpec, stats: &MemStats, balloon_ready: bool) -> Figures {
     let mem = spec.memory_bytes;
-    let bytes = |key: &str| count(stats, key).min(mem);
-    let pages = |key: &str| count(stats, key).saturating_mul(PAGE_SIZE).min(mem);
-    let consumed = count(stats, "consumed_bytes").saturating_add(count(stats, "metadata_bytes"));
-    let saved =
-        count(stats, "sharing_saved_bytes").saturating_add(pages("zero_pages_shared")).min(mem);
-    let cpu_ms = ["handler_cpu_ms", "reclaim_cpu_ms", "sharing_cpu_ms"]
-        .iter()
-        .map(|k| millis(stats, k))
+    let bytes = |n: u64| n.min(mem);
+    let pages = |n: u64| n.saturating_mul(PAGE_SIZE).min(mem);
+    let (r, sh) = (&stats.reclaim, &stats.sharing);
+    let consumed = stats.consumed_bytes.saturating_add(stats.metadata_bytes);
+    let saved = sh.sharing_saved_bytes.saturating_add(pages(sh.zero_pages_shared)).min(mem);
+    let cpu_ms = [stats.handler_cpu_ms, r.reclaim_cpu_ms, sh.sharing_cpu_ms]
+        .into_iter()
+        .map(millis)
         .sum::<f64>();
     Figures {
         view: VmView {
             consumed_bytes: consumed.min(most_consumed_bytes(mem)),
-            resident_bytes: bytes("resident_bytes"),
-            active_bytes: bytes("active_bytes"),
-            shared_bytes: bytes("shared_bytes"),
+            resident_bytes: bytes(r.resident_bytes),
+            active_bytes: bytes(stats.active_bytes),
+            shared_bytes: bytes(sh.shared_bytes),
             sharing_saved_bytes: saved,
-            share_scanned_pages: count(stats, "share_scanned"),
-            ballooned_bytes: bytes("ballooned_bytes"),
-            compressed_bytes: pages("zcache_pages"),
-            swapped_bytes: bytes("swapped_bytes"),
+            share_scanned_pages: sh.share_scanned,
+            ballooned_bytes: bytes(stats.ballooned_bytes),
+            compressed_bytes: pages(r.zcache_pages),
+            swapped_bytes: bytes(r.swapped_bytes),
             balloon_ready,
             ..base_view(spec)
         },
-        faults: count(stats, "faults"),
-        refaults: count(stats, "refaults"),
-        alloc_waits: count(stats, "alloc_waits"),
+        faults: stats.faults,
+        refaults: r.refaults,
+        alloc_waits: stats.alloc_waits,
         // Three finite sums can still be infinite.
         cpu_ms: if cpu_ms.is_finite() { cpu_ms } else { f64::MAX },
-        progress: stats.get("guest_progress").and_then(Value::as_u64),
+        progress: stats.guest_progress,
         saved,
     }
 }
@@ -210,11 +205,17 @@ mod tests {
     fn figures_at_u64_max_saturate_and_are_clamped_to_what_the_vm_could_hold() {
         let s = spec(64 * MIB);
         let max = u64::MAX;
-        let stats = json!({
-            "consumed_bytes": max, "metadata_bytes": max, "resident_bytes": max,
-            "zcache_pages": max, "sharing_saved_bytes": max, "zero_pages_shared": max,
-            "swapped_bytes": max, "faults": max,
-        });
+        let mut stats = MemStats {
+            consumed_bytes: max,
+            metadata_bytes: max,
+            faults: max,
+            ..MemStats::default()
+        };
+        stats.reclaim.resident_bytes = max;
+        stats.reclaim.zcache_pages = max;
+        stats.reclaim.swapped_bytes = max;
+        stats.sharing.sharing_saved_bytes = max;
+        stats.sharing.zero_pages_shared = max;
         let f = read(&s, &stats, false);
         assert_eq!(f.view.consumed_bytes, 64 * MIB + 8 * MIB + OVERHEAD_FIXED_BYTES);
         assert_eq!(f.view.resident_bytes, 64 * MIB);
@@ -225,22 +226,30 @@ mod tests {
     }
 
     #[test]
-    fn negative_fractional_and_missing_figures_read_as_zero() {
-        let s = spec(64 * MIB);
-        let stats = json!({ "consumed_bytes": -5, "resident_bytes": 1e300, "active_bytes": 1.5 });
-        let f = read(&s, &stats, true);
-        assert_eq!((f.view.consumed_bytes, f.view.resident_bytes, f.view.active_bytes), (0, 0, 0));
-        assert_eq!(f.view.name, "a");
-        assert!(f.view.balloon_ready);
+    fn negative_fractional_and_missing_figures_are_not_statistics() {
+        use serde::Deserialize;
+        let full = serde_json::to_value(MemStats::default()).unwrap();
+        assert!(MemStats::deserialize(&full).is_ok());
+        for (key, bad) in [("consumed_bytes", json!(-5)), ("active_bytes", json!(1.5))] {
+            let mut v = full.clone();
+            v[key] = bad;
+            assert!(MemStats::deserialize(&v).is_err(), "{key}");
+        }
+        let mut v = full;
+        v.as_object_mut().unwrap().remove("resident_bytes");
+        assert!(MemStats::deserialize(&v).is_err(), "a missing field is refused, not 0");
     }
 
     #[test]
     fn cpu_times_that_are_not_finite_or_negative_do_not_poison_the_sum() {
         let s = spec(64 * MIB);
-        let f = read(&s, &json!({ "handler_cpu_ms": -3.0, "reclaim_cpu_ms": 2.5 }), false);
+        let mut stats = MemStats { handler_cpu_ms: -3.0, ..MemStats::default() };
+        stats.reclaim.reclaim_cpu_ms = 2.5;
+        let f = read(&s, &stats, false);
         assert!((f.cpu_ms - 2.5).abs() < 1e-9);
-        let f = read(&s, &json!({ "handler_cpu_ms": 1e308, "reclaim_cpu_ms": 1e308 }), false);
-        assert!(f.cpu_ms.is_finite());
+        stats.handler_cpu_ms = 1e308;
+        stats.reclaim.reclaim_cpu_ms = 1e308;
+        assert!(read(&s, &stats, false).cpu_ms.is_finite());
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! | `supervisor.rs` | the tick: read the VMs, pick the state, ask the policy, move levers |
 //! | `report.rs` | the report per tick, and its Prometheus form |
 //! | `rundir.rs` | private directories (mkdtemp, mode 0700) for the run and the lab |
+//! | `protocol.rs` | the host socket's requests and replies, and the client's methods for them |
 //! | `api.rs` | the host's control socket |
+//! | `service.rs` | what `--metrics-addr` serves, and the status told to systemd |
 //! | `top.rs` | `ebb top`, the live terminal view |
 //!
 //! Mechanisms stay in the VM processes and decisions here: the host never touches guest
@@ -26,8 +28,10 @@ pub mod figures;
 pub mod policy;
 pub mod poll;
 pub mod pressure;
+pub mod protocol;
 pub mod report;
 pub mod rundir;
+pub mod service;
 pub mod supervisor;
 pub mod top;
 
@@ -41,6 +45,8 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::server::ApiServer;
+use crate::service::http::MetricsServer;
+use crate::service::notify::Notifier;
 use crate::vmm::signals::StopSignals;
 use config::HostConfig;
 use supervisor::Supervisor;
@@ -97,6 +103,8 @@ pub struct HostOptions {
     /// Where the VMs' control sockets go (default: a private directory in the temp dir,
     /// created by `mkdtemp` and removed at exit).
     pub run_dir: Option<PathBuf>,
+    /// Serve `/metrics` and `/healthz` over HTTP here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// How a host ended.
@@ -206,12 +214,38 @@ pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
         }
         None => None,
     };
+    let tick = opts.config.tick;
+    let _http = match opts.metrics_addr {
+        Some(addr) => {
+            let source = Arc::new(service::HostSource::new(sup.shared(), tick));
+            let server = MetricsServer::start(addr, source).map_err(|source| HostError::Setup {
+                what: format!("--metrics-addr {addr}"),
+                source,
+            })?;
+            eprintln!("ebb host: metrics on http://{}/metrics", server.addr());
+            Some(server)
+        }
+        None => None,
+    };
+    let notifier = Notifier::from_env();
+    if let Some(n) = &notifier {
+        if n.watchdog().is_some_and(|w| w < tick * 2) {
+            log::warn!(
+                "systemd's watchdog ({:?}) is under two ticks ({tick:?}): it may kill a healthy host; set WatchdogSec above two ticks",
+                n.watchdog().unwrap_or_default()
+            );
+        }
+        n.ready(&format!("{} VMs started", opts.config.vms.len()));
+    }
     let stop_fd = signals.fd();
     let stopped = sup.run(
         &wake,
         || signals.take(),
         stop_fd,
         |report| {
+            if let Some(n) = &notifier {
+                n.status(&service::status_line(report));
+            }
             if let Some(out) = &mut stats {
                 let line = serde_json::to_string(report).unwrap_or_default();
                 if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
@@ -223,6 +257,9 @@ pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
     let outcome = match stopped {
         Some(sig) => {
             log::info!("signal {sig}: stopping every VM");
+            if let Some(n) = &notifier {
+                n.stopping(&format!("signal {sig}: stopping every VM"));
+            }
             sup.stop_all(STOP_GRACE);
             HostOutcome::Stopped(sig)
         }

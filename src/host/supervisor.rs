@@ -11,7 +11,7 @@
 //! never waited for inside one.
 //!
 //! Invariants: the supervisor alone moves a VM's levers (what it last sent is in
-//! [`Slot::sent`], so a lever is sent only when the policy changes it); the budget changes
+//! `Slot::sent`, so a lever is sent only when the policy changes it); the budget changes
 //! only through [`Shared::set_budget`], which refuses a budget below the reservations; a
 //! VM's figures enter the host's sums only through [`figures`] (saturated, clamped, and
 //! never below what the VM is measured to hold).
@@ -21,7 +21,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde::Deserialize;
+use serde_json::Value;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::child::{describe, ChildError, VmProcess, REPLY_TIMEOUT};
@@ -31,9 +32,14 @@ use super::policy::{keep_reservation, HostView, Policy, Snapshot, VmAction, VmVi
 use super::poll::exchange_all;
 use super::pressure::{min_free_bytes, MemState, DEFAULT_THRESHOLDS};
 use super::report::{HostReport, VmReport};
+use crate::api::protocol::{
+    to_reply, AllocArgs, BalloonArgs, BalloonStatsReply, NoArgs, ReclaimArgs, SharingArgs,
+    VmRequest,
+};
 use crate::mm::sharing::broker::{Broker, DEFAULT_GROUP_SLOTS};
+use crate::mm::stats::MemStats;
 use crate::mm::thread::ThreadClock;
-use crate::units::MIB;
+use crate::units::{human_bytes, PAGE_SIZE};
 
 /// Largest budget: 1 PiB.
 pub const MAX_BUDGET_BYTES: u64 = 1 << 50;
@@ -56,6 +62,8 @@ pub struct Shared {
     pub report: HostReport,
     /// Each VM's name, control socket and process id, in start order.
     pub vms: Vec<(String, std::path::PathBuf, u32)>,
+    /// When the last report was published (None before the first tick).
+    pub updated: Option<Instant>,
 }
 
 impl Shared {
@@ -66,16 +74,16 @@ impl Shared {
     pub fn set_budget(&mut self, bytes: u64) -> Result<(), String> {
         if bytes > MAX_BUDGET_BYTES {
             return Err(format!(
-                "a budget of {} MiB is more than the {} MiB ebb manages",
-                bytes >> 20,
-                MAX_BUDGET_BYTES >> 20
+                "a budget of {} is more than the {} ebb manages",
+                human_bytes(bytes),
+                human_bytes(MAX_BUDGET_BYTES)
             ));
         }
         if bytes == 0 || bytes < self.reserved_bytes {
             return Err(format!(
-                "a budget of {} MiB is below the VMs' reservations ({} MiB)",
-                bytes >> 20,
-                self.reserved_bytes >> 20
+                "a budget of {} is below the VMs' reservations ({})",
+                human_bytes(bytes),
+                human_bytes(self.reserved_bytes)
             ));
         }
         self.budget_bytes = bytes;
@@ -111,7 +119,7 @@ struct Slot {
     /// What the policy last asked (reported).
     sent: Option<VmAction>,
     /// Each lever's last request the VM accepted: a lever is sent when its request differs.
-    levers: HashMap<&'static str, Value>,
+    levers: HashMap<&'static str, VmRequest>,
     /// The last lever error, logged once.
     last_error: Option<String>,
     /// Its end was logged.
@@ -165,6 +173,7 @@ impl Supervisor {
             reserved_bytes: config.vms.iter().map(|v| v.reservation_bytes).sum(),
             report: HostReport::default(),
             vms: Vec::new(),
+            updated: None,
         };
         let clock = ThreadClock::default();
         clock.start_here();
@@ -355,7 +364,11 @@ impl Supervisor {
         self.ticks += 1;
         let tick_cpu_us = self.clock.ns().saturating_sub(cpu_before) / 1000;
         let report = self.report(&snap.host, tick_cpu_us);
-        self.lock().report = report.clone();
+        {
+            let mut shared = self.lock();
+            shared.report = report.clone();
+            shared.updated = Some(Instant::now());
+        }
         report
     }
 
@@ -407,9 +420,9 @@ impl Supervisor {
             .collect();
         let jobs: Vec<(&std::path::Path, Vec<Value>)> = (ask.iter().map(|&i| &self.slots[i]))
             .map(|s| {
-                let mut reqs = vec![json!({ "stats": {} })];
+                let mut reqs = vec![to_reply(&VmRequest::Stats(NoArgs {}))];
                 if s.spec.balloon.is_some() {
-                    reqs.push(json!({ "balloon_stats": {} }));
+                    reqs.push(to_reply(&VmRequest::BalloonStats(NoArgs {})));
                 }
                 (s.proc.sock.as_path(), reqs)
             })
@@ -446,7 +459,7 @@ impl Supervisor {
         let mut sent = Vec::with_capacity(actions.len());
         for (i, action) in actions {
             let s = &mut self.slots[i];
-            let changed: Vec<(&'static str, Value)> =
+            let changed: Vec<(&'static str, VmRequest)> =
                 lever_requests(&action, s.spec.balloon.is_some(), s.spec.reservation_bytes)
                     .into_iter()
                     .filter(|(lever, req)| s.levers.get(lever) != Some(req))
@@ -458,7 +471,10 @@ impl Supervisor {
         }
         let jobs: Vec<(&std::path::Path, Vec<Value>)> = (sent.iter())
             .map(|(i, reqs)| {
-                (self.slots[*i].proc.sock.as_path(), reqs.iter().map(|(_, r)| r.clone()).collect())
+                (
+                    self.slots[*i].proc.sock.as_path(),
+                    reqs.iter().map(|(_, r)| to_reply(r)).collect(),
+                )
             })
             .collect();
         let results = exchange_all(&jobs, Instant::now() + self.exchange_time());
@@ -517,10 +533,19 @@ impl Slot {
         if let Some(e) = stats.get("error") {
             return Err(format!("stats refused: {e}"));
         }
-        let balloon_ready =
-            replies.get(1).and_then(|b| b.get("driver_ready")).and_then(Value::as_bool)
-                == Some(true);
-        let f = figures::read(&self.spec, stats, balloon_ready);
+        // A reply that is not the statistics (a field missing, of the wrong type, negative)
+        // is a VM answering wrongly: it is marked stale, as a late one is.
+        let stats = MemStats::deserialize(stats).map_err(|e| format!("stats reply: {e}"))?;
+        let balloon_ready = match replies.get(1) {
+            None => false,
+            Some(b) if b.get("error").is_some() => false,
+            Some(b) => {
+                BalloonStatsReply::deserialize(b)
+                    .map_err(|e| format!("balloon_stats reply: {e}"))?
+                    .driver_ready
+            }
+        };
+        let f = figures::read(&self.spec, &stats, balloon_ready);
         let now = Instant::now();
         let (fault_rate, refault_rate) = match self.last_counts {
             Some((f0, r0, t0)) => {
@@ -543,12 +568,12 @@ impl Slot {
     }
 
     /// Records each lever the VM accepted; logs a refusal once.
-    fn take_lever_replies(&mut self, reqs: Vec<(&'static str, Value)>, replies: &[Value]) {
+    fn take_lever_replies(&mut self, reqs: Vec<(&'static str, VmRequest)>, replies: &[Value]) {
         for ((lever, req), reply) in reqs.into_iter().zip(replies) {
             match reply.get("error") {
                 // Not recorded as sent: the next tick tries again.
                 Some(e) => {
-                    let msg = format!("vm {}: {req} refused: {e}", self.spec.entry.name);
+                    let msg = format!("vm {}: {} refused: {e}", self.spec.entry.name, req.verb());
                     if self.last_error.as_deref() != Some(msg.as_str()) {
                         log::warn!("{msg}");
                         self.last_error = Some(msg);
@@ -629,40 +654,30 @@ impl Slot {
     }
 }
 
-/// A lever of `bytes` in the control socket's whole MiB: rounded down (a lever rounded up
-/// leaves up to a MiB a VM more than the policy gave, which the host's free memory pays),
-/// but never below the reservation, which is rounded up (a lever rounded down would reclaim
-/// below a reservation that is not a whole number of MiB).
-fn lever_mib(bytes: u64, reservation: u64) -> u64 {
-    (bytes / MIB).max(reservation.div_ceil(MIB)).max(1)
+/// A lever of `bytes`, never below the reservation (nor below a page: 0 would mean off).
+fn lever_bytes(bytes: u64, reservation: u64) -> u64 {
+    bytes.max(reservation).max(PAGE_SIZE)
 }
 
 /// The control-socket request of each lever of `action` (the balloon's only with a balloon)
-/// for a VM with `reservation` bytes reserved.
+/// for a VM with `reservation` bytes reserved. The balloon moves in 4 KiB pages: its target
+/// is rounded down to one (a page less given back, never a page more taken).
 fn lever_requests(
     action: &VmAction,
     balloon: bool,
     reservation: u64,
-) -> Vec<(&'static str, Value)> {
+) -> Vec<(&'static str, VmRequest)> {
     let mut out = Vec::with_capacity(4);
     if balloon {
-        out.push(("balloon", json!({ "balloon": { "target_mib": action.balloon_bytes >> 20 } })));
+        let target_bytes = action.balloon_bytes - action.balloon_bytes % PAGE_SIZE;
+        out.push(("balloon", VmRequest::Balloon(BalloonArgs { target_bytes })));
     }
-    out.push((
-        "reclaim",
-        match action.reclaim_target_bytes {
-            None => json!({ "reclaim": { "off": true } }),
-            Some(b) => json!({ "reclaim": { "target_mib": lever_mib(b, reservation) } }),
-        },
-    ));
-    out.push(("sharing", json!({ "sharing": { "scan_rate": action.share_scan_rate } })));
-    out.push((
-        "alloc",
-        match action.alloc_wait_above_bytes {
-            None => json!({ "alloc": { "off": true } }),
-            Some(b) => json!({ "alloc": { "wait_above_mib": lever_mib(b, reservation) } }),
-        },
-    ));
+    let target_bytes = action.reclaim_target_bytes.map(|b| lever_bytes(b, reservation));
+    out.push(("reclaim", VmRequest::Reclaim(ReclaimArgs { target_bytes })));
+    let scan_rate = action.share_scan_rate;
+    out.push(("sharing", VmRequest::Sharing(SharingArgs { scan_rate })));
+    let wait_above_bytes = action.alloc_wait_above_bytes.map(|b| lever_bytes(b, reservation));
+    out.push(("alloc", VmRequest::Alloc(AllocArgs { wait_above_bytes })));
     out
 }
 
@@ -678,6 +693,7 @@ pub fn free_bytes(budget: u64, used: u64, available: Option<u64>) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::MIB;
 
     #[test]
     fn free_memory_is_the_budget_left_unless_the_host_has_less() {
@@ -689,10 +705,13 @@ mod tests {
     }
 
     #[test]
-    fn levers_round_down_to_mib_but_never_below_the_reservation() {
-        assert_eq!(lever_mib(30 * MIB + MIB / 2, 0), 30, "what the policy gave, not more");
-        assert_eq!(lever_mib(160 * MIB, 159 * MIB + 1), 160, "the reservation, rounded up");
-        assert_eq!(lever_mib(159 * MIB + 2, 159 * MIB + 1), 160);
-        assert_eq!(lever_mib(0, 0), 1, "0 MiB means off: the least lever is 1");
+    fn levers_travel_in_bytes_never_below_the_reservation() {
+        assert_eq!(lever_bytes(30 * MIB + MIB / 2, 0), 30 * MIB + MIB / 2, "not rounded");
+        assert_eq!(lever_bytes(160 * MIB, 159 * MIB + 1), 160 * MIB);
+        assert_eq!(lever_bytes(100 * MIB, 159 * MIB + 1), 159 * MIB + 1, "the reservation");
+        assert_eq!(lever_bytes(0, 0), PAGE_SIZE, "0 means off: the least lever is a page");
+        let action = VmAction { balloon_bytes: 8 * MIB + 100, ..VmAction::default() };
+        let reqs = lever_requests(&action, true, 0);
+        assert_eq!(reqs[0].1, VmRequest::Balloon(BalloonArgs { target_bytes: 8 * MIB }));
     }
 }

@@ -13,8 +13,8 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::Frame;
 
-use super::child::request_with_timeout;
 use super::report::HostReport;
+use crate::api::client::Client;
 
 /// `bytes` in MiB, as the table shows sizes.
 fn mib(bytes: u64) -> String {
@@ -134,20 +134,12 @@ pub fn run(sock: &Path, interval: Duration) -> std::io::Result<()> {
     let result = (|| {
         let mut report = HostReport::default();
         loop {
-            let error = match request_with_timeout(
-                sock,
-                &serde_json::json!({"host_stats": {}}),
-                interval.max(Duration::from_secs(1)),
-            ) {
-                Ok(v) => match serde_json::from_value::<HostReport>(v.clone()) {
-                    Ok(r) => {
-                        report = r;
-                        None
-                    }
-                    Err(_) => {
-                        Some(v.get("error").map_or_else(|| v.to_string(), ToString::to_string))
-                    }
-                },
+            let client = Client::new(sock).with_timeout(interval.max(Duration::from_secs(1)));
+            let error = match client.host_stats() {
+                Ok(r) => {
+                    report = r;
+                    None
+                }
                 Err(e) => Some(e.to_string()),
             };
             terminal.draw(|f| draw(f, &report, error.as_deref()))?;

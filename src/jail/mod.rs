@@ -19,7 +19,7 @@
 //! Kernel facts that shape the order:
 //! - A non-dumpable process's `/proc/PID/*` files belong to root; `/proc/self/pagemap` is
 //!   mode 0400, so an unprivileged non-dumpable process cannot open its own. It is opened
-//!   once before, and every reader shares that descriptor ([`crate::mm::sys::Pagemap`]).
+//!   once before, and every reader shares that descriptor (`crate::mm::sys::Pagemap`).
 //! - `setresuid` to a non-zero uid drops every capability and sets dumpable to
 //!   `fs.suid_dumpable`; it is set to 0 again after.
 //! - Seccomp filters are inherited by threads created later, so one TSYNC install after the

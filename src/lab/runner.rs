@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::scenario::Scenario;
 use super::spec::PolicySpec;
-use crate::host::child::request_with_timeout;
+use crate::api::client::Client;
 use crate::host::report::HostReport;
 
 /// A run stops (SIGTERM to the host) after three times the scenario's duration plus this.
@@ -139,8 +139,8 @@ pub fn run(
             events.next_if(|e| factor.is_some() && Duration::from_millis(e.at_ms) <= elapsed)
         {
             let bytes = e.budget_bytes as f64 * factor.unwrap_or(1.0);
-            let req = serde_json::json!({ "budget": { "mib": crate::mm::stats::round_u64(bytes) >> 20 } });
-            if let Err(err) = request_with_timeout(&sock, &req, Duration::from_secs(2)) {
+            let client = Client::new(&sock).with_timeout(Duration::from_secs(2));
+            if let Err(err) = client.set_budget(crate::mm::stats::round_u64(bytes)) {
                 log::warn!("{}: budget event at {} ms: {err}", scenario.name, e.at_ms);
             }
         }

@@ -5,13 +5,13 @@
 //! # Releasing a range
 //!
 //! [`MemoryManager::release`] walks the range once:
-//! 1. claims each page with [`PageTable::begin`]: it moves to the destination state with the
+//! 1. claims each page with `PageTable::begin`: it moves to the destination state with the
 //!    in-flight flag set, so the fault handler defers faults on it and no other mover takes it;
 //! 2. drops the backing of each run of claimed pages with one `madvise(MADV_DONTNEED)`;
 //!    a page's compressed copy or swap slot is freed at the same point, and a shared page
 //!    gets fresh memory mapped over it instead (on its private file mapping `madvise`
 //!    would bring the pool page back) and drops its pool reference;
-//! 3. ends the claims ([`PageTable::finish`]), or undoes them if `madvise` failed.
+//! 3. ends the claims (`PageTable::finish`), or undoes them if `madvise` failed.
 //!
 //! Pages the caller may not release (in flight with another mover, or ballooned when the
 //! release is a free page report) split the runs and are counted, not touched. A page the

@@ -23,10 +23,10 @@
 //!
 //! A page whose backing is being changed outside the fault handler (released with
 //! `madvise`, and later evicted or shared) carries [`FLAG_IN_FLIGHT`] from the moment its
-//! mover claims it ([`PageTable::begin`]) until the change is complete ([`PageTable::finish`])
-//! or undone ([`PageTable::abort`]). Its state already names the destination. While the flag
+//! mover claims it (`PageTable::begin`) until the change is complete (`PageTable::finish`)
+//! or undone (`PageTable::abort`). Its state already names the destination. While the flag
 //! is set:
-//! - no other mover may claim the page ([`PageTable::begin`] fails with
+//! - no other mover may claim the page (`PageTable::begin` fails with
 //!   [`PageError::InFlight`]);
 //! - the fault handler does not resolve a fault on it: it defers the fault and retries it
 //!   after reading more events. It never waits for the flag, because the mover may itself be

@@ -247,7 +247,7 @@ mod tests {
 }
 
 /// One line of `--stats-json`: the VM's memory as the engine sees it.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MemStats {
     /// Milliseconds since the VM started.
     pub t_ms: u64,
@@ -316,7 +316,7 @@ pub struct MemStats {
 }
 
 /// The page-sharing part of a statistics line.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ShareStats {
     /// The lever: pages hashed per second (0: off).
     pub share_scan_rate: u64,
@@ -353,7 +353,7 @@ pub struct ShareStats {
 }
 
 /// The reclaim part of a statistics line.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ReclaimStats {
     /// The lever: resident memory ebb keeps at most, bytes; null when reclaim is off.
     pub reclaim_target_bytes: Option<u64>,

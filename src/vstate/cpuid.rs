@@ -79,7 +79,7 @@ pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
     }
 }
 
-/// Physical address bits the guest can use (leaf 0x8000_0008 EAX[7:0]; 36 if absent).
+/// Physical address bits the guest can use (leaf 0x8000_0008 EAX bits 7:0; 36 if absent).
 pub fn phys_bits(entries: &[kvm_cpuid_entry2]) -> u8 {
     entries
         .iter()

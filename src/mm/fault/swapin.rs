@@ -126,7 +126,7 @@ impl SwapReaders {
 
 impl Drop for SwapReaders {
     /// Stops the readers after the reads queued. A reader still waiting on the kernel after
-    /// [`STOP_PATIENCE`] is left to end with the process.
+    /// `STOP_PATIENCE` is left to end with the process.
     fn drop(&mut self) {
         drop(self.queue.take());
         let started = Instant::now();

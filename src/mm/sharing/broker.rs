@@ -2,7 +2,7 @@
 //! pages and keeps their tables, serving the group's VM processes over a packet socket
 //! each (`wire.rs`). Members distrust each other; the broker trusts none of them.
 //!
-//! What a member gets: the pool's memfd, read-only and sealed ([`READ_ONLY_SEALS`]: no
+//! What a member gets: the pool's memfd, read-only and sealed (`READ_ONLY_SEALS`: no
 //! descriptor of it, not even one reopened through `/proc`, can write, punch, shrink or
 //! grow it), which it maps read-only to compare pages and privately over its guest pages;
 //! and its end of the socket. Everything else (the slots' reference counts, the hash

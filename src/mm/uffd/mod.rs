@@ -241,7 +241,7 @@ impl Uffd {
     /// `dst` must be unmapped and held by the caller: nothing else maps it during the call
     /// (eviction's scratch range is its own; a guest page moved back is claimed, so its
     /// faults wait). That makes a failed move checkable, and the kernel's answer is not
-    /// trusted when it says a page did not move (see [`moved_despite_error`]).
+    /// trusted when it says a page did not move (see `moved_despite_error`).
     ///
     /// # Safety
     /// `src` must be memory whose pages may be taken away (guest RAM claimed by the caller,
@@ -485,7 +485,7 @@ fn resolved(
 static MOVES_CORRECTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Failed `UFFDIO_MOVE`s found to have moved pages after all, in this process so far (see
-/// [`moved_despite_error`]): a kernel quirk worked around, counted for tests and debugging.
+/// `moved_despite_error`): a kernel quirk worked around, counted for tests and debugging.
 pub fn moves_corrected() -> u64 {
     MOVES_CORRECTED.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -128,18 +128,33 @@ impl Balloon {
         &self.metrics
     }
 
+    /// Sets the balloon size the guest should reach, in MiB, and tells the driver.
+    ///
+    /// # Errors
+    /// As [`Self::set_target_bytes`].
+    pub fn set_target_mib(&mut self, target_mib: u64) -> Result<(), BalloonError> {
+        let bytes = target_mib.checked_mul(1 << MIB_SHIFT).unwrap_or(!(PAGE_SIZE - 1));
+        self.set_target_bytes(bytes)
+    }
+
     /// Sets the balloon size the guest should reach, and tells the driver.
     ///
     /// # Errors
-    /// [`BalloonError::TargetTooLarge`] for more than guest RAM (nothing changes).
-    pub fn set_target_mib(&mut self, target_mib: u64) -> Result<(), BalloonError> {
-        let mem_mib = self.mem_bytes >> MIB_SHIFT;
-        let pages = target_mib
-            .checked_mul(1 << (MIB_SHIFT - PFN_SHIFT))
-            .and_then(|p| u32::try_from(p).ok());
+    /// [`BalloonError::TargetTooLarge`] for more than guest RAM, [`BalloonError::NotPages`]
+    /// for a size that is not a whole number of 4 KiB pages (nothing changes).
+    pub fn set_target_bytes(&mut self, target_bytes: u64) -> Result<(), BalloonError> {
+        if target_bytes % (1 << PFN_SHIFT) != 0 {
+            return Err(BalloonError::NotPages(target_bytes));
+        }
+        let pages = u32::try_from(target_bytes >> PFN_SHIFT).ok();
         let pages = match pages {
-            Some(p) if target_mib <= mem_mib => p,
-            _ => return Err(BalloonError::TargetTooLarge { target_mib, mem_mib }),
+            Some(p) if target_bytes <= self.mem_bytes => p,
+            _ => {
+                return Err(BalloonError::TargetTooLarge {
+                    target_bytes,
+                    mem_bytes: self.mem_bytes,
+                })
+            }
         };
         self.num_pages = pages;
         if let Some(r) = &self.running {
@@ -150,14 +165,24 @@ impl Balloon {
         Ok(())
     }
 
-    /// The target in MiB (`num_pages`).
+    /// The target in MiB (`num_pages`, rounded down).
     pub fn target_mib(&self) -> u64 {
         u64::from(self.num_pages) >> (MIB_SHIFT - PFN_SHIFT)
     }
 
-    /// The balloon size the driver reports (`actual`), in MiB.
+    /// The balloon size the driver reports (`actual`), in MiB, rounded down.
     pub fn actual_mib(&self) -> u64 {
         u64::from(self.actual) >> (MIB_SHIFT - PFN_SHIFT)
+    }
+
+    /// The target in bytes (`num_pages`).
+    pub fn target_bytes(&self) -> u64 {
+        u64::from(self.num_pages) << PFN_SHIFT
+    }
+
+    /// The balloon size the driver reports (`actual`), in bytes.
+    pub fn actual_bytes(&self) -> u64 {
+        u64::from(self.actual) << PFN_SHIFT
     }
 
     /// The latest guest statistics.

@@ -80,11 +80,20 @@ pub const STAT_ENTRY_BYTES: u32 = 10;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BalloonError {
     /// A target larger than guest RAM.
-    #[error("balloon target of {target_mib} MiB is more than the guest's {mem_mib} MiB")]
+    #[error(
+        "balloon target of {} is more than the guest's {}",
+        crate::units::human_bytes(*target_bytes),
+        crate::units::human_bytes(*mem_bytes)
+    )]
     TargetTooLarge {
         /// Requested size.
-        target_mib: u64,
+        target_bytes: u64,
         /// Guest RAM.
-        mem_mib: u64,
+        mem_bytes: u64,
     },
+    /// A target that is not a whole number of balloon pages.
+    #[error(
+        "balloon target of {0} bytes is not a multiple of 4096 (the balloon moves in 4 KiB pages)"
+    )]
+    NotPages(u64),
 }
