@@ -89,6 +89,17 @@ impl Conn {
         self.output.len() - self.sent
     }
 
+    /// Quiet for [`MIN_QUIET`] with nothing in flight: no reply waiting, no request read and
+    /// not served, and none sent and not read yet (a busy loop may not have read a request
+    /// that arrived long ago: closing that client would lose it, and reset the connection).
+    fn is_quiet(&self) -> bool {
+        self.active.elapsed() >= MIN_QUIET
+            && self.pending() == 0
+            && !self.has_line()
+            && !self.closing
+            && super::sys::unread_bytes(&self.stream) == 0
+    }
+
     /// Writes what the socket takes; false if the client is gone.
     fn flush(&mut self) -> bool {
         while self.sent < self.output.len() {
@@ -278,10 +289,8 @@ impl<H: Handler> ApiServer<H> {
     /// Closes the client that has been quiet longest, if one has been quiet long enough with
     /// nothing in flight, to make room for a new one; false if none has.
     fn evict_quietest(&mut self, ops: &mut EventOps) -> bool {
-        let quiet = |c: &Conn| {
-            c.active.elapsed() >= MIN_QUIET && c.pending() == 0 && !c.has_line() && !c.closing
-        };
-        let candidate = self.conns.iter().filter(|(_, c)| quiet(c)).min_by_key(|(_, c)| c.active);
+        let candidate =
+            self.conns.iter().filter(|(_, c)| c.is_quiet()).min_by_key(|(_, c)| c.active);
         let Some((&key, conn)) = candidate else { return false };
         let _ = (&conn.stream).write_all(TOO_MANY);
         self.dropped += 1;
@@ -385,5 +394,36 @@ impl<H: Handler> Drop for ApiServer<H> {
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(stream: UnixStream, quiet_for: std::time::Duration) -> Conn {
+        Conn {
+            stream,
+            input: Vec::new(),
+            taken: 0,
+            output: Vec::new(),
+            sent: 0,
+            writable_wanted: false,
+            closing: false,
+            active: std::time::Instant::now().checked_sub(quiet_for).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_client_whose_request_waits_unread_is_not_quiet() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let c = conn(ours, MIN_QUIET * 4);
+        assert!(c.is_quiet(), "nothing sent, nothing in flight, long quiet");
+        // The client sends while the server's loop is busy elsewhere: the request sits in
+        // the socket. Evicting the client now would lose it (and reset the connection).
+        theirs.write_all(b"{\"stats\": {}}\n").unwrap();
+        assert!(!c.is_quiet());
+        let young = conn(UnixStream::pair().unwrap().0, std::time::Duration::ZERO);
+        assert!(!young.is_quiet(), "not quiet long enough");
     }
 }

@@ -1,4 +1,19 @@
-//! The one raw system call of the control API: the process umask around `bind`.
+//! The raw system calls of the control API: the process umask around `bind`, and a look at
+//! what a client has sent that the server has not read yet.
+
+use std::os::fd::AsRawFd;
+
+/// Bytes waiting in `stream`'s receive queue, not read yet (`FIONREAD`); 0 if unknown.
+pub fn unread_bytes(stream: &impl AsRawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points at `n`.
+    let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
 
 /// Sets the process umask while it lives and puts the old one back when dropped.
 ///
