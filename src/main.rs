@@ -119,6 +119,10 @@ struct HostArgs {
     /// Directory for the VMs' control sockets [default: a fresh one in $TMPDIR, mode 0700].
     #[arg(long, value_name = "DIR")]
     run_dir: Option<PathBuf>,
+    /// Run until a signal, even with no VM: VMs are created and destroyed through the
+    /// control socket (`ebb ctl create`). Without it the host exits when its last VM ends.
+    #[arg(long)]
+    keep_running: bool,
     /// Serve /metrics (Prometheus's text format) and /healthz over HTTP on ADDR:PORT
     /// (port 0: any free one; the address is printed).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -216,6 +220,36 @@ enum CtlRequest {
         /// Size, e.g. 512M or 2G.
         #[arg(value_parser = size_arg)]
         size: u64,
+    },
+    /// Start a VM on a host: its `[[vm]]` table inline, e.g.
+    /// '{name = "c", memory = "256M", firmware = "touch"}'. Admitted against the budget.
+    Create {
+        /// The VM as an inline TOML table.
+        table: String,
+    },
+    /// Ask a host's VM to stop (SIGTERM, then SIGKILL after 10 s).
+    Stop {
+        /// The VM's name.
+        name: String,
+    },
+    /// Kill a host's VM if it runs, and forget it.
+    Destroy {
+        /// The VM's name.
+        name: String,
+    },
+    /// One of a host's VMs: its process, its description, its last figures.
+    Inspect {
+        /// The VM's name.
+        name: String,
+    },
+    /// A host's events (VMs started and ended, states, levers, budgets), one JSON per line.
+    Events {
+        /// Print the events after this sequence number (0: every one the host kept).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Keep printing new events until interrupted.
+        #[arg(long)]
+        follow: bool,
     },
     /// Send a request to one of a host's VMs, e.g. `vm a '{"stats":{}}'`.
     Vm {
@@ -559,6 +593,16 @@ fn ctl(args: CtlArgs) -> ExitCode {
             Err(e) => Err(e),
         },
         CtlRequest::Budget { size } => ok(client.set_budget(size)),
+        CtlRequest::Create { table } => {
+            match ebb::host::config::parse_vm_table(&table, "the VM's table") {
+                Ok(vm) => ok(client.create(vm)),
+                Err(e) => return usage_error(&e.to_string()),
+            }
+        }
+        CtlRequest::Stop { name } => ok(client.stop(&name)),
+        CtlRequest::Destroy { name } => ok(client.destroy(&name)),
+        CtlRequest::Inspect { name } => client.inspect(&name).map(|r| to_reply(&r)),
+        CtlRequest::Events { after, follow } => return events(&client, after, follow),
         CtlRequest::Vm { name, request } => {
             match ebb::api::protocol::parse_line::<VmRequest>(&request) {
                 Ok(r) => client.vm(&name, r),
@@ -583,6 +627,36 @@ fn ctl(args: CtlArgs) -> ExitCode {
     }
 }
 
+/// `ebb ctl events`: one JSON line per event; with `follow`, on until interrupted.
+fn events(client: &ebb::api::client::Client, mut after: u64, follow: bool) -> ExitCode {
+    loop {
+        match client.events(after) {
+            Ok(reply) => {
+                if reply.lost > 0 {
+                    eprintln!(
+                        "ebb ctl: {} events were dropped before they were asked for",
+                        reply.lost
+                    );
+                }
+                for e in &reply.events {
+                    println!("{}", serde_json::to_string(e).unwrap_or_default());
+                }
+                after = reply.next;
+                if !follow {
+                    return ExitCode::SUCCESS;
+                }
+                if reply.events.is_empty() {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+}
+
 /// Prints `e` and its causes as `ebb run` does, and gives status 1.
 fn report_error(e: &anyhow::Error) -> ExitCode {
     eprintln!("error: {e}");
@@ -599,6 +673,7 @@ fn host(args: HostArgs) -> ExitCode {
         policy: args.policy,
         tick_ms: args.tick_ms,
         vms: args.vms,
+        keep_running: args.keep_running,
     };
     // The VMs' control sockets serve the uid that started the host (and root).
     let _ = ebb::jail::owner_uid();
@@ -614,6 +689,7 @@ fn host(args: HostArgs) -> ExitCode {
             stats_json: args.stats_json,
             run_dir: args.run_dir,
             metrics_addr: args.metrics_addr,
+            keep_running: args.keep_running,
         };
         Ok(ebb::host::run(&opts)?)
     };

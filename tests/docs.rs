@@ -7,7 +7,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use ebb::api::protocol::{BalloonStatsReply, TransportErrors, VersionReply, VmRequest};
-use ebb::host::protocol::{HostRequest, VmEntry, VmsReply};
+use ebb::api::protocol::{NoArgs, VmRequest as Req};
+use ebb::host::config::VmEntry;
+use ebb::host::protocol::{
+    Event, EventKind, EventsReply, HostRequest, InspectReply, VmListing, VmsReply,
+};
 use ebb::host::report::{HostReport, VmReport};
 use ebb::mm::stats::MemStats;
 use serde_json::Value;
@@ -56,13 +60,20 @@ fn the_api_page_names_every_request_and_every_field() {
         ..BalloonStatsReply::default()
     };
     let host = HostReport { vms: vec![VmReport::default()], ..HostReport::default() };
-    let entry = VmEntry { name: "a".into(), pid: 1, running: true, exit: None, sock: "s".into() };
+    let entry = VmListing { name: "a".into(), pid: 1, running: true, exit: None, sock: "s".into() };
     let replies = [
         serde_json::to_value(MemStats::default()).unwrap(),
         serde_json::to_value(balloon).unwrap(),
         serde_json::to_value(host).unwrap(),
-        serde_json::to_value(VmsReply { vms: vec![entry] }).unwrap(),
+        serde_json::to_value(VmsReply { vms: vec![entry.clone()] }).unwrap(),
         serde_json::to_value(VersionReply::current()).unwrap(),
+        serde_json::to_value(InspectReply {
+            vm: entry.clone(),
+            config: VmEntry::default(),
+            report: Some(VmReport::default()),
+        })
+        .unwrap(),
+        serde_json::to_value(EventsReply { events: every_event(), next: 0, lost: 0 }).unwrap(),
     ];
     let mut fields = BTreeSet::new();
     replies.iter().for_each(|r| keys(r, &mut fields));
@@ -73,6 +84,44 @@ fn the_api_page_names_every_request_and_every_field() {
         }
     }
     assert!(missing.is_empty(), "docs/api.md does not name: {missing:?}");
+}
+
+/// One event of each kind.
+fn every_event() -> Vec<Event> {
+    let vm = || "a".to_owned();
+    let kinds = [
+        EventKind::Started { vm: vm(), pid: 1 },
+        EventKind::Ended { vm: vm(), how: "exit status 0".into() },
+        EventKind::Created { vm: vm() },
+        EventKind::Stopping { vm: vm() },
+        EventKind::Destroyed { vm: vm() },
+        EventKind::State { from: "high".into(), to: "clear".into() },
+        EventKind::Budget { bytes: 1 },
+        EventKind::Lever { vm: vm(), request: Req::Stats(NoArgs {}) },
+    ];
+    // Every kind is above: a new one fails to compile here until it is added.
+    for k in &kinds {
+        match k {
+            EventKind::Started { .. }
+            | EventKind::Ended { .. }
+            | EventKind::Created { .. }
+            | EventKind::Stopping { .. }
+            | EventKind::Destroyed { .. }
+            | EventKind::State { .. }
+            | EventKind::Budget { .. }
+            | EventKind::Lever { .. } => {}
+        }
+    }
+    kinds.into_iter().map(|what| Event { seq: 1, t_ms: 0, what }).collect()
+}
+
+#[test]
+fn the_api_page_names_every_event() {
+    let page = std::fs::read_to_string(root().join("docs/api.md")).unwrap();
+    for e in every_event() {
+        let kind = serde_json::to_value(&e).unwrap()["event"].as_str().unwrap().to_owned();
+        assert!(page.contains(&format!("`{kind}`")), "docs/api.md does not name event {kind}");
+    }
 }
 
 /// The relative link targets of a markdown text: `](target)`, anchors and URLs left out.

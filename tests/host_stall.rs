@@ -366,6 +366,7 @@ fn vms_inherit_no_eventfd_of_the_host() {
         stats_json: None,
         run_dir: Some(s.dir.path().to_owned()),
         metrics_addr: None,
+        keep_running: false,
     };
     let outcome = ebb::host::run(&opts).unwrap();
     assert_eq!(outcome.exit_status(), 0, "{outcome:?}");

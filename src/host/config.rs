@@ -29,7 +29,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::policy::{PolicyParams, POLICY_NAMES};
 use crate::units::{human_bytes, parse_size};
@@ -90,7 +90,7 @@ pub enum HostConfigError {
 }
 
 /// One `[[vm]]` table as written.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmEntry {
     /// Name.
@@ -132,7 +132,7 @@ pub struct VmEntry {
 }
 
 /// `balloon = true` or `balloon = "stats=1"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum BalloonEntry {
     /// On with defaults, or off.
@@ -200,6 +200,8 @@ pub struct HostOverrides {
     pub tick_ms: Option<u64>,
     /// `--vm` tables (inline TOML), added after the file's.
     pub vms: Vec<String>,
+    /// `--keep-running`: a description without VMs is fine (they come through the socket).
+    pub keep_running: bool,
 }
 
 fn invalid(key: impl Into<String>, msg: impl Into<String>) -> HostConfigError {
@@ -224,9 +226,7 @@ impl HostConfig {
         let what = path.map_or_else(|| "host config".to_owned(), |p| p.display().to_string());
         let mut file: HostFile = toml::from_str(&text).map_err(|e| toml_error(&what, &e))?;
         for (i, table) in over.vms.iter().enumerate() {
-            let one: OneVm = toml::from_str(&format!("vm = {table}\n"))
-                .map_err(|e| toml_error(&format!("--vm #{}", i + 1), &e))?;
-            file.vm.push(one.vm);
+            file.vm.push(parse_vm_table(table, &format!("--vm #{}", i + 1))?);
         }
         Self::check(file, over)
     }
@@ -279,8 +279,11 @@ impl HostConfig {
                 ));
             }
         }
-        if file.vm.is_empty() {
-            return Err(invalid("vm", "no VMs: add [[vm]] tables or --vm options"));
+        if file.vm.is_empty() && !over.keep_running {
+            return Err(invalid(
+                "vm",
+                "no VMs: add [[vm]] tables or --vm options, or run with --keep-running and create them through the socket",
+            ));
         }
         if file.vm.len() > MAX_VMS {
             return Err(invalid("vm", format!("{} VMs, at most {MAX_VMS}", file.vm.len())));
@@ -306,6 +309,17 @@ struct OneVm {
     vm: VmEntry,
 }
 
+/// One VM as an inline TOML table (`{name = "a", memory = "512M", ...}`), `what` naming it
+/// in errors.
+///
+/// # Errors
+/// Not such a table, or an unknown key.
+pub fn parse_vm_table(table: &str, what: &str) -> Result<VmEntry, HostConfigError> {
+    let one: OneVm =
+        toml::from_str(&format!("vm = {table}\n")).map_err(|e| toml_error(what, &e))?;
+    Ok(one.vm)
+}
+
 fn size(key: &str, s: &str) -> Result<u64, HostConfigError> {
     parse_size(s).map_err(|_| invalid(key, format!("{s:?} is not a size (e.g. 512M, 2G)")))
 }
@@ -316,7 +330,11 @@ fn valid_name(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-fn check_vm(entry: VmEntry) -> Result<VmSpec, HostConfigError> {
+/// Checks one VM's table (as [`HostConfig::load`] does each of the file's).
+///
+/// # Errors
+/// An impossible value, its key named.
+pub fn check_vm(entry: VmEntry) -> Result<VmSpec, HostConfigError> {
     let key = |k: &str| format!("vm {:?}.{k}", entry.name);
     if !valid_name(&entry.name) {
         return Err(invalid(key("name"), "1 to 32 letters, digits, - or _"));

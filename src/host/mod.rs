@@ -105,6 +105,8 @@ pub struct HostOptions {
     pub run_dir: Option<PathBuf>,
     /// Serve `/metrics` and `/healthz` over HTTP here.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Run until a signal, even when every VM has ended.
+    pub keep_running: bool,
 }
 
 /// How a host ended.
@@ -206,6 +208,7 @@ pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
         None => None,
     };
     let mut sup = Supervisor::start(&opts.config, &opts.exe, dir.path(), policy)?;
+    sup.keep_running(opts.keep_running);
     let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(setup("eventfd"))?;
     let api = match &opts.api_sock {
         Some(path) => {

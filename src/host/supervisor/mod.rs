@@ -26,11 +26,12 @@ use serde_json::Value;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::child::{describe, ChildError, VmProcess, REPLY_TIMEOUT};
-use super::config::{HostConfig, VmSpec};
+use super::config::{HostConfig, VmEntry, VmSpec};
 use super::figures::{self, Meter};
 use super::policy::{keep_reservation, HostView, Policy, Snapshot, VmAction, VmView};
 use super::poll::exchange_all;
 use super::pressure::{min_free_bytes, MemState, DEFAULT_THRESHOLDS};
+use super::protocol::EventKind;
 use super::report::{HostReport, VmReport};
 use crate::api::protocol::{
     to_reply, AllocArgs, BalloonArgs, BalloonStatsReply, NoArgs, ReclaimArgs, SharingArgs,
@@ -40,6 +41,8 @@ use crate::mm::sharing::broker::{Broker, DEFAULT_GROUP_SLOTS};
 use crate::mm::stats::MemStats;
 use crate::mm::thread::ThreadClock;
 use crate::units::{human_bytes, PAGE_SIZE};
+
+pub mod lifecycle;
 
 /// Largest budget: 1 PiB.
 pub const MAX_BUDGET_BYTES: u64 = 1 << 50;
@@ -60,10 +63,27 @@ pub struct Shared {
     reserved_bytes: u64,
     /// The last report.
     pub report: HostReport,
-    /// Each VM's name, control socket and process id, in start order.
-    pub vms: Vec<(String, std::path::PathBuf, u32)>,
+    /// Every VM started and not destroyed, in start order.
+    pub vms: Vec<HostedVm>,
     /// When the last report was published (None before the first tick).
     pub updated: Option<Instant>,
+    /// Lifecycle requests waiting for the loop.
+    ops: Vec<lifecycle::Queued>,
+    /// What happened.
+    pub events: lifecycle::EventLog,
+}
+
+/// A VM as the control socket sees it.
+#[derive(Debug, Clone)]
+pub struct HostedVm {
+    /// Its name.
+    pub name: String,
+    /// Its control socket.
+    pub sock: std::path::PathBuf,
+    /// Its process id.
+    pub pid: u32,
+    /// Its description.
+    pub entry: VmEntry,
 }
 
 impl Shared {
@@ -124,6 +144,8 @@ struct Slot {
     last_error: Option<String>,
     /// Its end was logged.
     exit_logged: bool,
+    /// Asked to stop: killed if still running then.
+    stop_by: Option<Instant>,
 }
 
 /// The host: its VMs, policy, state and clock.
@@ -147,6 +169,8 @@ pub struct Supervisor {
     /// The sharing groups' brokers (serving while the host runs).
     groups: HashMap<String, Broker>,
     meter: Meter,
+    /// Run on when every VM has ended (VMs may be created through the socket).
+    keep_running: bool,
 }
 
 /// `MemAvailable` of `/proc/meminfo`, bytes.
@@ -174,6 +198,8 @@ impl Supervisor {
             report: HostReport::default(),
             vms: Vec::new(),
             updated: None,
+            ops: Vec::new(),
+            events: lifecycle::EventLog::default(),
         };
         let clock = ThreadClock::default();
         clock.start_here();
@@ -186,6 +212,7 @@ impl Supervisor {
             dir: dir.to_owned(),
             groups: HashMap::new(),
             meter: Meter::default(),
+            keep_running: false,
             policy,
             shared: Arc::new(Mutex::new(shared)),
             state: MemState::High,
@@ -265,7 +292,18 @@ impl Supervisor {
             let extra = self.policy.vm_args();
             let proc = VmProcess::spawn(&self.exe, &spec, &self.dir, member.as_ref(), &extra)?;
             log::info!("vm {}: started, pid {}", spec.entry.name, proc.pid());
-            self.lock().vms.push((spec.entry.name.clone(), proc.sock.clone(), proc.pid()));
+            {
+                let mut shared = self.lock();
+                shared.vms.push(HostedVm {
+                    name: spec.entry.name.clone(),
+                    sock: proc.sock.clone(),
+                    pid: proc.pid(),
+                    entry: spec.entry.clone(),
+                });
+                shared
+                    .events
+                    .push(EventKind::Started { vm: spec.entry.name.clone(), pid: proc.pid() });
+            }
             self.slots.push(Slot {
                 view: figures::base_view(&spec),
                 spec,
@@ -285,9 +323,15 @@ impl Supervisor {
                 levers: HashMap::new(),
                 last_error: None,
                 exit_logged: false,
+                stop_by: None,
             });
         }
         Ok(())
+    }
+
+    /// Keeps the host running when every VM has ended (VMs come and go through the socket).
+    pub fn keep_running(&mut self, yes: bool) {
+        self.keep_running = yes;
     }
 
     /// What the control socket shares with the loop.
@@ -315,7 +359,7 @@ impl Supervisor {
             let report = self.tick_once();
             on_report(&report);
             let all_ended = self.slots.iter_mut().all(|s| s.proc.poll_exit().is_some());
-            if all_ended && self.pending.is_empty() {
+            if all_ended && self.pending.is_empty() && !self.keep_running {
                 return None;
             }
             let wait_ms = i32::try_from(self.tick.as_millis()).unwrap_or(i32::MAX);
@@ -329,6 +373,7 @@ impl Supervisor {
     /// One tick: returns the report it published.
     pub fn tick_once(&mut self) -> HostReport {
         let cpu_before = self.clock.ns();
+        self.serve_ops();
         if let Err(e) = self.start_due(self.start.elapsed()) {
             log::error!("{e}");
         }
@@ -391,6 +436,8 @@ impl Supervisor {
         self.state_since = now;
         if next != self.state {
             log::info!("memory state {} -> {next}", self.state);
+            let (from, to) = (self.state.name().into(), next.name().into());
+            self.lock().events.push(EventKind::State { from, to });
             self.transitions += 1;
             self.state = next;
         }
@@ -408,6 +455,12 @@ impl Supervisor {
             } else {
                 log::warn!("vm {}: ended ({how})", s.spec.entry.name);
             }
+            let vm = s.spec.entry.name.clone();
+            self.shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .events
+                .push(EventKind::Ended { vm, how });
         }
     }
 
@@ -482,7 +535,14 @@ impl Supervisor {
         for ((i, reqs), result) in sent.into_iter().zip(results) {
             let s = &mut self.slots[i];
             match result {
-                Ok(replies) => s.take_lever_replies(reqs, &replies),
+                Ok(replies) => {
+                    let accepted = s.take_lever_replies(reqs, &replies);
+                    let vm = &s.spec.entry.name;
+                    let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+                    for request in accepted {
+                        shared.events.push(EventKind::Lever { vm: vm.clone(), request });
+                    }
+                }
                 Err(e) => s.missed(ticks, &format!("levers: {e}")),
             }
         }
@@ -567,8 +627,13 @@ impl Slot {
         Ok(())
     }
 
-    /// Records each lever the VM accepted; logs a refusal once.
-    fn take_lever_replies(&mut self, reqs: Vec<(&'static str, VmRequest)>, replies: &[Value]) {
+    /// Records each lever the VM accepted, and returns them; logs a refusal once.
+    fn take_lever_replies(
+        &mut self,
+        reqs: Vec<(&'static str, VmRequest)>,
+        replies: &[Value],
+    ) -> Vec<VmRequest> {
+        let mut accepted = Vec::with_capacity(reqs.len());
         for ((lever, req), reply) in reqs.into_iter().zip(replies) {
             match reply.get("error") {
                 // Not recorded as sent: the next tick tries again.
@@ -580,10 +645,12 @@ impl Slot {
                     }
                 }
                 None => {
+                    accepted.push(req.clone());
                     self.levers.insert(lever, req);
                 }
             }
         }
+        accepted
     }
 
     /// The VM answered in time.
