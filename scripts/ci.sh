@@ -63,7 +63,7 @@ step "cargo test (benchmarks are run by scripts/bench-*.sh, never as tests)"
 cargo test --locked --lib --bins --tests
 
 # Suites whose tests race real threads, devices and processes.
-REPEATED=(host balloon sharing swap uffd reclaim lab hostile api races handler_failure groups host_stall jail disk smp service lifecycle)
+REPEATED=(host balloon sharing swap uffd reclaim lab hostile api races handler_failure groups host_stall jail disk smp service lifecycle restart)
 repeats=${EBB_CI_REPEATS:-3}
 for ((run = 2; run <= repeats; run++)); do
     for suite in "${REPEATED[@]}"; do

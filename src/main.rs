@@ -119,6 +119,14 @@ struct HostArgs {
     /// Directory for the VMs' control sockets [default: a fresh one in $TMPDIR, mode 0700].
     #[arg(long, value_name = "DIR")]
     run_dir: Option<PathBuf>,
+    /// Keep the list of running VMs in DIR (made mode 0700 if missing), with their sockets,
+    /// logs and exit statuses: VMs then outlive the host, and a host started again on DIR
+    /// adopts those still running and goes on steering them.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// With --state-dir, VMs still die with the host (SIGKILL when it dies), as without one.
+    #[arg(long, requires = "state_dir")]
+    vms_die_with_host: bool,
     /// Run until a signal, even with no VM: VMs are created and destroyed through the
     /// control socket (`ebb ctl create`). Without it the host exits when its last VM ends.
     #[arg(long)]
@@ -370,6 +378,11 @@ struct RunArgs {
     /// ebb]. `ebb host` passes its own.
     #[arg(long, value_name = "UID")]
     owner_uid: Option<u32>,
+    /// Write the exit status to this file when the VM ends (opened at start, before the
+    /// VM drops its privileges). `ebb host --state-dir` passes one, so that a host that
+    /// adopted the VM after a restart learns how it ended.
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<PathBuf>,
     /// Run without the seccomp system call filter. For debugging only: a compromised VM
     /// could then make any system call its uid allows.
     #[arg(long)]
@@ -516,17 +529,38 @@ fn main() -> ExitCode {
             let _ = ebb::jail::owner_uid();
         }
     }
+    let status_path = args.status_file.clone();
+    let mut status_file = None;
     let result = build_config(args).and_then(|c| {
         let keep = c.memory.share_group_fds.map_or(Vec::new(), |(d, m)| vec![d, m]);
         ebb::jail::close_inherited_fds(&keep)?;
+        if let Some(path) = &status_path {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .map_err(|e| named("--status-file", e))?;
+            status_file = Some(file);
+        }
         Ok(ebb::run(&c)?)
     });
+    let code = match &result {
+        Ok(outcome) => exit_status(outcome),
+        Err(_) => 1,
+    };
+    if let Some(mut f) = status_file {
+        use std::io::Write;
+        if let Err(e) = writeln!(f, "{code}").and_then(|()| f.sync_all()) {
+            eprintln!("warning: --status-file: {e}");
+        }
+    }
     match result {
         Ok(outcome) => {
             if let ebb::RunOutcome::Crashed(report) = &outcome {
                 eprint!("{report}");
             }
-            ExitCode::from(exit_status(&outcome))
+            ExitCode::from(code)
         }
         Err(e) => {
             eprintln!("error: {e}");
@@ -690,6 +724,8 @@ fn host(args: HostArgs) -> ExitCode {
             run_dir: args.run_dir,
             metrics_addr: args.metrics_addr,
             keep_running: args.keep_running,
+            state_dir: args.state_dir,
+            vms_die_with_host: args.vms_die_with_host,
         };
         Ok(ebb::host::run(&opts)?)
     };

@@ -91,6 +91,7 @@ fn every_event() -> Vec<Event> {
     let vm = || "a".to_owned();
     let kinds = [
         EventKind::Started { vm: vm(), pid: 1 },
+        EventKind::Adopted { vm: vm(), pid: 1 },
         EventKind::Ended { vm: vm(), how: "exit status 0".into() },
         EventKind::Created { vm: vm() },
         EventKind::Stopping { vm: vm() },
@@ -103,6 +104,7 @@ fn every_event() -> Vec<Event> {
     for k in &kinds {
         match k {
             EventKind::Started { .. }
+            | EventKind::Adopted { .. }
             | EventKind::Ended { .. }
             | EventKind::Created { .. }
             | EventKind::Stopping { .. }

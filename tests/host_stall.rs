@@ -191,7 +191,7 @@ fn run_host(s: &Setup, ticks: usize) -> mpsc::Receiver<Event> {
     let (config, exe, dir) = (s.config.clone(), s.exe.clone(), s.dir.path().to_owned());
     std::thread::spawn(move || {
         let policy = ebb::host::policy::by_name("esx", config.params).unwrap();
-        let mut sup = Supervisor::start(&config, &exe, &dir, policy).unwrap();
+        let mut sup = Supervisor::start(&config, &exe, &dir, policy, None, false).unwrap();
         for _ in 0..ticks {
             let _ = tx.send(Event::TickStart(Instant::now()));
             let report = sup.tick_once();
@@ -367,6 +367,8 @@ fn vms_inherit_no_eventfd_of_the_host() {
         run_dir: Some(s.dir.path().to_owned()),
         metrics_addr: None,
         keep_running: false,
+        state_dir: None,
+        vms_die_with_host: false,
     };
     let outcome = ebb::host::run(&opts).unwrap();
     assert_eq!(outcome.exit_status(), 0, "{outcome:?}");

@@ -1,16 +1,23 @@
-//! One VM's process: `ebb run` spawned from a [`VmSpec`], its control socket, its exit.
+//! One VM's process: `ebb run` spawned from a [`VmSpec`], or one a host before this one
+//! started and this one adopted; its control socket, its exit.
 //!
 //! Each child is put in its own process group (a terminal's Ctrl-C reaches the host, which
-//! stops the children in order) and asks the kernel for `SIGKILL` when the host dies
+//! stops the children in order). Unless the host keeps its VMs across restarts (a state
+//! directory), a child asks the kernel for `SIGKILL` when the host dies
 //! (`PR_SET_PDEATHSIG`), so that a host killed with `kill -9` leaves no VM behind. The
 //! death signal fires when the *thread* that forked exits, so children are spawned from the
 //! host's main thread, which lives as long as the host.
+//!
+//! An adopted VM is not this process's child: it cannot be waited for. It is watched through
+//! a pidfd (which, unlike a pid, cannot come to name another process), and it says how it
+//! ended in its status file (`ebb run --status-file`), which the host reads when the pidfd
+//! says it has.
 //!
 //! A VM of a sharing group inherits its membership (`--share-group-fds`): the group's
 //! sealed pool and its end of a socket to the group's broker; every other descriptor of the
 //! host is made close-on-exec before exec (`ebb::jail`).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -65,8 +72,42 @@ pub struct VmProcess {
     pub name: String,
     /// Its control socket.
     pub sock: PathBuf,
-    child: Child,
-    exit: Option<ExitStatus>,
+    proc: Proc,
+    exit: Option<VmExit>,
+    /// Where it writes its exit code, if it was given one.
+    status_file: Option<PathBuf>,
+    /// The uid it runs as, when the host gave it one.
+    pub uid: Option<u32>,
+}
+
+#[derive(Debug)]
+enum Proc {
+    /// Spawned by this host.
+    Child(Child),
+    /// Spawned by an earlier host and adopted: watched through its pidfd.
+    Adopted { pid: u32, pidfd: OwnedFd },
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// As its parent, this host, saw it.
+    Status(ExitStatus),
+    /// An adopted VM: the exit code it wrote in its status file.
+    Code(i32),
+    /// An adopted VM that ended without writing its code (killed, or it crashed).
+    Unknown,
+}
+
+impl VmExit {
+    /// It exited 0.
+    pub fn success(self) -> bool {
+        match self {
+            Self::Status(s) => s.success(),
+            Self::Code(c) => c == 0,
+            Self::Unknown => false,
+        }
+    }
 }
 
 /// The policy's `--option value` pairs in `extra`, less those the VM's own `args` set (the
@@ -85,8 +126,13 @@ fn policy_args(extra: &[String], own: &[String]) -> Vec<String> {
     out
 }
 
-/// `status` as a person reads it: `exit status 3` or `killed by signal 9`.
-pub fn describe(status: ExitStatus) -> String {
+/// How a VM ended, as a person reads it: `exit status 3` or `killed by signal 9`.
+pub fn describe(exit: VmExit) -> String {
+    let status = match exit {
+        VmExit::Status(s) => s,
+        VmExit::Code(code) => return format!("exit status {code}"),
+        VmExit::Unknown => return "ended without an exit status (killed or crashed)".into(),
+    };
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
         (None, Some(sig)) => format!("killed by signal {sig}"),
@@ -137,13 +183,31 @@ impl VmProcess {
         dir: &Path,
         group: Option<&MemberFds>,
         extra: &[String],
+        keep: Option<&Keep>,
     ) -> Result<Self, ChildError> {
         let name = vm.entry.name.clone();
         let sock = dir.join(format!("{name}.sock"));
         let parent = std::process::id();
+        let die_with_host = keep.is_none();
+        let args = run_args(vm, &sock);
+        let uid =
+            args.iter().position(|a| a == "--uid").and_then(|i| args.get(i + 1)?.parse().ok());
         let mut cmd = Command::new(exe);
-        cmd.args(run_args(vm, &sock)).args(policy_args(extra, &vm.entry.args));
+        cmd.args(args).args(policy_args(extra, &vm.entry.args));
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        let status_file = keep.map(|k| k.dir.join(format!("{name}.status")));
+        if let (Some(k), Some(status)) = (keep, &status_file) {
+            // A VM that outlives its host says how it ended in a file, and logs to one (the
+            // host's stderr may be a pipe no one reads once the host is gone).
+            let _ = std::fs::remove_file(status);
+            cmd.arg("--status-file").arg(status);
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(k.dir.join(format!("{name}.log")))
+                .map_err(|source| ChildError::Spawn { name: name.clone(), source })?;
+            cmd.stderr(log);
+        }
         let inherit = group.map(|g| [g.data.as_raw_fd(), g.link.as_raw_fd()]);
         if let Some([d, m]) = inherit {
             cmd.arg(format!("--share-group-fds={d},{m}"));
@@ -152,7 +216,7 @@ impl VmProcess {
         // async-signal-safe functions (prctl, getppid, setpgid, close_range, fcntl, _exit).
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                if die_with_host && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // The host may have died before the prctl: then no signal would come.
@@ -166,7 +230,38 @@ impl VmProcess {
         }
         let child =
             cmd.spawn().map_err(|source| ChildError::Spawn { name: name.clone(), source })?;
-        Ok(Self { name, sock, child, exit: None })
+        Ok(Self { name, sock, proc: Proc::Child(child), exit: None, status_file, uid })
+    }
+
+    /// Adopts VM `name`, process `pid`, started by an earlier host, if it still runs and is
+    /// the process that host started (`start_time`, from `/proc/PID/stat`, matches): None if
+    /// it has gone.
+    pub fn adopt(
+        name: &str,
+        sock: &Path,
+        pid: u32,
+        start_time: u64,
+        status_file: PathBuf,
+        uid: Option<u32>,
+    ) -> Option<Self> {
+        let pidfd = super::state::pidfd_open(pid).ok()?;
+        // Checked after the pidfd is open: the pid cannot be reused while it is held.
+        if super::state::start_time(pid) != Some(start_time) {
+            return None;
+        }
+        Some(Self {
+            name: name.into(),
+            sock: sock.into(),
+            proc: Proc::Adopted { pid, pidfd },
+            exit: None,
+            status_file: Some(status_file),
+            uid,
+        })
+    }
+
+    /// Whether this host adopted the process rather than started it.
+    pub fn adopted(&self) -> bool {
+        matches!(self.proc, Proc::Adopted { .. })
     }
 
     /// One look at the control socket, without waiting: true once it accepts connections
@@ -201,43 +296,74 @@ impl VmProcess {
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.proc {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted { pid, .. } => *pid,
+        }
     }
 
-    /// How it ended, if it has (reaps it).
-    pub fn poll_exit(&mut self) -> Option<ExitStatus> {
+    /// How it ended, if it has (reaps a child).
+    pub fn poll_exit(&mut self) -> Option<VmExit> {
         if self.exit.is_none() {
-            self.exit = self.child.try_wait().ok().flatten();
+            self.exit = match &mut self.proc {
+                Proc::Child(c) => c.try_wait().ok().flatten().map(VmExit::Status),
+                Proc::Adopted { pidfd, .. } => {
+                    let fds = [pidfd.as_raw_fd()];
+                    match crate::mm::sys::poll_readable(fds, 0) {
+                        Ok([true]) => {
+                            Some(self.status_file.as_deref().map_or(VmExit::Unknown, read_status))
+                        }
+                        _ => None,
+                    }
+                }
+            };
         }
         self.exit
     }
 
-    /// How it ended, as last reaped by [`poll_exit`](Self::poll_exit).
-    pub fn exit_status(&self) -> Option<ExitStatus> {
+    /// How it ended, as last seen by [`poll_exit`](Self::poll_exit).
+    pub fn exit_status(&self) -> Option<VmExit> {
         self.exit
     }
 
-    /// Sends `sig` to the process unless it has been reaped.
+    /// Sends `sig` to the process unless it has ended.
     pub fn signal(&mut self, sig: i32) {
-        if self.poll_exit().is_none() {
-            let pid = libc::pid_t::try_from(self.child.id()).unwrap_or(0);
-            if pid > 0 {
-                // SAFETY: kill(2) on our own unreaped child: the pid cannot have been reused.
-                unsafe { libc::kill(pid, sig) };
+        if self.poll_exit().is_some() {
+            return;
+        }
+        match &self.proc {
+            Proc::Child(c) => {
+                let pid = libc::pid_t::try_from(c.id()).unwrap_or(0);
+                if pid > 0 {
+                    // SAFETY: kill(2) on our own unreaped child: the pid cannot have been
+                    // reused.
+                    unsafe { libc::kill(pid, sig) };
+                }
+            }
+            Proc::Adopted { pidfd, .. } => {
+                let _ = super::state::pidfd_send_signal(pidfd, sig);
             }
         }
     }
 
-    /// Kills the process and reaps it.
+    /// Kills the process and waits for its end.
     pub fn kill(&mut self) {
         self.signal(libc::SIGKILL);
-        if self.exit.is_none() {
-            self.exit = self.child.wait().ok();
+        if self.exit.is_some() {
+            return;
+        }
+        match &mut self.proc {
+            Proc::Child(c) => self.exit = c.wait().ok().map(VmExit::Status),
+            Proc::Adopted { pidfd, .. } => {
+                let fds = [pidfd.as_raw_fd()];
+                let _ = crate::mm::sys::poll_readable(fds, 5000);
+                let _ = self.poll_exit();
+            }
         }
     }
 
     /// Asks it to stop (SIGTERM), waits up to `grace`, then kills it.
-    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+    pub fn stop(&mut self, grace: Duration) -> Option<VmExit> {
         self.signal(libc::SIGTERM);
         let start = Instant::now();
         while self.poll_exit().is_none() && start.elapsed() < grace {
@@ -255,6 +381,22 @@ impl VmProcess {
     }
 }
 
+/// What a host that keeps its VMs across restarts gives each: where its status file and its
+/// log go.
+#[derive(Debug, Clone)]
+pub struct Keep {
+    /// The state directory's VM directory.
+    pub dir: PathBuf,
+}
+
+/// The exit code in a status file: `Code`, or `Unknown` when it is empty or unreadable.
+fn read_status(path: &Path) -> VmExit {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .map_or(VmExit::Unknown, VmExit::Code)
+}
+
 /// Longest reply [`request_with_timeout`] takes: a host's `host_stats` grows with its VMs
 /// (under 1 KiB each), a VM's replies stay under [`super::poll::MAX_REPLY_BYTES`].
 pub const MAX_CLIENT_REPLY_BYTES: usize = 1 << 20;
@@ -270,8 +412,12 @@ pub fn request_with_timeout(path: &Path, req: &Value, timeout: Duration) -> std:
 }
 
 impl Drop for VmProcess {
+    /// A VM that dies with its host is killed when its handle goes (a host that failed
+    /// half way leaves none behind); one kept across restarts runs on for the next host.
     fn drop(&mut self) {
-        self.kill();
+        if self.status_file.is_none() {
+            self.kill();
+        }
     }
 }
 

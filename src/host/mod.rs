@@ -12,6 +12,7 @@
 //! | `figures.rs` | a VM's reported figures made safe, and what it holds measured from outside |
 //! | `supervisor.rs` | the tick: read the VMs, pick the state, ask the policy, move levers |
 //! | `report.rs` | the report per tick, and its Prometheus form |
+//! | `state.rs` | the state directory: the VMs a restarted host adopts, pidfds |
 //! | `rundir.rs` | private directories (mkdtemp, mode 0700) for the run and the lab |
 //! | `protocol.rs` | the host socket's requests and replies, and the client's methods for them |
 //! | `api.rs` | the host's control socket |
@@ -32,6 +33,7 @@ pub mod protocol;
 pub mod report;
 pub mod rundir;
 pub mod service;
+pub mod state;
 pub mod supervisor;
 pub mod top;
 
@@ -107,13 +109,19 @@ pub struct HostOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Run until a signal, even when every VM has ended.
     pub keep_running: bool,
+    /// Keep the VMs' list here, so that a restarted host adopts the VMs still running
+    /// (their sockets, status files and logs go in its `vms/`, not in `run_dir`).
+    pub state_dir: Option<PathBuf>,
+    /// With a state directory, VMs still die with the host (today's behaviour without
+    /// one): nothing is left to adopt.
+    pub vms_die_with_host: bool,
 }
 
 /// How a host ended.
 #[derive(Debug)]
 pub enum HostOutcome {
     /// Every VM ended on its own: each one's name and status.
-    Ended(Vec<(String, Option<std::process::ExitStatus>)>),
+    Ended(Vec<(String, Option<child::VmExit>)>),
     /// A signal stopped the host (and its VMs).
     Stopped(i32),
 }
@@ -200,14 +208,31 @@ pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
     let mut signals = StopSignals::install().map_err(setup("signal handlers"))?;
     let policy = policy::by_name(&opts.config.policy, opts.config.params)
         .ok_or_else(|| HostError::Policy(opts.config.policy.clone()))?;
-    let dir = RunDir::new(opts.run_dir.clone())?;
+    let state = match &opts.state_dir {
+        Some(p) => Some(
+            state::StateDir::open(p)
+                .map_err(|why| HostError::RunDirNotPrivate { path: p.clone(), why })?,
+        ),
+        None => None,
+    };
+    let dir = match &state {
+        Some(s) => RunDir::new(Some(s.vm_dir()))?,
+        None => RunDir::new(opts.run_dir.clone())?,
+    };
     let mut stats = match &opts.stats_json {
         Some(p) => {
             Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(setup("--stats-json"))?))
         }
         None => None,
     };
-    let mut sup = Supervisor::start(&opts.config, &opts.exe, dir.path(), policy)?;
+    let mut sup = Supervisor::start(
+        &opts.config,
+        &opts.exe,
+        dir.path(),
+        policy,
+        state,
+        opts.vms_die_with_host,
+    )?;
     sup.keep_running(opts.keep_running);
     let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(setup("eventfd"))?;
     let api = match &opts.api_sock {

@@ -144,6 +144,13 @@ pub enum EventKind {
         /// Its process id.
         pid: u32,
     },
+    /// A VM an earlier host started was adopted by this one (a state directory).
+    Adopted {
+        /// The VM.
+        vm: String,
+        /// Its process id.
+        pid: u32,
+    },
     /// A VM ended, and how (`exit status 0`, `killed by signal 9`).
     Ended {
         /// The VM.

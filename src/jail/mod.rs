@@ -335,6 +335,14 @@ pub fn set_vm_uid_base(base: u32) {
     VM_UID_BASE.store(base, Ordering::Relaxed);
 }
 
+/// Notes that a VM (adopted from an earlier host) runs as `uid`: the VMs started after it
+/// get uids above it, never its own.
+pub fn vm_uid_taken(uid: u32) {
+    if let Some(n) = uid.checked_sub(VM_UID_BASE.load(Ordering::Relaxed)) {
+        VMS_STARTED.fetch_max(n.saturating_add(1), Ordering::Relaxed);
+    }
+}
+
 /// The jail arguments of the next VM `ebb host` starts: `--owner-uid` (the host's uid), and,
 /// when the host is root, `--uid`/`--gid` of the VM's own: the base plus the number of VMs
 /// started before it.

@@ -185,6 +185,8 @@ impl Supervisor {
         shared.vms.retain(|v| v.name != name);
         shared.reserved_bytes = shared.reserved_bytes.saturating_sub(slot.spec.reservation_bytes);
         shared.events.push(EventKind::Destroyed { vm: name.into() });
+        drop(shared);
+        self.save_state();
         Ok(())
     }
 }

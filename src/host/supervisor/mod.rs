@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::child::{describe, ChildError, VmProcess, REPLY_TIMEOUT};
+use super::child::{describe, ChildError, Keep, VmExit, VmProcess, REPLY_TIMEOUT};
 use super::config::{HostConfig, VmEntry, VmSpec};
 use super::figures::{self, Meter};
 use super::policy::{keep_reservation, HostView, Policy, Snapshot, VmAction, VmView};
@@ -33,6 +33,7 @@ use super::poll::exchange_all;
 use super::pressure::{min_free_bytes, MemState, DEFAULT_THRESHOLDS};
 use super::protocol::EventKind;
 use super::report::{HostReport, VmReport};
+use super::state::StateDir;
 use crate::api::protocol::{
     to_reply, AllocArgs, BalloonArgs, BalloonStatsReply, NoArgs, ReclaimArgs, SharingArgs,
     VmRequest,
@@ -42,6 +43,7 @@ use crate::mm::stats::MemStats;
 use crate::mm::thread::ThreadClock;
 use crate::units::{human_bytes, PAGE_SIZE};
 
+mod adopt;
 pub mod lifecycle;
 
 /// Largest budget: 1 PiB.
@@ -118,6 +120,8 @@ struct Slot {
     proc: VmProcess,
     /// When it was spawned, while its socket is not up yet.
     starting: Option<Instant>,
+    /// Its process's start time (`/proc/PID/stat`), once read: what the state list keeps.
+    start_time: Option<u64>,
     /// What the policy sees: `consumed_bytes` is [`figures::counted_bytes`].
     view: VmView,
     /// Consumed bytes as last reported (clamped).
@@ -171,6 +175,10 @@ pub struct Supervisor {
     meter: Meter,
     /// Run on when every VM has ended (VMs may be created through the socket).
     keep_running: bool,
+    /// The state directory, if the host keeps one.
+    state_dir: Option<StateDir>,
+    /// Set when VMs outlive the host: where their status files and logs go.
+    keep: Option<Keep>,
 }
 
 /// `MemAvailable` of `/proc/meminfo`, bytes.
@@ -191,6 +199,8 @@ impl Supervisor {
         exe: &Path,
         dir: &Path,
         policy: Box<dyn Policy>,
+        state: Option<StateDir>,
+        vms_die_with_host: bool,
     ) -> Result<Self, ChildError> {
         let shared = Shared {
             budget_bytes: config.budget_bytes,
@@ -213,6 +223,8 @@ impl Supervisor {
             groups: HashMap::new(),
             meter: Meter::default(),
             keep_running: false,
+            keep: state.as_ref().filter(|_| !vms_die_with_host).map(|s| Keep { dir: s.vm_dir() }),
+            state_dir: state,
             policy,
             shared: Arc::new(Mutex::new(shared)),
             state: MemState::High,
@@ -224,6 +236,8 @@ impl Supervisor {
             clock,
             tick: config.tick,
         };
+        // The VMs an earlier host left running first: they are not started again.
+        sup.adopt_saved();
         // Dropping `sup` kills the VMs started before a failure.
         sup.start_due(Duration::ZERO)?;
         sup.wait_started()?;
@@ -270,6 +284,15 @@ impl Supervisor {
     /// Starts the VMs whose `start_after_ms` is at most `now` since the host started, in
     /// order, without waiting for their sockets.
     fn start_due(&mut self, now: Duration) -> Result<(), ChildError> {
+        let mut started = false;
+        let result = self.start_due_inner(now, &mut started);
+        if started {
+            self.save_state();
+        }
+        result
+    }
+
+    fn start_due_inner(&mut self, now: Duration, started: &mut bool) -> Result<(), ChildError> {
         while let Some(spec) = self.pending.last() {
             if spec.start_after > now {
                 break;
@@ -290,7 +313,9 @@ impl Supervisor {
             // after the spawn, so the broker sees the member go when the child does.
             let member = broker.map(|b| b.add_member()).transpose().map_err(spawn_error)?;
             let extra = self.policy.vm_args();
-            let proc = VmProcess::spawn(&self.exe, &spec, &self.dir, member.as_ref(), &extra)?;
+            let keep = self.keep.as_ref();
+            let proc =
+                VmProcess::spawn(&self.exe, &spec, &self.dir, member.as_ref(), &extra, keep)?;
             log::info!("vm {}: started, pid {}", spec.entry.name, proc.pid());
             {
                 let mut shared = self.lock();
@@ -304,27 +329,8 @@ impl Supervisor {
                     .events
                     .push(EventKind::Started { vm: spec.entry.name.clone(), pid: proc.pid() });
             }
-            self.slots.push(Slot {
-                view: figures::base_view(&spec),
-                spec,
-                proc,
-                starting: Some(Instant::now()),
-                reported_bytes: 0,
-                measured_bytes: None,
-                misses: 0,
-                skip_until: 0,
-                last_counts: None,
-                refaults: 0,
-                alloc_waits: 0,
-                cpu_ms: 0.0,
-                progress: None,
-                saved: 0,
-                sent: None,
-                levers: HashMap::new(),
-                last_error: None,
-                exit_logged: false,
-                stop_by: None,
-            });
+            self.slots.push(Slot::new(spec, proc));
+            *started = true;
         }
         Ok(())
     }
@@ -444,6 +450,7 @@ impl Supervisor {
     }
 
     fn reap(&mut self) {
+        let mut ended = false;
         for s in &mut self.slots {
             let Some(status) = s.proc.poll_exit() else { continue };
             if std::mem::replace(&mut s.exit_logged, true) {
@@ -461,6 +468,10 @@ impl Supervisor {
                 .unwrap_or_else(PoisonError::into_inner)
                 .events
                 .push(EventKind::Ended { vm, how });
+            ended = true;
+        }
+        if ended {
+            self.save_state();
         }
     }
 
@@ -581,12 +592,38 @@ impl Supervisor {
     }
 
     /// Each VM's name and how it ended (None: still running).
-    pub fn exits(&mut self) -> Vec<(String, Option<std::process::ExitStatus>)> {
+    pub fn exits(&mut self) -> Vec<(String, Option<VmExit>)> {
         self.slots.iter_mut().map(|s| (s.spec.entry.name.clone(), s.proc.poll_exit())).collect()
     }
 }
 
 impl Slot {
+    /// A VM just started (or adopted), its socket not up yet.
+    fn new(spec: VmSpec, proc: VmProcess) -> Self {
+        Slot {
+            view: figures::base_view(&spec),
+            spec,
+            proc,
+            starting: Some(Instant::now()),
+            start_time: None,
+            reported_bytes: 0,
+            measured_bytes: None,
+            misses: 0,
+            skip_until: 0,
+            last_counts: None,
+            refaults: 0,
+            alloc_waits: 0,
+            cpu_ms: 0.0,
+            progress: None,
+            saved: 0,
+            sent: None,
+            levers: HashMap::new(),
+            last_error: None,
+            exit_logged: false,
+            stop_by: None,
+        }
+    }
+
     /// Takes a `stats` (and `balloon_stats`) reply into the view.
     fn take_stats(&mut self, replies: &[Value]) -> Result<(), String> {
         let stats = replies.first().ok_or("no stats reply")?;
