@@ -6,6 +6,7 @@
 //! | module | what it is |
 //! |---|---|
 //! | [`vmm`] | one VM as a value: build it from a [`VmConfig`], run it to its end |
+//! | [`cli`] | `ebb run`'s command line, shared by `ebb` and `ebb-vm` |
 //! | [`config`] | the VM description and the parsing of option strings |
 //! | [`vstate`] | KVM wrappers: the VM, vCPUs, guest RAM, CPUID, MSRs |
 //! | [`boot`] | kernels and payloads placed in guest memory, the kernel command line |
@@ -26,6 +27,7 @@
 pub mod accel;
 pub mod api;
 pub mod boot;
+pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod host;

@@ -1,4 +1,5 @@
-//! The `ebb` command: parse the command line, run the VM, turn the outcome into an exit status.
+//! The `ebb` command: every subcommand (`run`, `host`, `ctl`, `top`, `lab`). `run` is
+//! `ebb::cli::run`, shared with the `ebb-vm` binary.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,18 +7,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use std::time::Duration;
 
-use ebb::config::{
-    parse_balloon, parse_cache_size, parse_disk, parse_fault_around, parse_firmware_arg,
-    BootSource, FirmwareSource, MemoryConfig, ReclaimOptions, VmConfig, DEFAULT_KVM_DEV,
-    DEFAULT_MEM, DEFAULT_STATS_INTERVAL,
-};
-use ebb::mm::fault::active::{ActiveConfig, DEFAULT_INTERVAL_MS, DEFAULT_SAMPLE_PAGES};
-use ebb::mm::fault::around::FaultAround;
-use ebb::mm::fault::handler::DEFAULT_OOM_WAIT;
-use ebb::mm::reclaim::DEFAULT_CACHE_PERCENT;
-use ebb::mm::uffd::DEFAULT_UFFD_DEV;
+use ebb::cli::run::RunArgs;
 use ebb::units::parse_size;
-use ebb::vmm::{exit_status, DEFAULT_PAYLOAD};
 
 /// A small, fast KVM hypervisor that overcommits guest memory the way ESXi does.
 #[derive(Parser)]
@@ -268,244 +259,6 @@ enum CtlRequest {
     },
 }
 
-#[derive(Args)]
-struct RunArgs {
-    /// Linux kernel: a bzImage, or an ELF vmlinux with a PVH note.
-    #[arg(long, value_name = "PATH")]
-    kernel: Option<PathBuf>,
-    /// Initrd or initramfs for the kernel.
-    #[arg(long, value_name = "PATH")]
-    initrd: Option<PathBuf>,
-    /// Appended to the kernel command line ebb builds.
-    #[arg(long, value_name = "STR")]
-    cmdline: Option<String>,
-    /// Guest memory, e.g. 512M or 2G.
-    #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEM)]
-    mem: String,
-    /// Number of vCPUs (1 to 32), one thread each. A payload starts on every vCPU; Linux
-    /// brings up the others itself.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    vcpus: u8,
-    /// A built-in payload by name (hello, touch) or the path of a payload ELF file.
-    #[arg(long, value_name = "NAME|PATH")]
-    firmware: Option<String>,
-    /// A file whose bytes a payload finds in guest memory (touch's `text` pages copy it).
-    #[arg(long, value_name = "PATH")]
-    firmware_blob: Option<PathBuf>,
-    /// A KEY=VALUE parameter for the payload (repeatable).
-    #[arg(long = "firmware-arg", value_name = "KEY=VALUE")]
-    firmware_args: Vec<String>,
-    /// Also write the serial console to this file.
-    #[arg(long, value_name = "PATH")]
-    serial_log: Option<PathBuf>,
-    /// The KVM device node.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_KVM_DEV)]
-    kvm_device: PathBuf,
-    /// Back guest RAM with plain anonymous memory instead of serving it through userfaultfd.
-    #[arg(long)]
-    no_uffd: bool,
-    /// The userfaultfd device, used when the userfaultfd syscall is refused.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_UFFD_DEV)]
-    uffd_device: PathBuf,
-    /// Untouched neighbour pages to map with each fault: `auto` grows the window on
-    /// sequential faults and keeps it closed on scattered ones; N (0 to 255) is fixed.
-    #[arg(long, value_name = "auto|N", default_value_t = FaultAround::default().to_string())]
-    fault_around: String,
-    /// Write memory statistics as JSON lines to this file (every --stats-interval, and at exit).
-    #[arg(long, value_name = "PATH")]
-    stats_json: Option<PathBuf>,
-    /// Seconds between statistics lines (fractions allowed).
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_STATS_INTERVAL.as_secs_f64())]
-    stats_interval: f64,
-    /// Seconds guest faults may wait for memory the host refuses (a memory cgroup at its
-    /// limit, say) before the VM ends with an error.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_OOM_WAIT.as_secs_f64())]
-    oom_wait: f64,
-    /// The compression cache's capacity: a size (64M) or a share of guest RAM (10%).
-    #[arg(long, value_name = "SIZE|PCT", default_value_t = format!("{DEFAULT_CACHE_PERCENT}%"))]
-    zcache_max: String,
-    /// Directory of the swap file (created unlinked, mode 0600) [default: $TMPDIR, else
-    /// /var/tmp].
-    #[arg(long, value_name = "DIR")]
-    swap_dir: Option<PathBuf>,
-    /// Largest swap file (0: none) [default: the guest's RAM].
-    #[arg(long, value_name = "SIZE")]
-    swap_max: Option<String>,
-    /// Keep at most SIZE of the guest's memory resident: evict (compress, swap) the rest (0: off)
-    #[arg(long, value_name = "SIZE")]
-    reclaim_target: Option<String>,
-    /// How reclaim picks pages to evict: cold (the least recently written first) or random.
-    #[arg(long, value_name = "cold|random", default_value = "cold")]
-    reclaim_victims: String,
-    /// Pages per second the sharing scanner hashes, looking for identical pages to back
-    /// once (0: off; the control socket can turn it on later).
-    #[arg(long, value_name = "PAGES/S", default_value_t = 0)]
-    share_scan_rate: u64,
-    /// Inherited descriptors DATA,LINK of a sharing group: the pool's sealed memfd and a
-    /// packet socket to the group's broker. `ebb host` passes them to the VMs of one
-    /// `sharing_group`, which then share identical pages with each other.
-    #[arg(long, value_name = "DATA,LINK")]
-    share_group_fds: Option<String>,
-    /// Mark guest RAM mergeable for the kernel's KSM instead (the baseline ebb's sharing is
-    /// measured against; KSM merges across every process that asks it to).
-    #[arg(long)]
-    ksm: bool,
-    /// Milliseconds between Active-memory samples.
-    #[arg(long, value_name = "MS", default_value_t = DEFAULT_INTERVAL_MS)]
-    active_interval_ms: u64,
-    /// Pages in each Active-memory sample.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_SAMPLE_PAGES)]
-    active_sample_pages: u32,
-    /// Add a virtio-balloon: [target=SIZE,stats=SECS,deflate_on_oom=on,free_page_reporting=on].
-    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
-    balloon: Option<String>,
-    /// Add a virtio-blk disk backed by a raw image file: PATH[,ro] (repeatable: vda, vdb, ...).
-    /// Opened with O_DIRECT where the file system allows, so the host does not cache what the
-    /// guest caches already.
-    #[arg(long, value_name = "PATH[,ro]")]
-    disk: Vec<String>,
-    /// Listen for control requests (JSON lines) on this Unix socket.
-    #[arg(long, value_name = "PATH")]
-    api_sock: Option<PathBuf>,
-    /// Run the guest as this user id, once /dev/kvm, the files and the socket are open
-    /// (needs root; with --gid). `ebb host` started as root gives each VM its own.
-    #[arg(long, value_name = "UID", requires = "gid")]
-    uid: Option<u32>,
-    /// Run the guest as this group id (with --uid); supplementary groups are dropped.
-    #[arg(long, value_name = "GID", requires = "uid")]
-    gid: Option<u32>,
-    /// The control socket serves this uid and root only [default: the uid that started
-    /// ebb]. `ebb host` passes its own.
-    #[arg(long, value_name = "UID")]
-    owner_uid: Option<u32>,
-    /// Write the exit status to this file when the VM ends (opened at start, before the
-    /// VM drops its privileges). `ebb host --state-dir` passes one, so that a host that
-    /// adopted the VM after a restart learns how it ended.
-    #[arg(long, value_name = "PATH")]
-    status_file: Option<PathBuf>,
-    /// Run without the seccomp system call filter. For debugging only: a compromised VM
-    /// could then make any system call its uid allows.
-    #[arg(long)]
-    no_seccomp: bool,
-}
-
-fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
-    let boot = match (args.kernel, args.firmware) {
-        (Some(_), Some(_)) => return Err(ebb::config::ConfigError::KernelAndFirmware.into()),
-        (Some(kernel), None) => {
-            if !args.firmware_args.is_empty() {
-                anyhow::bail!("--firmware-arg needs --firmware");
-            }
-            if args.firmware_blob.is_some() {
-                anyhow::bail!("--firmware-blob needs --firmware (a Linux guest takes --initrd)");
-            }
-            BootSource::Linux {
-                kernel,
-                initrd: args.initrd,
-                cmdline: args.cmdline.unwrap_or_default(),
-            }
-        }
-        (None, firmware) => {
-            if args.initrd.is_some() {
-                return Err(ebb::config::ConfigError::NeedsKernel("--initrd").into());
-            }
-            if args.cmdline.is_some() {
-                return Err(ebb::config::ConfigError::NeedsKernel("--cmdline").into());
-            }
-            let source = FirmwareSource::parse(firmware.as_deref().unwrap_or(DEFAULT_PAYLOAD));
-            let firmware_blob = args.firmware_blob;
-            let args = args
-                .firmware_args
-                .iter()
-                .map(|a| parse_firmware_arg(a))
-                .collect::<Result<_, _>>()?;
-            BootSource::Firmware { source, args, blob: firmware_blob }
-        }
-    };
-    let mut config = VmConfig::new(boot);
-    config.mem_bytes = parse_size(&args.mem).map_err(|e| named("--mem", e))?;
-    config.vcpus = args.vcpus;
-    config.serial_log = args.serial_log;
-    config.kvm_path = args.kvm_device;
-    let stats_interval = Duration::try_from_secs_f64(args.stats_interval).map_err(|_| {
-        anyhow::anyhow!("--stats-interval {} is not a number of seconds", args.stats_interval)
-    })?;
-    config.memory = MemoryConfig {
-        uffd: !args.no_uffd,
-        uffd_dev: args.uffd_device,
-        fault_around: parse_fault_around(&args.fault_around)?,
-        active: ActiveConfig {
-            interval: Duration::from_millis(args.active_interval_ms),
-            sample_pages: args.active_sample_pages,
-        },
-        stats_json: args.stats_json,
-        stats_interval,
-        oom_wait: Duration::try_from_secs_f64(args.oom_wait).map_err(|_| {
-            anyhow::anyhow!("--oom-wait {} is not a number of seconds", args.oom_wait)
-        })?,
-        reclaim: ReclaimOptions {
-            cache: parse_cache_size(&args.zcache_max).map_err(|e| named("--zcache-max", e))?,
-            swap_dir: args.swap_dir,
-            swap_max_bytes: (args.swap_max.as_deref().map(parse_size).transpose())
-                .map_err(|e| named("--swap-max", e))?,
-            // 0 means off, as on the control socket.
-            target_bytes: args
-                .reclaim_target
-                .as_deref()
-                .map(parse_size)
-                .transpose()
-                .map_err(|e| named("--reclaim-target", e))?
-                .filter(|&t| t > 0),
-            victims: args
-                .reclaim_victims
-                .parse()
-                .map_err(|e: String| anyhow::anyhow!("--reclaim-victims: {e}"))?,
-        },
-        share_scan_rate: args.share_scan_rate,
-        ksm: args.ksm,
-        share_group_fds: args.share_group_fds.as_deref().map(parse_fd_pair).transpose()?,
-    };
-    config.balloon = args.balloon.as_deref().map(parse_balloon).transpose()?;
-    config.disks =
-        args.disk.iter().map(String::as_str).map(parse_disk).collect::<Result<_, _>>()?;
-    config.api_sock = args.api_sock;
-    let identity = match (args.uid, args.gid) {
-        (Some(uid), Some(gid)) => Some(ebb::jail::Identity { uid, gid }),
-        _ => None,
-    };
-    config.jail = ebb::jail::JailOptions { identity, seccomp: !args.no_seccomp };
-    Ok(config)
-}
-
-/// `DATA,LINK`: two descriptor numbers.
-fn parse_fd_pair(s: &str) -> anyhow::Result<(i32, i32)> {
-    let bad = || anyhow::anyhow!("--share-group-fds {s:?}: two descriptor numbers, DATA,LINK");
-    let (d, m) = s.split_once(',').ok_or_else(bad)?;
-    let fd = |x: &str| x.trim().parse::<i32>().ok().filter(|&n| n >= 0).ok_or_else(bad);
-    Ok((fd(d)?, fd(m)?))
-}
-
-/// The default log filter for `-v` counts. The virtio-queue crate logs every malformed ring
-/// a guest hands it, at error level: a guest could flood the log with it. ebb checks and
-/// counts those itself (logging each kind once), so the crate is silenced unless RUST_LOG
-/// asks for it.
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn,ebb=info,virtio_queue=off",
-        1 => "info,virtio_queue=off",
-        2 => "debug,virtio_queue=off",
-        _ => "trace",
-    };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
-        .format_timestamp_millis()
-        .init();
-}
-
-/// `e` with the option it is about in front, so that the message names its cause.
-fn named(option: &str, e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("{option}: {e}")
-}
-
 fn main() -> ExitCode {
     // A VM process is non-dumpable from its first instruction on (see ebb::jail).
     if std::env::args_os().nth(1).is_some_and(|a| a == "run") {
@@ -514,86 +267,13 @@ fn main() -> ExitCode {
         }
     }
     let cli = Cli::parse();
-    init_logging(cli.verbose);
-    let args = match cli.command {
-        Command::Run(args) => *args,
-        Command::Ctl(args) => return ctl(args),
-        Command::Host(args) => return host(args),
-        Command::Top(args) => return top(&args),
-        Command::Lab(args) => return lab(args),
-    };
-    match args.owner_uid {
-        Some(uid) => ebb::jail::set_owner_uid(uid),
-        // Fixed now, before the VM changes its uid.
-        None => {
-            let _ = ebb::jail::owner_uid();
-        }
-    }
-    let status_path = args.status_file.clone();
-    let mut status_file = None;
-    let result = build_config(args).and_then(|c| {
-        let keep = c.memory.share_group_fds.map_or(Vec::new(), |(d, m)| vec![d, m]);
-        ebb::jail::close_inherited_fds(&keep)?;
-        if let Some(path) = &status_path {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
-                .map_err(|e| named("--status-file", e))?;
-            status_file = Some(file);
-        }
-        Ok(ebb::run(&c)?)
-    });
-    let code = match &result {
-        Ok(outcome) => exit_status(outcome),
-        Err(_) => 1,
-    };
-    if let Some(mut f) = status_file {
-        use std::io::Write;
-        if let Err(e) = writeln!(f, "{code}").and_then(|()| f.sync_all()) {
-            eprintln!("warning: --status-file: {e}");
-        }
-    }
-    match result {
-        Ok(outcome) => {
-            if let ebb::RunOutcome::Crashed(report) = &outcome {
-                eprint!("{report}");
-            }
-            ExitCode::from(code)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            if let Some(hint) = advice(&e) {
-                eprintln!("  hint: {hint}");
-            }
-            ExitCode::from(1)
-        }
-    }
-}
-
-/// What the user can do about an error, in terms of the command line (the library's
-/// errors name values and limits, not flags).
-fn advice(e: &anyhow::Error) -> Option<&'static str> {
-    use ebb::boot::BootError;
-    use ebb::mm::engine::EngineError;
-    use ebb::mm::uffd::UffdError;
-    use ebb::vmm::VmmError;
-    use ebb::vstate::memory::MemoryError;
-    match e.downcast_ref::<VmmError>()? {
-        VmmError::Memory(MemoryError::TooLarge { .. } | MemoryError::Map { .. }) => Some(
-            "ask for less --mem (the host may also cap address space with ulimit -v or vm.overcommit_memory=2)",
-        ),
-        VmmError::Boot(BootError::InitrdTooLarge { .. } | BootError::DoesNotFit { .. }) => {
-            Some("give the VM more --mem")
-        }
-        VmmError::Engine(EngineError::Uffd(UffdError::Unavailable { .. })) => {
-            Some("run as root, set sysctl vm.unprivileged_userfaultfd=1, give your user access to /dev/userfaultfd, or run with --no-uffd")
-        }
-        _ => None,
+    ebb::cli::init_logging(cli.verbose);
+    match cli.command {
+        Command::Run(args) => ebb::cli::run::main(*args),
+        Command::Ctl(args) => ctl(args),
+        Command::Host(args) => host(args),
+        Command::Top(args) => top(&args),
+        Command::Lab(args) => lab(args),
     }
 }
 
@@ -714,8 +394,12 @@ fn host(args: HostArgs) -> ExitCode {
     ebb::jail::set_vm_uid_base(args.vm_uid_base);
     let run = || -> anyhow::Result<ebb::host::HostOutcome> {
         let config = ebb::host::config::HostConfig::load(args.config.as_deref(), &over)?;
-        let exe = std::env::current_exe()
+        let ebb = std::env::current_exe()
             .map_err(|e| anyhow::anyhow!("cannot find the ebb executable to run VMs with: {e}"))?;
+        // `ebb-vm` beside `ebb` runs the VMs when it is there: it links only what a VM runs.
+        let vm_exe = ebb.with_file_name("ebb-vm");
+        let exe = if vm_exe.is_file() { vm_exe } else { ebb };
+        log::info!("VMs run {}", exe.display());
         let opts = ebb::host::HostOptions {
             config,
             exe,

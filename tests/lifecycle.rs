@@ -101,6 +101,10 @@ fn vms_come_and_go_through_the_socket_and_the_events_say_so() {
     assert_eq!(a_info["config"]["reservation"], "32M", "{a_info}");
     assert_eq!(a_info["vm"]["running"], true, "{a_info}");
     assert!(a_info["report"]["consumed_bytes"].as_u64() > Some(0), "{a_info}");
+    // The host runs each VM with ebb-vm, the binary without the lab's and top's libraries.
+    let pid = a_info["vm"]["pid"].as_u64().unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(exe.ends_with("ebb-vm"), "vm a runs {}", exe.display());
     let (code, _, err) = ctl(&sock, &["inspect", "zz"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("no VM named \"zz\""), "{err}");

@@ -1,0 +1,20 @@
+//! What the binaries share of the command line: `ebb run`'s flags and its main
+//! ([`run`]), and the logger.
+
+pub mod run;
+
+/// Starts the logger for `-v` counts (`RUST_LOG` overrides). The virtio-queue crate logs
+/// every malformed ring a guest hands it, at error level: a guest could flood the log with
+/// it. ebb checks and counts those itself (logging each kind once), so the crate is silenced
+/// unless `RUST_LOG` asks for it.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,ebb=info,virtio_queue=off",
+        1 => "info,virtio_queue=off",
+        2 => "debug,virtio_queue=off",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp_millis()
+        .init();
+}
