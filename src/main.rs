@@ -266,7 +266,10 @@ fn main() -> ExitCode {
             return report_error(&e.into());
         }
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return ebb::cli::usage_exit(&e),
+    };
     ebb::cli::init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => ebb::cli::run::main(*args),

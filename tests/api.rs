@@ -80,7 +80,7 @@ fn requests_get_replies_and_bad_ones_get_reasons() {
         assert_eq!(ask(&sock, r#"{"stats": {}}"#)["share_scan_rate"], 2000);
         assert_eq!(ctl("off").status.code(), Some(0));
         let out = ctl("lots");
-        assert_eq!(out.status.code(), Some(2), "a usage error, refused before it is sent");
+        assert_eq!(out.status.code(), Some(1), "refused before it is sent");
         assert!(text(&out).1.contains("not a number of pages per second"), "{:?}", text(&out));
     } else {
         assert!(rate["error"].as_str().unwrap().contains("unavailable"), "{rate}");

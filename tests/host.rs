@@ -389,7 +389,7 @@ fn the_host_socket_lists_reports_passes_through_and_takes_a_budget_drop() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).1.contains("below the VMs' reservations"), "{:?}", text(&out));
     let out = run_ebb(&["ctl", "--api-sock", sock, "budget", "lots"]);
-    assert_eq!(out.status.code(), Some(2), "a usage error: {:?}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "refused before it is sent: {:?}", text(&out));
     let out = run_ebb(&["ctl", "--api-sock", sock, "vm", "b", "{nope"]);
     assert!(text(&out).1.contains("invalid JSON"), "{:?}", text(&out));
     let out = run_ebb(&["ctl", "--api-sock", sock, "vm", "b", "{\"reclaim\":{\"target_mib\":8}}"]);

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(1);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return ebb::cli::usage_exit(&e),
+    };
     ebb::cli::init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => ebb::cli::run::main(*args),

@@ -3,6 +3,18 @@
 
 pub mod run;
 
+/// Prints a command line the parser refused (or `--help`, `--version`) and gives its exit
+/// status: 0 for help and version, 1 for a bad option or value, as for every error ebb
+/// reports. (clap's own 2 would read as a guest crash, which is `ebb run`'s status 2.)
+pub fn usage_exit(e: &clap::Error) -> std::process::ExitCode {
+    let _ = e.print();
+    if e.use_stderr() {
+        std::process::ExitCode::from(1)
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
 /// Starts the logger for `-v` counts (`RUST_LOG` overrides). The virtio-queue crate logs
 /// every malformed ring a guest hands it, at error level: a guest could flood the log with
 /// it. ebb checks and counts those itself (logging each kind once), so the crate is silenced

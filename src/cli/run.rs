@@ -24,125 +24,130 @@ use crate::mm::uffd::DEFAULT_UFFD_DEV;
 use crate::units::parse_size;
 use crate::vmm::{exit_status, DEFAULT_PAYLOAD};
 
-/// The flags of `ebb run`.
+/// A size on the command line (`512M`, `2G`, `4096`), in bytes.
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// The flags of `ebb run`, under a help heading each.
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Linux kernel: a bzImage, or an ELF vmlinux with a PVH note.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Guest")]
     kernel: Option<PathBuf>,
     /// Initrd or initramfs for the kernel.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Guest")]
     initrd: Option<PathBuf>,
     /// Appended to the kernel command line ebb builds.
-    #[arg(long, value_name = "STR")]
+    #[arg(long, value_name = "STR", help_heading = "Guest")]
     cmdline: Option<String>,
     /// Guest memory, e.g. 512M or 2G.
-    #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEM)]
-    mem: String,
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEM, value_parser = size_arg, help_heading = "Guest")]
+    mem: u64,
     /// Number of vCPUs (1 to 32), one thread each. A payload starts on every vCPU; Linux
     /// brings up the others itself.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Guest")]
     vcpus: u8,
     /// A built-in payload by name (hello, touch) or the path of a payload ELF file.
-    #[arg(long, value_name = "NAME|PATH")]
+    #[arg(long, value_name = "NAME|PATH", help_heading = "Guest")]
     firmware: Option<String>,
     /// A file whose bytes a payload finds in guest memory (touch's `text` pages copy it).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Guest")]
     firmware_blob: Option<PathBuf>,
     /// A KEY=VALUE parameter for the payload (repeatable).
-    #[arg(long = "firmware-arg", value_name = "KEY=VALUE")]
+    #[arg(long = "firmware-arg", value_name = "KEY=VALUE", help_heading = "Guest")]
     firmware_args: Vec<String>,
     /// Also write the serial console to this file.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Guest")]
     serial_log: Option<PathBuf>,
     /// The KVM device node.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_KVM_DEV)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_KVM_DEV, help_heading = "Isolation")]
     kvm_device: PathBuf,
     /// Back guest RAM with plain anonymous memory instead of serving it through userfaultfd.
-    #[arg(long)]
+    #[arg(long, help_heading = "Memory engine")]
     no_uffd: bool,
     /// The userfaultfd device, used when the userfaultfd syscall is refused.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_UFFD_DEV)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_UFFD_DEV, help_heading = "Memory engine")]
     uffd_device: PathBuf,
     /// Untouched neighbour pages to map with each fault: `auto` grows the window on
     /// sequential faults and keeps it closed on scattered ones; N (0 to 255) is fixed.
-    #[arg(long, value_name = "auto|N", default_value_t = FaultAround::default().to_string())]
+    #[arg(long, value_name = "auto|N", default_value_t = FaultAround::default().to_string(), help_heading = "Memory engine")]
     fault_around: String,
     /// Write memory statistics as JSON lines to this file (every --stats-interval, and at exit).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Control and statistics")]
     stats_json: Option<PathBuf>,
     /// Seconds between statistics lines (fractions allowed).
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_STATS_INTERVAL.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_STATS_INTERVAL.as_secs_f64(), help_heading = "Control and statistics")]
     stats_interval: f64,
     /// Seconds guest faults may wait for memory the host refuses (a memory cgroup at its
     /// limit, say) before the VM ends with an error.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_OOM_WAIT.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_OOM_WAIT.as_secs_f64(), help_heading = "Memory engine")]
     oom_wait: f64,
     /// The compression cache's capacity: a size (64M) or a share of guest RAM (10%).
-    #[arg(long, value_name = "SIZE|PCT", default_value_t = format!("{DEFAULT_CACHE_PERCENT}%"))]
+    #[arg(long, value_name = "SIZE|PCT", default_value_t = format!("{DEFAULT_CACHE_PERCENT}%"), help_heading = "Reclaim")]
     zcache_max: String,
     /// Directory of the swap file (created unlinked, mode 0600) [default: $TMPDIR, else
     /// /var/tmp].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = "Reclaim")]
     swap_dir: Option<PathBuf>,
     /// Largest swap file (0: none) [default: the guest's RAM].
-    #[arg(long, value_name = "SIZE")]
-    swap_max: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, help_heading = "Reclaim")]
+    swap_max: Option<u64>,
     /// Keep at most SIZE of the guest's memory resident: evict (compress, swap) the rest (0: off)
-    #[arg(long, value_name = "SIZE")]
-    reclaim_target: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, help_heading = "Reclaim")]
+    reclaim_target: Option<u64>,
     /// How reclaim picks pages to evict: cold (the least recently written first) or random.
-    #[arg(long, value_name = "cold|random", default_value = "cold")]
+    #[arg(long, value_name = "cold|random", default_value = "cold", help_heading = "Reclaim")]
     reclaim_victims: String,
     /// Pages per second the sharing scanner hashes, looking for identical pages to back
     /// once (0: off; the control socket can turn it on later).
-    #[arg(long, value_name = "PAGES/S", default_value_t = 0)]
+    #[arg(long, value_name = "PAGES/S", default_value_t = 0, help_heading = "Page sharing")]
     share_scan_rate: u64,
     /// Inherited descriptors DATA,LINK of a sharing group: the pool's sealed memfd and a
     /// packet socket to the group's broker. `ebb host` passes them to the VMs of one
     /// `sharing_group`, which then share identical pages with each other.
-    #[arg(long, value_name = "DATA,LINK")]
+    #[arg(long, value_name = "DATA,LINK", help_heading = "Page sharing")]
     share_group_fds: Option<String>,
     /// Mark guest RAM mergeable for the kernel's KSM instead (the baseline ebb's sharing is
     /// measured against; KSM merges across every process that asks it to).
-    #[arg(long)]
+    #[arg(long, help_heading = "Page sharing")]
     ksm: bool,
     /// Milliseconds between Active-memory samples.
-    #[arg(long, value_name = "MS", default_value_t = DEFAULT_INTERVAL_MS)]
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_INTERVAL_MS, help_heading = "Memory engine")]
     active_interval_ms: u64,
     /// Pages in each Active-memory sample.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_SAMPLE_PAGES)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SAMPLE_PAGES, help_heading = "Memory engine")]
     active_sample_pages: u32,
     /// Add a virtio-balloon: [target=SIZE,stats=SECS,deflate_on_oom=on,free_page_reporting=on].
-    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "", help_heading = "Devices")]
     balloon: Option<String>,
     /// Add a virtio-blk disk backed by a raw image file: PATH[,ro] (repeatable: vda, vdb, ...).
     /// Opened with O_DIRECT where the file system allows, so the host does not cache what the
     /// guest caches already.
-    #[arg(long, value_name = "PATH[,ro]")]
+    #[arg(long, value_name = "PATH[,ro]", help_heading = "Devices")]
     disk: Vec<String>,
     /// Listen for control requests (JSON lines) on this Unix socket.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Control and statistics")]
     api_sock: Option<PathBuf>,
     /// Run the guest as this user id, once /dev/kvm, the files and the socket are open
     /// (needs root; with --gid). `ebb host` started as root gives each VM its own.
-    #[arg(long, value_name = "UID", requires = "gid")]
+    #[arg(long, value_name = "UID", requires = "gid", help_heading = "Isolation")]
     uid: Option<u32>,
     /// Run the guest as this group id (with --uid); supplementary groups are dropped.
-    #[arg(long, value_name = "GID", requires = "uid")]
+    #[arg(long, value_name = "GID", requires = "uid", help_heading = "Isolation")]
     gid: Option<u32>,
     /// The control socket serves this uid and root only [default: the uid that started
     /// ebb]. `ebb host` passes its own.
-    #[arg(long, value_name = "UID")]
+    #[arg(long, value_name = "UID", help_heading = "Isolation")]
     owner_uid: Option<u32>,
     /// Write the exit status to this file when the VM ends (opened at start, before the
     /// VM drops its privileges). `ebb host --state-dir` passes one, so that a host that
     /// adopted the VM after a restart learns how it ended.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Control and statistics")]
     status_file: Option<PathBuf>,
     /// Run without the seccomp system call filter. For debugging only: a compromised VM
     /// could then make any system call its uid allows.
-    #[arg(long)]
+    #[arg(long, help_heading = "Isolation")]
     no_seccomp: bool,
 }
 
@@ -184,7 +189,7 @@ pub fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
         }
     };
     let mut config = VmConfig::new(boot);
-    config.mem_bytes = parse_size(&args.mem).map_err(|e| named("--mem", e))?;
+    config.mem_bytes = args.mem;
     config.vcpus = args.vcpus;
     config.serial_log = args.serial_log;
     config.kvm_path = args.kvm_device;
@@ -207,16 +212,9 @@ pub fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
         reclaim: ReclaimOptions {
             cache: parse_cache_size(&args.zcache_max).map_err(|e| named("--zcache-max", e))?,
             swap_dir: args.swap_dir,
-            swap_max_bytes: (args.swap_max.as_deref().map(parse_size).transpose())
-                .map_err(|e| named("--swap-max", e))?,
+            swap_max_bytes: args.swap_max,
             // 0 means off, as on the control socket.
-            target_bytes: args
-                .reclaim_target
-                .as_deref()
-                .map(parse_size)
-                .transpose()
-                .map_err(|e| named("--reclaim-target", e))?
-                .filter(|&t| t > 0),
+            target_bytes: args.reclaim_target.filter(|&t| t > 0),
             victims: args
                 .reclaim_victims
                 .parse()
