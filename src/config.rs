@@ -227,6 +227,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// The control socket, if any.
     pub api_sock: Option<PathBuf>,
+    /// Serve `/metrics` and `/healthz` over HTTP here, if set.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// What the process gives up once the VM is built (uid, seccomp); none by default, so
     /// that a library user's process is left as it is. `ebb run` asks for the filter.
     pub jail: crate::jail::JailOptions,
@@ -441,6 +443,7 @@ impl VmConfig {
             balloon: None,
             disks: Vec::new(),
             api_sock: None,
+            metrics_addr: None,
             jail: crate::jail::JailOptions::default(),
         }
     }

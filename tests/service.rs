@@ -129,3 +129,70 @@ fn a_host_serves_metrics_over_http_and_tells_systemd_how_it_is() {
     let status = host.wait().unwrap();
     assert_eq!(status.code(), Some(143), "SIGTERM's exit status");
 }
+
+#[test]
+fn a_vm_serves_its_statistics_over_http_after_it_is_locked_down() {
+    let test = "a_vm_serves_its_statistics_over_http_after_it_is_locked_down";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    // Seccomp is on (ebb run's default): serving must need no call the filter refuses.
+    let mut vm = ebb()
+        .args(["run", "--firmware", "touch", "--mem", "64M", "--metrics-addr", "127.0.0.1:0"])
+        .args(["--firmware-arg", "pages=2000", "--firmware-arg", "loop_ms=600000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(vm.stderr.take().unwrap());
+    let mut addr = String::new();
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+        if let Some((_, rest)) = line.trim().split_once("metrics on http://") {
+            addr = rest.trim_end_matches("/metrics").to_owned();
+            break;
+        }
+        line.clear();
+    }
+    assert!(!addr.is_empty(), "the VM never said where its metrics are");
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    // Wait for the guest's first faults, then scrape twice: counters only grow.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let faults = |body: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix("ebb_vm_faults_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let first = loop {
+        let (code, body) = get(&addr, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        if faults(&body) > 0 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no fault counted: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for name in [
+        "ebb_vm_consumed_bytes ",
+        "ebb_vm_handler_cpu_seconds_total ",
+        "ebb_vm_vcpu_faults_total{vcpu=\"0\"} ",
+    ] {
+        assert!(first.contains(name), "no {name}in {first}");
+    }
+    match promtool(&first) {
+        Some((ok, said)) => assert!(ok, "promtool check metrics refused the text: {said}\n{first}"),
+        None if std::env::var_os("EBB_REQUIRE_PROMTOOL").is_some() => {
+            panic!("promtool is not installed (scripts/ci.sh installs Debian's prometheus)")
+        }
+        None => eprintln!("SKIPPED promtool check: promtool is not installed"),
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, second) = get(&addr, "/metrics");
+    assert!(faults(&second) >= faults(&first), "a counter went down");
+    let (code, body) = get(&addr, "/healthz");
+    assert_eq!((code, body.starts_with("ok")), (200, true), "{body}");
+    assert!(vm.try_wait().unwrap().is_none(), "the VM ended (a refused system call?)");
+    vm.kill().unwrap();
+    let _ = vm.wait();
+}

@@ -145,6 +145,10 @@ pub struct RunArgs {
     /// adopted the VM after a restart learns how it ended.
     #[arg(long, value_name = "PATH", help_heading = "Control and statistics")]
     status_file: Option<PathBuf>,
+    /// Serve /metrics (the statistics in Prometheus's text format) and /healthz over HTTP on
+    /// ADDR:PORT.
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Control and statistics")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Run without the seccomp system call filter. For debugging only: a compromised VM
     /// could then make any system call its uid allows.
     #[arg(long, help_heading = "Isolation")]
@@ -228,6 +232,7 @@ pub fn build_config(args: RunArgs) -> anyhow::Result<VmConfig> {
     config.disks =
         args.disk.iter().map(String::as_str).map(parse_disk).collect::<Result<_, _>>()?;
     config.api_sock = args.api_sock;
+    config.metrics_addr = args.metrics_addr;
     let identity = match (args.uid, args.gid) {
         (Some(uid), Some(gid)) => Some(crate::jail::Identity { uid, gid }),
         _ => None,

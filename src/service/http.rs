@@ -4,18 +4,24 @@
 //!
 //! The limits (a scraper is a client like any other, and may be hostile):
 //! - one request per connection (`Connection: close`), its head at most
-//!   [`MAX_HEAD_BYTES`] (431 beyond), read within [`READ_TIMEOUT`] (the connection is
-//!   dropped after);
+//!   [`MAX_HEAD_BYTES`] (431 beyond), read within [`READ_TIMEOUT`] and the reply taken
+//!   within as long (the connection is dropped after);
 //! - at most [`MAX_CLIENTS`] connections served at once, each on its own short-lived
 //!   thread; one more is answered 503 at once, so a slow client never delays a scrape for
 //!   longer than its own timeout;
 //! - only `GET` and `HEAD` (405 otherwise), only the two paths (404 otherwise).
+//!
+//! The server makes no system call a VM process's seccomp filter refuses once it is locked
+//! down: it binds (socket, bind, listen, getsockname) in [`MetricsServer::bind`], before the
+//! lock-down, and serves with accept, read, write, poll and shutdown only (deadlines are
+//! `poll` timeouts, not socket options).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest request head read.
 pub const MAX_HEAD_BYTES: usize = 8192;
@@ -39,6 +45,13 @@ pub trait Source: Send + Sync + 'static {
     fn health(&self) -> Result<String, String>;
 }
 
+/// A bound listener, not served yet.
+#[derive(Debug)]
+pub struct Bound {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
 /// A running server; stops (at the next accept) when dropped.
 #[derive(Debug)]
 pub struct MetricsServer {
@@ -48,25 +61,49 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Binds `addr` (port 0: any free port) and serves `source` on a thread.
+    /// Binds `addr` (port 0: any free port).
     ///
     /// # Errors
     /// The address cannot be bound.
-    pub fn start(addr: SocketAddr, source: Arc<dyn Source>) -> std::io::Result<Self> {
+    pub fn bind(addr: SocketAddr) -> std::io::Result<Bound> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("ebb-http".into())
-            .spawn(move || accept_loop(&listener, &source, &flag))?;
-        Ok(Self { addr, stop, thread: Some(thread) })
+        Ok(Bound { listener, addr })
+    }
+
+    /// Binds `addr` and serves `source` on a thread.
+    ///
+    /// # Errors
+    /// The address cannot be bound, or the thread cannot start.
+    pub fn start(addr: SocketAddr, source: Arc<dyn Source>) -> std::io::Result<Self> {
+        Self::bind(addr)?.serve(source)
     }
 
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+}
+
+impl Bound {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves `source` on a thread of its own.
+    ///
+    /// # Errors
+    /// The thread cannot start.
+    pub fn serve(self, source: Arc<dyn Source>) -> std::io::Result<MetricsServer> {
+        let Self { listener, addr } = self;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("ebb-http".into())
+            .spawn(move || accept_loop(&listener, &source, &flag))?;
+        Ok(MetricsServer { addr, stop, thread: Some(thread) })
     }
 }
 
@@ -77,6 +114,45 @@ impl Drop for MetricsServer {
             let _ = t.join();
         }
     }
+}
+
+/// Waits until `stream` is ready for `events` (`POLLIN`, `POLLOUT`) or `deadline` passes:
+/// false then, or on an error or a hang-up without data.
+fn ready(stream: &TcpStream, events: libc::c_short, deadline: Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events, revents: 0 };
+        // SAFETY: poll reads and writes the one pollfd it is given, which lives on the stack.
+        let r = unsafe { libc::poll(&mut fd, 1, ms) };
+        if r > 0 {
+            return fd.revents & (events | libc::POLLHUP) != 0;
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+/// Writes all of `bytes` to the non-blocking `stream` by `deadline`.
+fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match stream.write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if !ready(stream, libc::POLLOUT, deadline) {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn accept_loop(listener: &TcpListener, source: &Arc<dyn Source>, stop: &AtomicBool) {
@@ -97,9 +173,11 @@ fn accept_loop(listener: &TcpListener, source: &Arc<dyn Source>, stop: &AtomicBo
         if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
             busy.fetch_sub(1, Ordering::AcqRel);
             let mut s = stream;
-            let _ = s.set_write_timeout(Some(LINGER));
-            let _ = respond(&mut s, 503, "text/plain", b"too many clients\n", false);
-            linger_close(s);
+            if s.set_nonblocking(true).is_ok() {
+                let deadline = Instant::now() + LINGER;
+                let _ = respond(&mut s, 503, "text/plain", b"too many clients\n", false, deadline);
+                linger_close(s);
+            }
             continue;
         }
         let (source, busy2) = (Arc::clone(source), Arc::clone(&busy));
@@ -115,14 +193,22 @@ fn accept_loop(listener: &TcpListener, source: &Arc<dyn Source>, stop: &AtomicBo
 
 /// Reads one request head (up to the blank line) within the limits; None if the client
 /// went away or was too slow. `Err(())` when the head is too long.
-fn read_head(stream: &mut TcpStream) -> Option<Result<Vec<u8>, ()>> {
+fn read_head(stream: &mut TcpStream, deadline: Instant) -> Option<Result<Vec<u8>, ()>> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
-        let n = stream.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if !ready(stream, libc::POLLIN, deadline) {
+                    return None;
+                }
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        };
         head.extend_from_slice(&chunk[..n]);
         if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
             return Some(Ok(head));
@@ -134,20 +220,22 @@ fn read_head(stream: &mut TcpStream) -> Option<Result<Vec<u8>, ()>> {
 }
 
 fn serve(mut stream: TcpStream, source: &dyn Source) {
-    if stream.set_read_timeout(Some(READ_TIMEOUT)).is_err()
-        || stream.set_write_timeout(Some(READ_TIMEOUT)).is_err()
-    {
+    if stream.set_nonblocking(true).is_err() {
         return;
     }
-    let head = match read_head(&mut stream) {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let head = match read_head(&mut stream, deadline) {
         None => return,
         Some(Err(())) => {
-            let _ = respond(&mut stream, 431, "text/plain", b"request head too large\n", false);
+            let reply = b"request head too large\n";
+            let _ = respond(&mut stream, 431, "text/plain", reply, false, deadline);
             linger_close(stream);
             return;
         }
         Some(Ok(h)) => h,
     };
+    // The reply has as long again to be taken.
+    let deadline = Instant::now() + READ_TIMEOUT;
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let (method, path) = match req.parse(&head) {
@@ -155,36 +243,25 @@ fn serve(mut stream: TcpStream, source: &dyn Source) {
             (req.method.unwrap_or_default(), req.path.unwrap_or_default())
         }
         Ok(httparse::Status::Partial) | Err(_) => {
-            let _ = respond(&mut stream, 400, "text/plain", b"bad request\n", false);
+            let _ = respond(&mut stream, 400, "text/plain", b"bad request\n", false, deadline);
             return;
         }
     };
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
-        let _ = respond(&mut stream, 405, "text/plain", b"only GET and HEAD\n", false);
+        let _ = respond(&mut stream, 405, "text/plain", b"only GET and HEAD\n", false, deadline);
         return;
     }
     let path = path.split('?').next().unwrap_or_default();
-    let _ = match path {
-        "/metrics" => {
-            respond(&mut stream, 200, METRICS_TYPE, source.metrics().as_bytes(), head_only)
-        }
+    let (status, kind, body) = match path {
+        "/metrics" => (200, METRICS_TYPE, source.metrics().into_bytes()),
         "/healthz" => match source.health() {
-            Ok(line) => {
-                respond(&mut stream, 200, "text/plain", format!("{line}\n").as_bytes(), head_only)
-            }
-            Err(why) => {
-                respond(&mut stream, 503, "text/plain", format!("{why}\n").as_bytes(), head_only)
-            }
+            Ok(line) => (200, "text/plain", format!("{line}\n").into_bytes()),
+            Err(why) => (503, "text/plain", format!("{why}\n").into_bytes()),
         },
-        _ => respond(
-            &mut stream,
-            404,
-            "text/plain",
-            b"not found: try /metrics or /healthz\n",
-            head_only,
-        ),
+        _ => (404, "text/plain", b"not found: try /metrics or /healthz\n".to_vec()),
     };
+    let _ = respond(&mut stream, status, kind, &body, head_only, deadline);
 }
 
 /// Closes a connection whose request was not read to its end: says so (FIN), then reads and
@@ -192,13 +269,20 @@ fn serve(mut stream: TcpStream, source: &dyn Source) {
 /// the close into a reset that loses the reply on the client's side.
 fn linger_close(stream: TcpStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(LINGER));
+    let deadline = Instant::now() + LINGER;
     let mut sink = [0u8; 4096];
     let mut left = LINGER_BYTES;
     while left > 0 {
         match (&stream).read(&mut sink) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
             Ok(n) => left = left.saturating_sub(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if !ready(&stream, libc::POLLIN, deadline) {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
         }
     }
 }
@@ -209,6 +293,7 @@ fn respond(
     content_type: &str,
     body: &[u8],
     head_only: bool,
+    deadline: Instant,
 ) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
@@ -222,11 +307,11 @@ fn respond(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
+    write_by(stream, head.as_bytes(), deadline)?;
     if !head_only {
-        stream.write_all(body)?;
+        write_by(stream, body, deadline)?;
     }
-    stream.flush()
+    Ok(())
 }
 
 #[cfg(test)]

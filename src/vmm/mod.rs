@@ -35,6 +35,8 @@ use crate::mm::engine::Engine;
 use crate::mm::engine::EngineError;
 use crate::mm::fault::FaultError;
 use crate::mm::rss::RssProbe;
+use crate::service::http::{Bound, MetricsServer};
+use crate::service::vm::VmSource;
 use crate::vstate::cpuid::{self, CpuidError};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{GuestRam, MemoryError};
@@ -112,6 +114,14 @@ pub enum VmmError {
         /// The error.
         source: std::io::Error,
     },
+    /// `--metrics-addr` could not be bound or served.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    MetricsAddr {
+        /// The address given.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The fault handler stopped, so the guest's faults can no longer be served.
     #[error(
         "the userfaultfd fault handler stopped: {0}. The guest cannot go on; {advice}",
@@ -170,6 +180,8 @@ pub struct Vm {
     engine: Option<Arc<Engine>>,
     subscribers: Vec<Subscriber>,
     stats: Option<Arc<Mutex<StatsWriter>>>,
+    /// `--metrics-addr`: bound while the VM is built, served once it is locked down.
+    metrics: Option<(Bound, Arc<StatsSource>)>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -266,6 +278,16 @@ impl Vm {
                 .map_err(|source| VmmError::ApiSock { path: path.clone(), source })?;
             subscribers.push(Arc::new(Mutex::new(server)));
         }
+        // Bound now (socket, bind and listen are not allowed once the process is locked
+        // down); served by `run`.
+        let metrics = match config.metrics_addr {
+            Some(addr) => Some((
+                MetricsServer::bind(addr)
+                    .map_err(|source| VmmError::MetricsAddr { addr, source })?,
+                source.clone(),
+            )),
+            None => None,
+        };
         let stats = match &config.memory.stats_json {
             Some(path) => Some(Arc::new(Mutex::new(
                 StatsWriter::new(path, config.memory.stats_interval, source, started)
@@ -273,7 +295,7 @@ impl Vm {
             ))),
             None => None,
         };
-        Ok(Self { started, vm_fd, _ram: ram, devices, vcpus, engine, subscribers, stats })
+        Ok(Self { started, vm_fd, _ram: ram, devices, vcpus, engine, subscribers, stats, metrics })
     }
 
     /// Runs the guest to its end.
@@ -281,7 +303,19 @@ impl Vm {
     /// # Errors
     /// The event loop failed, the vCPU could not run, or the fault handler stopped.
     pub fn run(self) -> Result<RunOutcome, VmmError> {
-        let Self { started, vm_fd, _ram, devices, vcpus, engine, subscribers, stats } = self;
+        let Self { started, vm_fd, _ram, devices, vcpus, engine, subscribers, stats, metrics } =
+            self;
+        let _http = match metrics {
+            Some((bound, source)) => {
+                let addr = bound.addr();
+                let server = bound
+                    .serve(Arc::new(VmSource::new(source, started)))
+                    .map_err(|source| VmmError::MetricsAddr { addr, source })?;
+                log::info!("metrics on http://{addr}/metrics");
+                Some(server)
+            }
+            None => None,
+        };
         crate::mm::sys::prefault_stack(crate::mm::sys::THREAD_STACK_RESERVE);
         let outcome = event_loop::run(vcpus, subscribers, stats, engine.as_deref());
         if let Err(e) = devices.serial.lock().unwrap_or_else(PoisonError::into_inner).flush() {
