@@ -7,10 +7,10 @@
 //! | `config.rs` | the TOML description, its checks, admission against the budget |
 //! | `pressure.rs` | minFree and the memory states (a pure transition function) |
 //! | `policy/` | the [`Policy`](policy::Policy) trait and the policies |
-//! | `child.rs` | one VM process: spawn, socket, signals, exit |
+//! | `child.rs` | one VM process: spawn or adopt (pidfd), socket, signals, exit |
 //! | `poll.rs` | requests to every VM at once under one deadline, replies capped |
 //! | `figures.rs` | a VM's reported figures made safe, and what it holds measured from outside |
-//! | `supervisor.rs` | the tick: read the VMs, pick the state, ask the policy, move levers |
+//! | `supervisor/` | the tick: read the VMs, pick the state, ask the policy, move levers; VMs created and destroyed at run time, the event log, adoption after a restart |
 //! | `report.rs` | the report per tick, and its Prometheus form |
 //! | `state.rs` | the state directory: the VMs a restarted host adopts, pidfds |
 //! | `rundir.rs` | private directories (mkdtemp, mode 0700) for the run and the lab |
