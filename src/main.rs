@@ -14,9 +14,8 @@ use ebb::units::parse_size;
 #[derive(Parser)]
 #[command(name = "ebb", version)]
 struct Cli {
-    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    verbose: u8,
+    #[command(flatten)]
+    logging: ebb::cli::Logging,
     #[command(subcommand)]
     command: Command,
 }
@@ -270,7 +269,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return ebb::cli::usage_exit(&e),
     };
-    ebb::cli::init_logging(cli.verbose);
+    ebb::cli::init_logging(cli.logging.verbose);
     match cli.command {
         Command::Run(args) => ebb::cli::run::main(*args),
         Command::Ctl(args) => ctl(args),

@@ -29,6 +29,22 @@ fn get(addr: &str, path: &str) -> (u16, String) {
     (code, body.to_owned())
 }
 
+/// Reads `child`'s stderr until a line says `... metrics on http://ADDR/metrics`; ADDR. The
+/// rest of its stderr is drained on a thread, so that the child never blocks on the pipe.
+fn metrics_address(child: &mut std::process::Child) -> String {
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+        if let Some((_, rest)) = line.trim().split_once("metrics on http://") {
+            let addr = rest.trim_end_matches("/metrics").to_owned();
+            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+            return addr;
+        }
+        line.clear();
+    }
+    panic!("it never said where its metrics are");
+}
+
 /// `promtool check metrics` on `text`: None when promtool is not installed.
 fn promtool(text: &str) -> Option<(bool, String)> {
     let mut child = match Command::new("promtool")
@@ -69,19 +85,7 @@ fn a_host_serves_metrics_over_http_and_tells_systemd_how_it_is() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(host.stderr.take().unwrap());
-    let mut addr = String::new();
-    let mut line = String::new();
-    while stderr.read_line(&mut line).unwrap_or(0) > 0 {
-        if let Some(rest) = line.trim().strip_prefix("ebb host: metrics on http://") {
-            addr = rest.trim_end_matches("/metrics").to_owned();
-            break;
-        }
-        line.clear();
-    }
-    assert!(!addr.is_empty(), "the host never said where its metrics are");
-    // Keep reading the host's log so that it never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let addr = metrics_address(&mut host);
 
     // systemd hears READY=1 first, then a status and a watchdog ping every tick.
     let mut buf = [0u8; 4096];
@@ -144,18 +148,7 @@ fn a_vm_serves_its_statistics_over_http_after_it_is_locked_down() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(vm.stderr.take().unwrap());
-    let mut addr = String::new();
-    let mut line = String::new();
-    while stderr.read_line(&mut line).unwrap_or(0) > 0 {
-        if let Some((_, rest)) = line.trim().split_once("metrics on http://") {
-            addr = rest.trim_end_matches("/metrics").to_owned();
-            break;
-        }
-        line.clear();
-    }
-    assert!(!addr.is_empty(), "the VM never said where its metrics are");
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let addr = metrics_address(&mut vm);
     // Wait for the guest's first faults, then scrape twice: counters only grow.
     let deadline = Instant::now() + Duration::from_secs(30);
     let faults = |body: &str| -> u64 {

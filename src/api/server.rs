@@ -77,6 +77,20 @@ struct Conn {
 }
 
 impl Conn {
+    /// A client just accepted.
+    fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            input: Vec::new(),
+            taken: 0,
+            output: Vec::new(),
+            sent: 0,
+            writable_wanted: false,
+            closing: false,
+            active: std::time::Instant::now(),
+        }
+    }
+
     fn events(&self, key: u32) -> Events {
         let mut set = EventSet::IN | EventSet::HANG_UP;
         if self.writable_wanted {
@@ -240,16 +254,7 @@ impl<H: Handler> ApiServer<H> {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            let conn = Conn {
-                stream,
-                input: Vec::new(),
-                taken: 0,
-                output: Vec::new(),
-                sent: 0,
-                writable_wanted: false,
-                closing: false,
-                active: std::time::Instant::now(),
-            };
+            let conn = Conn::new(stream);
             if ops.add(conn.events(key)).is_ok() {
                 self.conns.insert(key, conn);
             }
@@ -402,16 +407,9 @@ mod tests {
     use super::*;
 
     fn conn(stream: UnixStream, quiet_for: std::time::Duration) -> Conn {
-        Conn {
-            stream,
-            input: Vec::new(),
-            taken: 0,
-            output: Vec::new(),
-            sent: 0,
-            writable_wanted: false,
-            closing: false,
-            active: std::time::Instant::now().checked_sub(quiet_for).unwrap(),
-        }
+        let mut c = Conn::new(stream);
+        c.active = std::time::Instant::now().checked_sub(quiet_for).unwrap();
+        c
     }
 
     #[test]

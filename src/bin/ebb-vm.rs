@@ -11,9 +11,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "ebb-vm", version)]
 struct Cli {
-    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    verbose: u8,
+    #[command(flatten)]
+    logging: ebb::cli::Logging,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,7 +33,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return ebb::cli::usage_exit(&e),
     };
-    ebb::cli::init_logging(cli.verbose);
+    ebb::cli::init_logging(cli.logging.verbose);
     match cli.command {
         Command::Run(args) => ebb::cli::run::main(*args),
     }

@@ -3,6 +3,14 @@
 
 pub mod run;
 
+/// `-v`, shared by the binaries.
+#[derive(clap::Args, Debug)]
+pub struct Logging {
+    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
 /// Prints a command line the parser refused (or `--help`, `--version`) and gives its exit
 /// status: 0 for help and version, 1 for a bad option or value, as for every error ebb
 /// reports. (clap's own 2 would read as a guest crash, which is `ebb run`'s status 2.)
