@@ -7,7 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{ebb, kvm_or_skip, run_ebb, text};
+use common::{ebb, kvm_or_skip, run_ebb, text, Reaped};
 use serde_json::Value;
 
 /// `ebb ctl --api-sock SOCK ARGS...`: exit code, stdout, stderr.
@@ -46,21 +46,23 @@ fn vms_come_and_go_through_the_socket_and_the_events_say_so() {
     let dir = ebb::host::rundir::PrivateDir::new("ebb-lifecycle-test-").unwrap();
     let sock_path = dir.path().join("host.sock");
     let sock = sock_path.to_str().unwrap().to_owned();
-    let mut host = ebb()
-        .args([
-            "host",
-            "--budget",
-            "256M",
-            "--tick-ms",
-            "200",
-            "--keep-running",
-            "--api-sock",
-            &sock,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut host = Reaped::new(
+        ebb()
+            .args([
+                "host",
+                "--budget",
+                "256M",
+                "--tick-ms",
+                "200",
+                "--keep-running",
+                "--api-sock",
+                &sock,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_until("the host's socket", Duration::from_secs(30), || sock_path.exists());
     let (_, out, _) = ctl(&sock, &["vms"]);
     assert!(out.contains("\"vms\": []"), "a host may start with no VM: {out}");

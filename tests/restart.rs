@@ -7,28 +7,30 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{ebb, kvm_or_skip, text};
+use common::{ebb, kvm_or_skip, text, KillPids, Reaped};
 use serde_json::Value;
 
-fn start_host(dir: &Path, config: &Path, stats: &str) -> Child {
+fn start_host(dir: &Path, config: &Path, stats: &str) -> Reaped {
     let sock = dir.join("host.sock");
     let _ = std::fs::remove_file(dir.join(stats));
-    ebb()
-        .args(["host", "--config"])
-        .arg(config)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--api-sock")
-        .arg(&sock)
-        .arg("--stats-json")
-        .arg(dir.join(stats))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    Reaped::new(
+        ebb()
+            .args(["host", "--config"])
+            .arg(config)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--stats-json")
+            .arg(dir.join(stats))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn reports(path: &Path) -> Vec<Value> {
@@ -75,8 +77,10 @@ fn a_host_killed_under_overcommit_comes_back_to_its_vms_and_their_pages_are_righ
         assert!(start.elapsed() < Duration::from_secs(180), "the guests never reached their loops");
         std::thread::sleep(Duration::from_millis(200));
     };
+    // The VMs outlive their host by design: killed at the end if the test fails half way.
+    let _vms = KillPids(pids.clone());
     first.kill().unwrap(); // SIGKILL: no cleanup, no goodbye to the VMs
-    let out = first.wait_with_output().unwrap();
+    let out = first.take().wait_with_output().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     for pid in &pids {
         assert!(alive(*pid), "VM {pid} died with its host:\n{}", text(&out).1);
@@ -84,7 +88,7 @@ fn a_host_killed_under_overcommit_comes_back_to_its_vms_and_their_pages_are_righ
 
     // The second host adopts them and goes on.
     let second = start_host(dir.path(), &config, "second.jsonl");
-    let out = second.wait_with_output().unwrap();
+    let out = second.take().wait_with_output().unwrap();
     let stderr = text(&out).1;
     assert_eq!(
         out.status.code(),

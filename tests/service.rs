@@ -77,14 +77,16 @@ fn a_host_serves_metrics_over_http_and_tells_systemd_how_it_is() {
     let vm = |name: &str| {
         format!("--vm={{name = \"{name}\", memory = \"64M\", firmware = \"touch\", firmware_args = [\"pages=2000\", \"loop_ms=600000\"]}}")
     };
-    let mut host = ebb()
-        .args(["host", "--budget", "256M", "--tick-ms", "200", "--metrics-addr", "127.0.0.1:0"])
-        .args([vm("a"), vm("b")])
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("WATCHDOG_USEC", "5000000")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut host = Reaped::new(
+        ebb()
+            .args(["host", "--budget", "256M", "--tick-ms", "200", "--metrics-addr", "127.0.0.1:0"])
+            .args([vm("a"), vm("b")])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "5000000")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let addr = metrics_address(&mut host);
 
     // systemd hears READY=1 first, then a status and a watchdog ping every tick.
@@ -141,13 +143,15 @@ fn a_vm_serves_its_statistics_over_http_after_it_is_locked_down() {
         return;
     }
     // Seccomp is on (ebb run's default): serving must need no call the filter refuses.
-    let mut vm = ebb()
-        .args(["run", "--firmware", "touch", "--mem", "64M", "--metrics-addr", "127.0.0.1:0"])
-        .args(["--firmware-arg", "pages=2000", "--firmware-arg", "loop_ms=600000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut vm = Reaped::new(
+        ebb()
+            .args(["run", "--firmware", "touch", "--mem", "64M", "--metrics-addr", "127.0.0.1:0"])
+            .args(["--firmware-arg", "pages=2000", "--firmware-arg", "loop_ms=600000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let addr = metrics_address(&mut vm);
     // Wait for the guest's first faults, then scrape twice: counters only grow.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -186,6 +190,5 @@ fn a_vm_serves_its_statistics_over_http_after_it_is_locked_down() {
     let (code, body) = get(&addr, "/healthz");
     assert_eq!((code, body.starts_with("ok")), (200, true), "{body}");
     assert!(vm.try_wait().unwrap().is_none(), "the VM ended (a refused system call?)");
-    vm.kill().unwrap();
-    let _ = vm.wait();
+    drop(vm); // killed and reaped
 }

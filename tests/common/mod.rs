@@ -496,3 +496,60 @@ pub fn read_word(ram: &ebb::vstate::memory::GuestRam, pfn: u64, word: usize) -> 
     // SAFETY: as in `write_word`.
     unsafe { word_ptr(ram, pfn, word).read_volatile() }
 }
+
+// --- processes a failed test must not leave behind -----------------------------------------
+
+/// A child killed (SIGKILL) and reaped when dropped, unless taken back: a test that panics
+/// half way leaves no host or VM running to load the machine under the tests after it.
+pub struct Reaped(Option<Child>);
+
+impl Reaped {
+    /// Guards `child`.
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// The child, no longer guarded (to wait for its output).
+    pub fn take(mut self) -> Child {
+        self.0.take().unwrap()
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().unwrap()
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Processes that are not this test's children (VMs that outlived their host), killed when
+/// dropped if they still run `ebb`.
+pub struct KillPids(pub Vec<u64>);
+
+impl Drop for KillPids {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let ours = String::from_utf8_lossy(&cmdline).contains("ebb");
+            if let (true, Ok(pid)) = (ours, i32::try_from(pid)) {
+                // SAFETY: kill(2) sends a signal; the pid runs an ebb this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
