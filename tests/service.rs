@@ -81,6 +81,8 @@ fn a_host_serves_metrics_over_http_and_tells_systemd_how_it_is() {
         ebb()
             .args(["host", "--budget", "256M", "--tick-ms", "200", "--metrics-addr", "127.0.0.1:0"])
             .args([vm("a"), vm("b")])
+            .arg("--api-sock")
+            .arg(dir.path().join("host.sock"))
             .env("NOTIFY_SOCKET", &notify_path)
             .env("WATCHDOG_USEC", "5000000")
             .stderr(Stdio::piped())
@@ -103,6 +105,19 @@ fn a_host_serves_metrics_over_http_and_tells_systemd_how_it_is() {
     let status = said.iter().rev().find(|m| m.contains("STATUS=") && m.contains("WATCHDOG=1"));
     let status = status.unwrap_or_else(|| panic!("no status with a watchdog ping: {said:?}"));
     assert!(status.contains("2 VMs running") && status.contains("of 256 MiB"), "{status}");
+    // The VMs did not inherit NOTIFY_SOCKET: only the host speaks to systemd.
+    let vms = ask(&dir.path().join("host.sock"), r#"{"vms": {}}"#);
+    for v in vms["vms"].as_array().unwrap() {
+        let pid = v["pid"].as_u64().unwrap();
+        match std::fs::read(format!("/proc/{pid}/environ")) {
+            Ok(env) => assert!(
+                !String::from_utf8_lossy(&env).contains("NOTIFY_SOCKET"),
+                "vm {} inherited NOTIFY_SOCKET",
+                v["name"]
+            ),
+            Err(e) => eprintln!("SKIPPED the environment check of vm {pid}: {e}"),
+        }
+    }
 
     // Prometheus text over HTTP, judged by promtool.
     let (code, body) = get(&addr, "/metrics");

@@ -205,6 +205,9 @@ fn serve_api(
 /// # Errors
 /// Setup fails or a VM cannot start (those started are stopped).
 pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
+    // First, before any thread or VM starts: it takes NOTIFY_SOCKET out of the environment,
+    // which the VMs must not inherit (and which is not safe to change once threads run).
+    let notifier = Notifier::from_env();
     let mut signals = StopSignals::install().map_err(setup("signal handlers"))?;
     let policy = policy::by_name(&opts.config.policy, opts.config.params)
         .ok_or_else(|| HostError::Policy(opts.config.policy.clone()))?;
@@ -255,7 +258,6 @@ pub fn run(opts: &HostOptions) -> Result<HostOutcome, HostError> {
         }
         None => None,
     };
-    let notifier = Notifier::from_env();
     if let Some(n) = &notifier {
         if n.watchdog().is_some_and(|w| w < tick * 2) {
             log::warn!(

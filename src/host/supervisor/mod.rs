@@ -588,6 +588,8 @@ impl Supervisor {
                 log::info!("vm {}: stopped ({})", s.spec.entry.name, describe(status));
             }
         }
+        // None runs now: a host started on the state directory has nothing to adopt.
+        self.save_state();
     }
 
     /// Each VM's name and how it ended (None: still running).
