@@ -107,6 +107,18 @@ fn vms_come_and_go_through_the_socket_and_the_events_say_so() {
     let pid = a_info["vm"]["pid"].as_u64().unwrap();
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert!(exe.ends_with("ebb-vm"), "vm a runs {}", exe.display());
+    // Its description came as a file, not as flags.
+    let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv: Vec<String> =
+        argv.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let config = argv.iter().position(|a| a == "--config").map(|i| &argv[i + 1]);
+    let config = config.unwrap_or_else(|| panic!("no --config: {argv:?}"));
+    assert!(!argv.iter().any(|a| a == "--firmware-arg" || a == "--mem"), "{argv:?}");
+    let description = std::fs::read_to_string(config).unwrap();
+    assert!(
+        description.contains("pages=2000") && description.contains("firmware = \"touch\""),
+        "{description}"
+    );
     let (code, _, err) = ctl(&sock, &["inspect", "zz"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("no VM named \"zz\""), "{err}");

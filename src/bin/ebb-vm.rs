@@ -29,12 +29,18 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(1);
     }
-    let cli = match Cli::try_parse() {
+    // The matches say which flags were given on the command line: they win over a
+    // `run --config` file.
+    let matches = match <Cli as clap::CommandFactory>::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return ebb::cli::usage_exit(&e),
+    };
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => return ebb::cli::usage_exit(&e),
     };
     ebb::cli::init_logging(cli.logging.verbose);
     match cli.command {
-        Command::Run(args) => ebb::cli::run::main(*args),
+        Command::Run(args) => ebb::cli::run::main(*args, matches.subcommand_matches("run")),
     }
 }

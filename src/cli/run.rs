@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches, Parser};
+use serde::{Deserialize, Serialize};
 
 use crate::config::{
     parse_balloon, parse_cache_size, parse_disk, parse_fault_around, parse_firmware_arg,
@@ -29,9 +31,64 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
-/// The flags of `ebb run`, under a help heading each.
-#[derive(Args, Debug)]
+/// Sizes in a VM's file: a string (`"512M"`) or a number of bytes.
+mod size_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+
+    fn bytes(size: Size) -> Result<u64, String> {
+        match size {
+            Size::Bytes(b) => Ok(b),
+            Size::Text(t) => crate::units::parse_size(&t).map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        bytes(
+            Size::deserialize(d)
+                .map_err(|_| serde::de::Error::custom("a size: \"512M\" or a number of bytes"))?,
+        )
+        .map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(b) => s.serialize_some(b),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+            let size = Option::<super::Size>::deserialize(d)
+                .map_err(|_| serde::de::Error::custom("a size: \"512M\" or a number of bytes"))?;
+            size.map(super::bytes).transpose().map_err(serde::de::Error::custom)
+        }
+    }
+}
+
+/// The flags of `ebb run`, under a help heading each; also a VM's description file
+/// (`--config`), whose keys are the flags' names with `_` for `-` (the process's own flags,
+/// `--uid` and the like, stay on the command line).
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RunArgs {
+    /// Read the VM's description from this TOML file; flags given beside it win.
+    #[arg(long, value_name = "PATH", help_heading = "Guest")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
     /// Linux kernel: a bzImage, or an ELF vmlinux with a PVH note.
     #[arg(long, value_name = "PATH", help_heading = "Guest")]
     kernel: Option<PathBuf>,
@@ -43,6 +100,7 @@ pub struct RunArgs {
     cmdline: Option<String>,
     /// Guest memory, e.g. 512M or 2G.
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEM, value_parser = size_arg, help_heading = "Guest")]
+    #[serde(with = "size_serde")]
     mem: u64,
     /// Number of vCPUs (1 to 32), one thread each. A payload starts on every vCPU; Linux
     /// brings up the others itself.
@@ -92,9 +150,11 @@ pub struct RunArgs {
     swap_dir: Option<PathBuf>,
     /// Largest swap file (0: none) [default: the guest's RAM].
     #[arg(long, value_name = "SIZE", value_parser = size_arg, help_heading = "Reclaim")]
+    #[serde(with = "size_serde::option")]
     swap_max: Option<u64>,
     /// Keep at most SIZE of the guest's memory resident: evict (compress, swap) the rest (0: off)
     #[arg(long, value_name = "SIZE", value_parser = size_arg, help_heading = "Reclaim")]
+    #[serde(with = "size_serde::option")]
     reclaim_target: Option<u64>,
     /// How reclaim picks pages to evict: cold (the least recently written first) or random.
     #[arg(long, value_name = "cold|random", default_value = "cold", help_heading = "Reclaim")]
@@ -107,6 +167,7 @@ pub struct RunArgs {
     /// packet socket to the group's broker. `ebb host` passes them to the VMs of one
     /// `sharing_group`, which then share identical pages with each other.
     #[arg(long, value_name = "DATA,LINK", help_heading = "Page sharing")]
+    #[serde(skip)]
     share_group_fds: Option<String>,
     /// Mark guest RAM mergeable for the kernel's KSM instead (the baseline ebb's sharing is
     /// measured against; KSM merges across every process that asks it to).
@@ -132,18 +193,22 @@ pub struct RunArgs {
     /// Run the guest as this user id, once /dev/kvm, the files and the socket are open
     /// (needs root; with --gid). `ebb host` started as root gives each VM its own.
     #[arg(long, value_name = "UID", requires = "gid", help_heading = "Isolation")]
+    #[serde(skip)]
     uid: Option<u32>,
     /// Run the guest as this group id (with --uid); supplementary groups are dropped.
     #[arg(long, value_name = "GID", requires = "uid", help_heading = "Isolation")]
+    #[serde(skip)]
     gid: Option<u32>,
     /// The control socket serves this uid and root only [default: the uid that started
     /// ebb]. `ebb host` passes its own.
     #[arg(long, value_name = "UID", help_heading = "Isolation")]
+    #[serde(skip)]
     owner_uid: Option<u32>,
     /// Write the exit status to this file when the VM ends (opened at start, before the
     /// VM drops its privileges). `ebb host --state-dir` passes one, so that a host that
     /// adopted the VM after a restart learns how it ended.
     #[arg(long, value_name = "PATH", help_heading = "Control and statistics")]
+    #[serde(skip)]
     status_file: Option<PathBuf>,
     /// Serve /metrics (the statistics in Prometheus's text format) and /healthz over HTTP on
     /// ADDR:PORT.
@@ -152,7 +217,113 @@ pub struct RunArgs {
     /// Run without the seccomp system call filter. For debugging only: a compromised VM
     /// could then make any system call its uid allows.
     #[arg(long, help_heading = "Isolation")]
+    #[serde(skip)]
     no_seccomp: bool,
+}
+
+/// The flags of the process rather than of the VM: never read from a description file.
+const PROCESS_FLAGS: [&str; 7] =
+    ["config", "share_group_fds", "uid", "gid", "owner_uid", "status_file", "no_seccomp"];
+
+/// `ebb run`'s flags alone, for parsing an argument list that is only them.
+#[derive(Parser, Debug)]
+#[command(name = "run", no_binary_name = true)]
+struct RunOnly {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
+impl Default for RunArgs {
+    /// Every flag at its default: what `ebb run` with no flags means.
+    fn default() -> Self {
+        match RunOnly::try_parse_from(std::iter::empty::<&str>()) {
+            Ok(r) => r.args,
+            // The defaults are constants the tests parse: this cannot fail at run time.
+            Err(e) => unreachable!("ebb run's defaults do not parse: {e}"),
+        }
+    }
+}
+
+impl RunArgs {
+    /// Parses `argv`, flags of `ebb run` only (no program name, no `run`).
+    ///
+    /// # Errors
+    /// clap's message: an unknown flag, or a value that does not parse.
+    pub fn parse_flags<I: IntoIterator<Item = S>, S: Into<std::ffi::OsString> + Clone>(
+        argv: I,
+    ) -> Result<Self, String> {
+        let matches =
+            RunOnly::command_for_flags().try_get_matches_from(argv).map_err(|e| e.to_string())?;
+        RunOnly::from_arg_matches(&matches).map(|r| r.args).map_err(|e| e.to_string())
+    }
+
+    /// Parses `argv` as a VM's description: `ebb run` flags, none of them this process's own
+    /// (`--uid`, `--status-file`, ...: the host sets those).
+    ///
+    /// # Errors
+    /// clap's message, or the process flag that was given.
+    pub fn parse_description<I: IntoIterator<Item = S>, S: Into<std::ffi::OsString> + Clone>(
+        argv: I,
+    ) -> Result<Self, String> {
+        let matches =
+            RunOnly::command_for_flags().try_get_matches_from(argv).map_err(|e| e.to_string())?;
+        for id in PROCESS_FLAGS {
+            if matches.value_source(id) == Some(ValueSource::CommandLine) {
+                return Err(format!(
+                    "--{} is the process's, not the VM's description: the host sets it",
+                    id.replace('_', "-")
+                ));
+            }
+        }
+        RunOnly::from_arg_matches(&matches).map(|r| r.args).map_err(|e| e.to_string())
+    }
+
+    /// The VM's description as TOML: what `--config` reads.
+    ///
+    /// # Errors
+    /// A value TOML cannot hold.
+    pub fn to_toml(&self) -> Result<String, String> {
+        toml::to_string(self).map_err(|e| e.to_string())
+    }
+
+    /// The description in the `--config` file, with the flags `matches` says were given on
+    /// the command line put over it, and this process's own flags (uid, status file, ...)
+    /// from the command line.
+    fn with_file(self, matches: Option<&ArgMatches>) -> anyhow::Result<Self> {
+        let Some(path) = self.config.clone() else { return Ok(self) };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| named("--config", format!("{}: {e}", path.display())))?;
+        let file: RunArgs = toml::from_str(&text)
+            .map_err(|e| named("--config", format!("{}: {e}", path.display())))?;
+        let (Ok(serde_json::Value::Object(cli)), Ok(serde_json::Value::Object(mut merged))) =
+            (serde_json::to_value(&self), serde_json::to_value(&file))
+        else {
+            anyhow::bail!("--config: cannot merge the file with the command line");
+        };
+        for (key, value) in cli {
+            let given =
+                matches.and_then(|m| m.value_source(&key)) == Some(ValueSource::CommandLine);
+            if given {
+                merged.insert(key, value);
+            }
+        }
+        let mut args: RunArgs = serde_json::from_value(serde_json::Value::Object(merged))
+            .map_err(|e| named("--config", e))?;
+        args.config = self.config;
+        args.share_group_fds = self.share_group_fds;
+        args.uid = self.uid;
+        args.gid = self.gid;
+        args.owner_uid = self.owner_uid;
+        args.status_file = self.status_file;
+        args.no_seccomp = self.no_seccomp;
+        Ok(args)
+    }
+}
+
+impl RunOnly {
+    fn command_for_flags() -> clap::Command {
+        <Self as clap::CommandFactory>::command()
+    }
 }
 
 /// The VM `args` describe.
@@ -256,7 +427,14 @@ pub(crate) fn named(option: &str, e: impl std::fmt::Display) -> anyhow::Error {
 
 /// Runs the VM `args` describe; its exit status (the payload's, 0 on a reboot or power-off,
 /// 1 for an error, 2 for a guest crash).
-pub fn main(args: RunArgs) -> ExitCode {
+pub fn main(args: RunArgs, matches: Option<&ArgMatches>) -> ExitCode {
+    let args = match args.with_file(matches) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match args.owner_uid {
         Some(uid) => crate::jail::set_owner_uid(uid),
         // Fixed now, before the VM changes its uid.
@@ -329,5 +507,44 @@ fn advice(e: &anyhow::Error) -> Option<&'static str> {
             Some("run as root, set sysctl vm.unprivileged_userfaultfd=1, give your user access to /dev/userfaultfd, or run with --no-uffd")
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_round_trips_through_its_file() {
+        let argv = ["--mem", "96M", "--firmware", "touch", "--firmware-arg", "pages=10"];
+        let args = RunArgs::parse_description(argv).unwrap();
+        let text = args.to_toml().unwrap();
+        let back: RunArgs = toml::from_str(&text).unwrap();
+        assert_eq!(back.to_toml().unwrap(), text);
+        assert_eq!(back.mem, 96 << 20);
+        assert_eq!(back.firmware_args, ["pages=10"]);
+        // Every default survives too: a file that says nothing is `ebb run` with no flags.
+        let empty: RunArgs = toml::from_str("").unwrap();
+        assert_eq!(empty.to_toml().unwrap(), RunArgs::default().to_toml().unwrap());
+    }
+
+    #[test]
+    fn a_file_takes_sizes_as_text_or_bytes_and_refuses_unknown_keys() {
+        let a: RunArgs = toml::from_str("mem = \"1G\"\nswap_max = 4096\n").unwrap();
+        assert_eq!((a.mem, a.swap_max), (1 << 30, Some(4096)));
+        let err = toml::from_str::<RunArgs>("colour = 1\n").unwrap_err().to_string();
+        assert!(err.contains("colour"), "{err}");
+        let err = toml::from_str::<RunArgs>("mem = \"lots\"\n").unwrap_err().to_string();
+        assert!(err.contains("lots") || err.contains("size"), "{err}");
+        // The process's own flags are not the VM's: a file cannot set them.
+        assert!(toml::from_str::<RunArgs>("uid = 0\n").is_err());
+    }
+
+    #[test]
+    fn a_description_refuses_the_processs_own_flags() {
+        let err = RunArgs::parse_description(["--uid", "5", "--gid", "5"]).unwrap_err();
+        assert!(err.contains("--uid"), "{err}");
+        let err = RunArgs::parse_description(["--status-file", "/x"]).unwrap_err();
+        assert!(err.contains("--status-file"), "{err}");
     }
 }

@@ -27,6 +27,7 @@ use serde_json::Value;
 
 use super::config::VmSpec;
 use super::poll::nonblocking_connect;
+use crate::cli::run::RunArgs;
 use crate::mm::sharing::broker::MemberFds;
 
 /// How long a child's control socket may take to appear.
@@ -140,12 +141,12 @@ pub fn describe(exit: VmExit) -> String {
     }
 }
 
-/// The `ebb run` arguments for `vm`, with its socket at `sock`.
-pub fn run_args(vm: &VmSpec, sock: &Path) -> Vec<String> {
+/// The `ebb run` flags that describe `vm`: its table's keys, then `extra` (the policy's,
+/// less those the VM's `args` set), then its `args`. The host parses them into the VM's
+/// description file; the child never sees them as flags.
+pub fn description_args(vm: &VmSpec, extra: &[String]) -> Vec<String> {
     let e = &vm.entry;
-    let mut a: Vec<String> =
-        vec!["run".into(), "--mem".into(), format!("{}M", vm.memory_bytes >> 20)];
-    a.extend(["--api-sock".into(), sock.display().to_string()]);
+    let mut a: Vec<String> = vec!["--mem".into(), format!("{}M", vm.memory_bytes >> 20)];
     let mut opt = |k: &str, v: Option<String>| {
         if let Some(v) = v {
             a.push(k.into());
@@ -165,9 +166,22 @@ pub fn run_args(vm: &VmSpec, sock: &Path) -> Vec<String> {
     if let Some(b) = &vm.balloon {
         a.push(format!("--balloon={b}"));
     }
-    a.extend(crate::jail::next_vm_args());
+    a.extend(policy_args(extra, &e.args));
     a.extend(e.args.iter().cloned());
     a
+}
+
+/// Writes `text` to `path`, mode 0600, replacing what was there.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 impl VmProcess {
@@ -189,11 +203,24 @@ impl VmProcess {
         let sock = dir.join(format!("{name}.sock"));
         let parent = std::process::id();
         let die_with_host = keep.is_none();
-        let args = run_args(vm, &sock);
+        let spawn_error = |msg: String| ChildError::Spawn {
+            name: name.clone(),
+            source: std::io::Error::other(msg),
+        };
+        // The VM's description goes to it as a file (`run --config`), parsed here first so
+        // that a bad option is the host's error, with the VM named.
+        let description = RunArgs::parse_description(description_args(vm, extra))
+            .map_err(|e| spawn_error(format!("its ebb run options: {e}")))?;
+        let file = dir.join(format!("{name}.toml"));
+        let text =
+            description.to_toml().map_err(|e| spawn_error(format!("its description: {e}")))?;
+        write_private(&file, &text)
+            .map_err(|e| spawn_error(format!("writing {}: {e}", file.display())))?;
+        let jail = crate::jail::next_vm_args();
         let uid =
-            args.iter().position(|a| a == "--uid").and_then(|i| args.get(i + 1)?.parse().ok());
+            jail.iter().position(|a| a == "--uid").and_then(|i| jail.get(i + 1)?.parse().ok());
         let mut cmd = Command::new(exe);
-        cmd.args(args).args(policy_args(extra, &vm.entry.args));
+        cmd.arg("run").arg("--config").arg(&file).arg("--api-sock").arg(&sock).args(jail);
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         let status_file = keep.map(|k| k.dir.join(format!("{name}.status")));
         if let (Some(k), Some(status)) = (keep, &status_file) {
