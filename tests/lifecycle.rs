@@ -68,7 +68,9 @@ fn vms_come_and_go_through_the_socket_and_the_events_say_so() {
     assert!(out.contains("\"vms\": []"), "a host may start with no VM: {out}");
 
     let touch = "firmware = \"touch\", firmware_args = [\"pages=2000\", \"loop_ms=600000\"]";
-    let a = format!("{{name = \"a\", memory = \"64M\", reservation = \"32M\", {touch}}}");
+    let a = format!(
+        "{{name = \"a\", memory = \"64M\", reservation = \"32M\", {touch}, run = {{zcache_max = \"5%\"}}}}"
+    );
     assert_eq!(ctl(&sock, &["create", &a]).0, Some(0));
     let (code, _, err) = ctl(&sock, &["create", &a]);
     assert_eq!(code, Some(1));
@@ -119,6 +121,7 @@ fn vms_come_and_go_through_the_socket_and_the_events_say_so() {
         description.contains("pages=2000") && description.contains("firmware = \"touch\""),
         "{description}"
     );
+    assert!(description.contains("zcache_max = \"5%\""), "the run table reached it: {description}");
     let (code, _, err) = ctl(&sock, &["inspect", "zz"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("no VM named \"zz\""), "{err}");

@@ -278,6 +278,36 @@ impl RunArgs {
         RunOnly::from_arg_matches(&matches).map(|r| r.args).map_err(|e| e.to_string())
     }
 
+    /// This description with the keys of `table` (a description file's keys) put over it.
+    ///
+    /// # Errors
+    /// An unknown key, or a value of the wrong kind, named.
+    pub fn with_keys(self, table: &toml::Table) -> Result<Self, String> {
+        let serde_json::Value::Object(mut merged) =
+            serde_json::to_value(&self).map_err(|e| e.to_string())?
+        else {
+            return Err("a description is a table".into());
+        };
+        for (key, value) in table {
+            merged.insert(key.clone(), serde_json::to_value(value).map_err(|e| e.to_string())?);
+        }
+        let mut args: RunArgs =
+            serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| e.to_string())?;
+        args.take_process_flags(self);
+        Ok(args)
+    }
+
+    /// Takes this process's own flags (never in a file) from `from`.
+    fn take_process_flags(&mut self, from: RunArgs) {
+        self.config = from.config;
+        self.share_group_fds = from.share_group_fds;
+        self.uid = from.uid;
+        self.gid = from.gid;
+        self.owner_uid = from.owner_uid;
+        self.status_file = from.status_file;
+        self.no_seccomp = from.no_seccomp;
+    }
+
     /// The VM's description as TOML: what `--config` reads.
     ///
     /// # Errors
@@ -309,13 +339,7 @@ impl RunArgs {
         }
         let mut args: RunArgs = serde_json::from_value(serde_json::Value::Object(merged))
             .map_err(|e| named("--config", e))?;
-        args.config = self.config;
-        args.share_group_fds = self.share_group_fds;
-        args.uid = self.uid;
-        args.gid = self.gid;
-        args.owner_uid = self.owner_uid;
-        args.status_file = self.status_file;
-        args.no_seccomp = self.no_seccomp;
+        args.take_process_flags(self);
         Ok(args)
     }
 }

@@ -209,8 +209,13 @@ impl VmProcess {
         };
         // The VM's description goes to it as a file (`run --config`), parsed here first so
         // that a bad option is the host's error, with the VM named.
-        let description = RunArgs::parse_description(description_args(vm, extra))
+        let mut description = RunArgs::parse_description(description_args(vm, extra))
             .map_err(|e| spawn_error(format!("its ebb run options: {e}")))?;
+        if let Some(run) = &vm.entry.run {
+            description = description
+                .with_keys(run)
+                .map_err(|e| spawn_error(format!("its run table: {e}")))?;
+        }
         let file = dir.join(format!("{name}.toml"));
         let text =
             description.to_toml().map_err(|e| spawn_error(format!("its description: {e}")))?;

@@ -90,7 +90,7 @@ pub enum HostConfigError {
 }
 
 /// One `[[vm]]` table as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmEntry {
     /// Name.
@@ -129,6 +129,9 @@ pub struct VmEntry {
     pub args: Vec<String>,
     /// Start this many milliseconds after the host (default 0).
     pub start_after_ms: Option<u64>,
+    /// Any other `ebb run` option, as a key of a VM's description file (`zcache_max =
+    /// "5%"`); it wins over the same option in `args`.
+    pub run: Option<toml::Table>,
 }
 
 /// `balloon = true` or `balloon = "stats=1"`.
@@ -391,8 +394,35 @@ pub fn check_vm(entry: VmEntry) -> Result<VmSpec, HostConfigError> {
             Some(o.clone())
         }
     };
+    if let Some(run) = &entry.run {
+        check_run_table(run).map_err(|msg| invalid(key("run"), msg))?;
+    }
     let start_after = Duration::from_millis(entry.start_after_ms.unwrap_or(0));
     Ok(VmSpec { entry, memory_bytes, shares, reservation_bytes, limit_bytes, balloon, start_after })
+}
+
+/// The keys of a VM's description that its `[[vm]]` table sets with keys of its own (or the
+/// host sets): a `run` table must not set them again.
+const TABLE_KEYS: [(&str, &str); 11] = [
+    ("mem", "memory"),
+    ("vcpus", "vcpus"),
+    ("kernel", "kernel"),
+    ("initrd", "initrd"),
+    ("cmdline", "cmdline"),
+    ("firmware", "firmware"),
+    ("firmware_args", "firmware_args"),
+    ("firmware_blob", "firmware_blob"),
+    ("serial_log", "serial_log"),
+    ("balloon", "balloon"),
+    ("api_sock", "the host's run directory"),
+];
+
+/// Checks a `run` table: keys of a VM's description, none the table sets itself.
+fn check_run_table(run: &toml::Table) -> Result<(), String> {
+    if let Some((k, instead)) = TABLE_KEYS.iter().find(|(k, _)| run.contains_key(*k)) {
+        return Err(format!("{k} is set by the [[vm]] table's `{instead}`, not in `run`"));
+    }
+    crate::cli::run::RunArgs::default().with_keys(run).map(drop)
 }
 
 /// Admits the VMs in order: each one's reservation must fit in what the ones before it
@@ -515,5 +545,20 @@ mod tests {
         let c = HostConfig::load(None, &over).unwrap();
         assert_eq!(c.vms[0].entry.name, "q");
         assert_eq!(c.vms[0].memory_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn a_run_table_takes_the_keys_of_a_vm_file_but_not_the_tables_own() {
+        let vm = |run: &str| {
+            format!("budget = \"1G\"\n[[vm]]\nname = \"a\"\nmemory = \"64M\"\n[vm.run]\n{run}\n")
+        };
+        let c = load(&vm("zcache_max = \"5%\"\nswap_max = \"16M\"")).unwrap();
+        let run = c.vms[0].entry.run.as_ref().unwrap();
+        assert_eq!(run["zcache_max"].as_str(), Some("5%"));
+        assert!(err(&vm("colour = 1")).contains("colour"));
+        assert!(err(&vm("swap_max = \"lots\"")).contains("vm \"a\".run"));
+        let twice = err(&vm("mem = \"1G\""));
+        assert!(twice.contains("`memory`"), "the table's own key is named: {twice}");
+        assert!(err(&vm("uid = 0")).contains("uid"), "the process's flags are not the VM's");
     }
 }

@@ -23,7 +23,7 @@ use super::config::VmEntry;
 const STATE_VERSION: u32 = 1;
 
 /// One VM as the list keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedVm {
     /// Its name.
     pub name: String,
