@@ -2,7 +2,7 @@
 //!
 //! The control socket's thread never touches a VM: it queues an [`Op`] in [`Shared`] with a
 //! channel for the answer and wakes the loop, which carries the op out at the start of its
-//! next tick ([`Supervisor::serve_ops`]) and answers. So the supervisor stays the one owner
+//! next tick (`Supervisor::serve_ops`) and answers. So the supervisor stays the one owner
 //! of the VMs, and a create is admitted against the budget by the same code as the
 //! description's VMs.
 //!
