@@ -265,15 +265,9 @@ fn main() -> ExitCode {
             return report_error(&e.into());
         }
     }
-    // The matches say which flags were given on the command line: they win over a
-    // `run --config` file.
-    let matches = match <Cli as clap::CommandFactory>::command().try_get_matches() {
-        Ok(m) => m,
-        Err(e) => return ebb::cli::usage_exit(&e),
-    };
-    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(e) => return ebb::cli::usage_exit(&e),
+    let (cli, matches) = match ebb::cli::parse::<Cli>() {
+        Ok(parsed) => parsed,
+        Err(status) => return status,
     };
     ebb::cli::init_logging(cli.logging.verbose);
     match cli.command {

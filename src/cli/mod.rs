@@ -11,6 +11,18 @@ pub struct Logging {
     pub verbose: u8,
 }
 
+/// Parses this process's command line as `C`, with the matches, which say which flags were
+/// given on the command line (they win over a `run --config` file); or the exit status of a
+/// refused one, already printed.
+///
+/// # Errors
+/// The status to exit with ([`usage_exit`]).
+pub fn parse<C: clap::Parser>() -> Result<(C, clap::ArgMatches), std::process::ExitCode> {
+    let matches = C::command().try_get_matches().map_err(|e| usage_exit(&e))?;
+    let cli = C::from_arg_matches(&matches).map_err(|e| usage_exit(&e))?;
+    Ok((cli, matches))
+}
+
 /// Prints a command line the parser refused (or `--help`, `--version`) and gives its exit
 /// status: 0 for help and version, 1 for a bad option or value, as for every error ebb
 /// reports. (clap's own 2 would read as a guest crash, which is `ebb run`'s status 2.)
